@@ -1,0 +1,30 @@
+// densegrad/autograd/grad_mode.hpp: the per-thread switch that turns recording on and off.
+// NoGradGuard is torch.no_grad(): ops run, nothing is recorded.
+#pragma once
+
+namespace dg {
+
+namespace detail {
+inline bool& grad_mode_flag() {
+  thread_local bool enabled = true;
+  return enabled;
+}
+}  // namespace detail
+
+/// Whether ops on this thread record onto the tape.
+inline bool is_grad_enabled() { return detail::grad_mode_flag(); }
+
+/// RAII: records nothing on this thread while alive (torch.no_grad()).
+/// Example: { dg::NoGradGuard g; auto y = model.forward(x); }
+class NoGradGuard {
+ public:
+  NoGradGuard() : prev_(detail::grad_mode_flag()) { detail::grad_mode_flag() = false; }
+  ~NoGradGuard() { detail::grad_mode_flag() = prev_; }
+  NoGradGuard(const NoGradGuard&) = delete;
+  NoGradGuard& operator=(const NoGradGuard&) = delete;
+
+ private:
+  bool prev_;
+};
+
+}  // namespace dg

@@ -1,0 +1,230 @@
+// densegrad/autograd/tape.hpp: the tape (a per-thread Wengert list of nodes) and backward().
+// Each op that sees an input requiring grad records one Node: its inputs, a weak link to its
+// output, and a backward closure holding only what the op saved. backward() replays the
+// nodes reachable from the loss in reverse creation order and then frees what they saved.
+// First-order gradients only: backward closures run with recording off.
+#pragma once
+
+#include <algorithm>
+#include <atomic>
+#include <functional>
+#include <memory>
+#include <string>
+#include <unordered_set>
+#include <vector>
+
+#include "../core/tensor.hpp"
+#include "grad_mode.hpp"
+
+namespace dg::autograd {
+
+/// One recorded op. seq orders nodes: a node only ever depends on nodes with smaller seq.
+struct Node {
+  const char* name = "";
+  uint64_t seq = 0;
+  bool released = false;  // saved tensors freed by a backward() without retain_graph
+  virtual ~Node() = default;
+  /// Calls f on each input that requires grad (the graph's edges).
+  virtual void for_each_input(const std::function<void(ImplBase&)>& f) const = 0;
+  /// Takes the gradient that arrived at the output and pushes input gradients.
+  virtual void apply() = 0;
+  /// Drops saved tensors and edges.
+  virtual void release() = 0;
+};
+
+/// The per-thread list of recorded nodes, oldest first. Nodes are owned by the tensors
+/// they produced (grad_fn), so a graph nobody holds any more disappears by itself.
+class Tape {
+ public:
+  static Tape& current() {
+    thread_local Tape tape;
+    return tape;
+  }
+  uint64_t push(const std::shared_ptr<Node>& n) {
+    if (nodes_.size() >= 2 * live_hint_ + 64) prune();
+    nodes_.push_back(n);
+    return next_seq_++;
+  }
+  /// Nodes still holding saved tensors (recorded, not yet consumed by backward()).
+  size_t live_nodes() {
+    prune();
+    return nodes_.size();
+  }
+
+ private:
+  void prune() {
+    nodes_.erase(std::remove_if(nodes_.begin(), nodes_.end(),
+                                [](const std::weak_ptr<Node>& w) {
+                                  auto n = w.lock();
+                                  return !n || n->released;
+                                }),
+                 nodes_.end());
+    live_hint_ = nodes_.size();
+  }
+  std::vector<std::weak_ptr<Node>> nodes_;
+  size_t live_hint_ = 0;
+  uint64_t next_seq_ = 1;
+};
+
+/// A node whose output has element type T: it buffers the gradient arriving at that output.
+/// Gradients live here, on the graph, not on the output tensor: an intermediate tensor may
+/// be gone by the time backward() reaches it, its node is not.
+template <class T>
+struct TypedNode : Node {
+  Shape out_shape;
+  std::shared_ptr<TensorImpl<T>> pending;  // sum of the gradients that reached the output so far
+};
+
+namespace detail {
+
+/// out = a + b for two tensors of one shape, in a fresh contiguous tensor.
+template <class T>
+Tensor<T> add_same_shape(const Tensor<T>& a, const Tensor<T>& b) {
+  Tensor<T> out = Tensor<T>::empty(a.shape());
+  T* o = out.data();
+  const T *pa = a.data(), *pb = b.data();
+  for_each_strided<3>(a.shape(), {out.strides().data(), a.strides().data(), b.strides().data()}, {0, 0, 0},
+                      [&](auto k) { o[k[0]] = T(acc_t<T>(pa[k[1]]) + acc_t<T>(pb[k[2]])); });
+  return out;
+}
+
+/// Adds gradient g into tensor t's slot: .grad for a leaf (in place, that buffer is ours),
+/// the buffer of the node that made t otherwise. Gradients sum: a tensor used twice gets both.
+template <class T>
+void accumulate(TensorImpl<T>& t, const Tensor<T>& g, const char* from) {
+  DG_CHECK(g.shape() == t.shape, "autograd: backward of '", from, "' produced a gradient of shape ",
+           shape_str(g.shape()), " for an input of shape ", shape_str(t.shape));
+  if (t.grad_fn) {
+    auto& pending = static_cast<TypedNode<T>&>(*t.grad_fn).pending;  // t's node outputs T
+    pending = pending ? add_same_shape(Tensor<T>(pending), g).impl() : g.impl();
+  } else if (!t.grad) {
+    Tensor<T> own = Tensor<T>::empty(g.shape());
+    own.copy_(g);
+    t.grad = own.impl();
+  } else {
+    T* o = static_cast<T*>(t.grad->storage.data()) + t.grad->offset;
+    const T* pg = g.data();
+    for_each_strided<2>(g.shape(), {t.grad->strides.data(), g.strides().data()}, {0, 0},
+                        [&](auto k) { o[k[0]] = T(acc_t<T>(o[k[0]]) + acc_t<T>(pg[k[1]])); });
+  }
+}
+
+template <class TO, class TI>
+struct FunctionNode final : TypedNode<TO> {
+  using BackwardFn = std::function<std::vector<Tensor<TI>>(const Tensor<TO>&)>;
+  std::vector<Tensor<TI>> inputs;
+  BackwardFn backward_fn;
+
+  void for_each_input(const std::function<void(ImplBase&)>& f) const override {
+    for (const auto& in : inputs)
+      if (in.requires_grad()) f(*in.impl());
+  }
+  void apply() override {
+    DG_CHECK(!this->released, "autograd: backward through '", this->name,
+             "' a second time, but its saved tensors were freed after the first backward();"
+             " pass retain_graph=true to the first call");
+    if (!this->pending) return;  // no gradient flowed into this node
+    Tensor<TO> dout(std::move(this->pending));
+    std::vector<Tensor<TI>> grads = backward_fn(dout);
+    DG_CHECK(grads.size() == inputs.size(), "autograd: backward of '", this->name, "' returned ", grads.size(),
+             " gradients for ", inputs.size(), " inputs");
+    for (size_t i = 0; i < inputs.size(); ++i)
+      if (inputs[i].requires_grad() && grads[i].defined()) accumulate(*inputs[i].impl(), grads[i], this->name);
+  }
+  void release() override {
+    this->released = true;
+    backward_fn = nullptr;
+    inputs.clear();
+  }
+};
+
+}  // namespace detail
+
+/// Records `out = op(inputs)` when recording is on and some input requires grad.
+/// `backward_fn(dout)` returns one gradient per input (an undefined Tensor for "none").
+/// It must not capture `out` itself (that would be a cycle): save `out.detach()` instead.
+/// Returns `out`, now part of the graph.
+template <class TO, class TI, class F>
+Tensor<TO> record(const char* name, const Tensor<TO>& out, std::vector<Tensor<TI>> inputs, F&& backward_fn) {
+  if (!is_grad_enabled()) return out;
+  bool any = std::any_of(inputs.begin(), inputs.end(), [](const Tensor<TI>& t) { return t.requires_grad(); });
+  if (!any) return out;
+  DG_CHECK(out.impl().use_count() == 1 && !out.impl()->grad_fn,
+           "autograd: op '", name, "' must return a fresh tensor to record");
+  auto node = std::make_shared<detail::FunctionNode<TO, TI>>();
+  node->name = name;
+  node->out_shape = out.shape();
+  node->inputs = std::move(inputs);
+  node->backward_fn = std::forward<F>(backward_fn);
+  node->seq = Tape::current().push(node);
+  out.impl()->requires_grad = true;
+  out.impl()->grad_fn = node;
+  return out;
+}
+
+/// Same, with the inputs as a braced list: record("add", out, {a, b}, fn).
+template <class TO, class TI, class F>
+Tensor<TO> record(const char* name, const Tensor<TO>& out, std::initializer_list<Tensor<TI>> inputs, F&& fn) {
+  return record(name, out, std::vector<Tensor<TI>>(inputs), std::forward<F>(fn));
+}
+
+/// Runs backward from `root` with gradient `grad` (torch.autograd.backward).
+template <class T>
+void backward(const Tensor<T>& root, Tensor<T> grad = Tensor<T>(), bool retain_graph = false) {
+  DG_CHECK(root.requires_grad(), "backward: the tensor does not require grad and has no grad_fn "
+           "(did any input call requires_grad_(), and was recording on?)");
+  if (!grad.defined()) {
+    DG_CHECK(root.numel() == 1, "backward: a gradient can be implied only for a scalar output; got shape ",
+             shape_str(root.shape()), " (pass grad explicitly)");
+    grad = full<T>(root.shape(), T(1));
+  }
+  DG_CHECK(grad.shape() == root.shape(), "backward: grad has shape ", shape_str(grad.shape()),
+           ", output has shape ", shape_str(root.shape()));
+  NoGradGuard no_grad;
+  if (!root.impl()->grad_fn) {  // a leaf: its gradient is the given one
+    detail::accumulate(*root.impl(), grad, "backward");
+    return;
+  }
+  // Collect the nodes reachable from root (iterative DFS: graphs can be thousands deep).
+  std::vector<std::shared_ptr<Node>> order;
+  std::unordered_set<Node*> seen;
+  std::vector<std::shared_ptr<Node>> stack{root.impl()->grad_fn};
+  seen.insert(root.impl()->grad_fn.get());
+  while (!stack.empty()) {
+    auto n = stack.back();
+    stack.pop_back();
+    order.push_back(n);
+    n->for_each_input([&](ImplBase& in) {
+      if (in.grad_fn && seen.insert(in.grad_fn.get()).second) stack.push_back(in.grad_fn);
+    });
+  }
+  // Reverse creation order is a valid reverse topological order of the tape.
+  std::sort(order.begin(), order.end(), [](const auto& a, const auto& b) { return a->seq > b->seq; });
+  static_cast<TypedNode<T>&>(*root.impl()->grad_fn).pending = grad.impl();
+  for (auto& n : order) {
+    n->apply();
+    if (!retain_graph) n->release();
+  }
+}
+
+}  // namespace dg::autograd
+
+namespace dg {
+
+template <class T>
+void Tensor<T>::backward(const Tensor& grad, bool retain_graph) const {
+  autograd::backward(*this, grad, retain_graph);
+}
+
+template <class T>
+std::string Tensor<T>::grad_fn_name() const {
+  return checked().grad_fn ? checked().grad_fn->name : "";
+}
+
+template <class T>
+void Tensor<T>::check_inplace(const char* op) const {
+  DG_CHECK(!(is_grad_enabled() && requires_grad()), op, ": in-place change of a tensor that requires grad "
+           "while recording; wrap it in dg::NoGradGuard (as optimizers do) or detach() first");
+}
+
+}  // namespace dg

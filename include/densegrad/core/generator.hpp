@@ -1,0 +1,54 @@
+// densegrad/core/generator.hpp: a seedable random generator with portable distributions.
+// The same seed gives the same numbers on every platform and standard library
+// (std::normal_distribution does not promise that, so it is not used).
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <random>
+
+namespace dg {
+
+/// Like torch.Generator: `Generator g(42); auto w = dg::randn<float>({3, 3}, g);`
+class Generator {
+ public:
+  explicit Generator(uint64_t seed = 0) : engine_(seed) {}
+  void manual_seed(uint64_t seed) {
+    engine_.seed(seed);
+    has_spare_ = false;
+  }
+  uint64_t next_u64() { return engine_(); }
+  /// Uniform in [0, 1) with 53 random bits.
+  double uniform() { return static_cast<double>(engine_() >> 11) * 0x1.0p-53; }
+  /// Standard normal by Box-Muller (pairs; the second value is kept for the next call).
+  double normal() {
+    if (has_spare_) {
+      has_spare_ = false;
+      return spare_;
+    }
+    double u1 = uniform(), u2 = uniform();
+    while (u1 <= 0.0) u1 = uniform();
+    double r = std::sqrt(-2.0 * std::log(u1)), t = 6.283185307179586476925 * u2;
+    spare_ = r * std::sin(t);
+    has_spare_ = true;
+    return r * std::cos(t);
+  }
+  /// Uniform integer in [0, n).
+  uint64_t randint(uint64_t n) {
+    if (n == 0) return 0;
+    const uint64_t limit = UINT64_MAX - UINT64_MAX % n;  // reject the biased tail
+    uint64_t v;
+    do v = next_u64(); while (v >= limit);
+    return v % n;
+  }
+  /// Engine state, for checkpoints (std::mt19937_64 text form).
+  const std::mt19937_64& engine() const { return engine_; }
+  std::mt19937_64& engine() { return engine_; }
+
+ private:
+  std::mt19937_64 engine_;
+  double spare_ = 0.0;
+  bool has_spare_ = false;
+};
+
+}  // namespace dg

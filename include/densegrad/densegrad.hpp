@@ -1,0 +1,25 @@
+// densegrad/densegrad.hpp: the one header users include.
+// Pulls in the core tensor, autograd, ops and io; backends are chosen at compile time.
+#pragma once
+
+#include "version.hpp"
+
+#include "core/dtype.hpp"
+#include "core/error.hpp"
+#include "core/generator.hpp"
+#include "core/shape.hpp"
+#include "core/tensor.hpp"
+
+#include "autograd/grad_mode.hpp"
+#include "autograd/tape.hpp"
+
+#include "ops/elementwise.hpp"
+#include "ops/matmul.hpp"
+#include "ops/reduce.hpp"
+#include "ops/shape.hpp"
+
+#include "autograd/gradcheck.hpp"
+
+#include "io/npy.hpp"
+#include "io/safetensors.hpp"
+#include "io/tensor_io.hpp"

@@ -1,0 +1,188 @@
+// densegrad/ops/elementwise.hpp: arithmetic and pointwise math with NumPy broadcasting:
+// add, sub, mul, div, neg, exp, log, sqrt, pow, abs, clamp, and the C++ operators.
+// Each op: forward through backend/ref/elementwise.hpp, backward right below it, written
+// with other ops; a broadcast input's gradient is sum_to() its own shape.
+#pragma once
+
+#include <cmath>
+#include <limits>
+
+#include "reduce.hpp"
+
+namespace dg {
+
+namespace detail {
+template <class T> using Grads = std::vector<Tensor<T>>;
+}
+
+/// torch.add(a, b)
+template <class T>
+Tensor<T> add(const Tensor<T>& a, const Tensor<T>& b) {
+  Tensor<T> out = ref::map2(a, b, [](auto x, auto y) { return x + y; }, "add");
+  return autograd::record("add", out, {a, b}, [sa = a.shape(), sb = b.shape()](const Tensor<T>& dout) {
+    return detail::Grads<T>{sum_to(dout, sa), sum_to(dout, sb)};
+  });
+}
+
+/// torch.sub(a, b)
+template <class T>
+Tensor<T> sub(const Tensor<T>& a, const Tensor<T>& b) {
+  Tensor<T> out = ref::map2(a, b, [](auto x, auto y) { return x - y; }, "sub");
+  return autograd::record("sub", out, {a, b}, [sa = a.shape(), sb = b.shape()](const Tensor<T>& dout) {
+    return detail::Grads<T>{sum_to(dout, sa), sum_to(ref::map(dout, [](auto g) { return -g; }), sb)};
+  });
+}
+
+/// torch.mul(a, b); saves both inputs (each is the other's gradient factor).
+template <class T>
+Tensor<T> mul(const Tensor<T>& a, const Tensor<T>& b) {
+  Tensor<T> out = ref::map2(a, b, [](auto x, auto y) { return x * y; }, "mul");
+  return autograd::record("mul", out, {a, b}, [a = a.detach(), b = b.detach(), need_a = a.requires_grad(),
+                                               need_b = b.requires_grad()](const Tensor<T>& dout) {
+    detail::Grads<T> g(2);
+    if (need_a) g[0] = sum_to(mul(dout, b), a.shape());
+    if (need_b) g[1] = sum_to(mul(dout, a), b.shape());
+    return g;
+  });
+}
+
+/// torch.div(a, b); saves a and b.
+template <class T>
+Tensor<T> div(const Tensor<T>& a, const Tensor<T>& b) {
+  Tensor<T> out = ref::map2(a, b, [](auto x, auto y) { return x / y; }, "div");
+  return autograd::record("div", out, {a, b}, [a = a.detach(), b = b.detach(), need_a = a.requires_grad(),
+                                               need_b = b.requires_grad()](const Tensor<T>& dout) {
+    detail::Grads<T> g(2);
+    if (need_a) g[0] = sum_to(div(dout, b), a.shape());
+    // d(a/b)/db = -a / b^2
+    if (need_b) g[1] = sum_to(ref::map3(dout, a, b, [](auto d, auto x, auto y) { return -d * x / (y * y); }, "div"),
+                              b.shape());
+    return g;
+  });
+}
+
+/// Scalar forms: x op s (s is a constant, no gradient).
+template <class T>
+Tensor<T> add(const Tensor<T>& x, double s) {
+  Tensor<T> out = ref::map(x, [s](auto v) { return v + static_cast<decltype(v)>(s); });
+  return autograd::record("add_scalar", out, {x}, [](const Tensor<T>& dout) { return detail::Grads<T>{dout}; });
+}
+template <class T>
+Tensor<T> mul(const Tensor<T>& x, double s) {
+  Tensor<T> out = ref::map(x, [s](auto v) { return v * static_cast<decltype(v)>(s); });
+  return autograd::record("mul_scalar", out, {x}, [s](const Tensor<T>& dout) {
+    return detail::Grads<T>{ref::map(dout, [s](auto g) { return g * static_cast<decltype(g)>(s); })};
+  });
+}
+
+/// torch.neg
+template <class T>
+Tensor<T> neg(const Tensor<T>& x) { return mul(x, -1.0); }
+
+/// torch.exp; saves its output (d exp(x) = exp(x) dx).
+template <class T>
+Tensor<T> exp(const Tensor<T>& x) {
+  Tensor<T> out = ref::map(x, [](auto v) { return std::exp(v); });
+  return autograd::record("exp", out, {x}, [y = out.detach()](const Tensor<T>& dout) {
+    return detail::Grads<T>{mul(dout, y)};
+  });
+}
+
+/// torch.log (natural); saves its input.
+template <class T>
+Tensor<T> log(const Tensor<T>& x) {
+  Tensor<T> out = ref::map(x, [](auto v) { return std::log(v); });
+  return autograd::record("log", out, {x}, [x = x.detach()](const Tensor<T>& dout) {
+    return detail::Grads<T>{div(dout, x)};
+  });
+}
+
+/// torch.sqrt; saves its output (d sqrt(x) = dx / (2 sqrt(x))).
+template <class T>
+Tensor<T> sqrt(const Tensor<T>& x) {
+  Tensor<T> out = ref::map(x, [](auto v) { return std::sqrt(v); });
+  return autograd::record("sqrt", out, {x}, [y = out.detach()](const Tensor<T>& dout) {
+    return detail::Grads<T>{ref::map2(dout, y, [](auto g, auto r) { return g / (r + r); }, "sqrt")};
+  });
+}
+
+/// torch.pow(x, p) with a constant exponent; saves x.
+template <class T>
+Tensor<T> pow(const Tensor<T>& x, double p) {
+  Tensor<T> out = ref::map(x, [p](auto v) { return std::pow(v, static_cast<decltype(v)>(p)); });
+  return autograd::record("pow", out, {x}, [x = x.detach(), p](const Tensor<T>& dout) {
+    // torch: the gradient of x^0 is 0 everywhere (also at x = 0)
+    return detail::Grads<T>{ref::map2(dout, x, [p](auto g, auto v) {
+      using A = decltype(v);
+      return p == 0.0 ? A(0) : g * A(p) * std::pow(v, A(p - 1.0));
+    }, "pow")};
+  });
+}
+
+/// torch.pow(a, b) elementwise; saves a, b and the output.
+template <class T>
+Tensor<T> pow(const Tensor<T>& a, const Tensor<T>& b) {
+  Tensor<T> out = ref::map2(a, b, [](auto x, auto y) { return std::pow(x, y); }, "pow");
+  return autograd::record("pow", out, {a, b}, [a = a.detach(), b = b.detach(), y = out.detach(),
+                                               need_a = a.requires_grad(), need_b = b.requires_grad()](
+                                                  const Tensor<T>& dout) {
+    detail::Grads<T> g(2);
+    if (need_a)  // b * a^(b-1), 0 where b == 0 (torch's convention)
+      g[0] = sum_to(ref::map3(dout, a, b, [](auto d, auto x, auto e) {
+        using A = decltype(x);
+        return e == A(0) ? A(0) : d * e * std::pow(x, e - A(1));
+      }, "pow"), a.shape());
+    if (need_b)  // a^b * log(a), 0 where a == 0 and b >= 0 (torch's masking)
+      g[1] = sum_to(ref::map3(dout, a, y, [](auto d, auto x, auto r) {
+        using A = decltype(x);
+        return x == A(0) ? A(0) : d * r * std::log(x);
+      }, "pow"), b.shape());
+    return g;
+  });
+}
+
+/// torch.abs; the gradient at 0 is 0 (sign(0) = 0), as in torch.
+template <class T>
+Tensor<T> abs(const Tensor<T>& x) {
+  Tensor<T> out = ref::map(x, [](auto v) { return std::abs(v); });
+  return autograd::record("abs", out, {x}, [x = x.detach()](const Tensor<T>& dout) {
+    return detail::Grads<T>{ref::map2(dout, x, [](auto g, auto v) {
+      using A = decltype(v);
+      return v > A(0) ? g : v < A(0) ? -g : A(0);
+    }, "abs")};
+  });
+}
+
+/// torch.clamp(x, lo, hi); the gradient passes where lo <= x <= hi (torch's rule).
+template <class T>
+Tensor<T> clamp(const Tensor<T>& x, double lo = -std::numeric_limits<double>::infinity(),
+                double hi = std::numeric_limits<double>::infinity()) {
+  DG_CHECK(!(lo > hi), "clamp: min ", lo, " is greater than max ", hi);
+  Tensor<T> out = ref::map(x, [lo, hi](auto v) {
+    using A = decltype(v);
+    return v != v ? v : std::min(std::max(v, A(lo)), A(hi));
+  });
+  return autograd::record("clamp", out, {x}, [x = x.detach(), lo, hi](const Tensor<T>& dout) {
+    return detail::Grads<T>{ref::map2(dout, x, [lo, hi](auto g, auto v) {
+      using A = decltype(v);
+      return (v >= A(lo) && v <= A(hi)) ? g : A(0);
+    }, "clamp")};
+  });
+}
+
+// ---- operators, like torch's Python operators
+template <class T> Tensor<T> operator+(const Tensor<T>& a, const Tensor<T>& b) { return add(a, b); }
+template <class T> Tensor<T> operator-(const Tensor<T>& a, const Tensor<T>& b) { return sub(a, b); }
+template <class T> Tensor<T> operator*(const Tensor<T>& a, const Tensor<T>& b) { return mul(a, b); }
+template <class T> Tensor<T> operator/(const Tensor<T>& a, const Tensor<T>& b) { return div(a, b); }
+template <class T> Tensor<T> operator-(const Tensor<T>& x) { return neg(x); }
+template <class T> Tensor<T> operator+(const Tensor<T>& x, double s) { return add(x, s); }
+template <class T> Tensor<T> operator+(double s, const Tensor<T>& x) { return add(x, s); }
+template <class T> Tensor<T> operator-(const Tensor<T>& x, double s) { return add(x, -s); }
+template <class T> Tensor<T> operator-(double s, const Tensor<T>& x) { return add(neg(x), s); }
+template <class T> Tensor<T> operator*(const Tensor<T>& x, double s) { return mul(x, s); }
+template <class T> Tensor<T> operator*(double s, const Tensor<T>& x) { return mul(x, s); }
+template <class T> Tensor<T> operator/(const Tensor<T>& x, double s) { return mul(x, 1.0 / s); }
+template <class T> Tensor<T> operator/(double s, const Tensor<T>& x) { return mul(pow(x, -1.0), s); }
+
+}  // namespace dg

@@ -1,0 +1,98 @@
+// densegrad/ops/reduce.hpp: sum, mean, max over dims (keepdim like torch), and sum_to, the
+// reduction every broadcasting op's backward uses. Forward calls backend/ref/reduce.hpp.
+// Shape legend: x: any shape; dims: the dims reduced (negative counts from the end).
+#pragma once
+
+#include "../autograd/tape.hpp"
+#include "../backend/ref/elementwise.hpp"
+#include "../backend/ref/reduce.hpp"
+#include "shape.hpp"
+
+namespace dg {
+
+namespace detail {
+/// Wraps, sorts and de-duplicates `dims`; empty means "all dims" (torch's dim=None).
+inline Shape reduce_dims(const Shape& dims, int64_t ndim, const char* op) {
+  Shape r;
+  if (dims.empty()) {
+    for (int64_t i = 0; i < ndim; ++i) r.push_back(i);
+    return r;
+  }
+  for (int64_t d : dims) r.push_back(wrap_dim(d, ndim, op));
+  std::sort(r.begin(), r.end());
+  DG_CHECK(std::adjacent_find(r.begin(), r.end()) == r.end(), op, ": dim listed twice in ", shape_str(dims));
+  return r;
+}
+/// Reshapes a reduced tensor to its keepdim shape (a view) so it broadcasts against x.
+template <class T>
+Tensor<T> keepdim_view(const Tensor<T>& r, const Shape& xshape, const Shape& dims) {
+  Shape k = ref::reduced_shape(xshape, dims, true);
+  return Tensor<T>::from_storage(r.storage(), k, contiguous_strides(k), r.offset());
+}
+}  // namespace detail
+
+/// torch.sum(x, dims, keepdim). Empty dims sums everything.
+template <class T>
+Tensor<T> sum(const Tensor<T>& x, const Shape& dims = {}, bool keepdim = false) {
+  Shape d = detail::reduce_dims(dims, x.dim(), "sum");
+  Tensor<T> k = ref::sum(x, d);
+  Tensor<T> out = keepdim ? k : Tensor<T>::from_storage(k.storage(), ref::reduced_shape(x.shape(), d, false),
+                                                        contiguous_strides(ref::reduced_shape(x.shape(), d, false)), 0);
+  Shape xshape = x.shape();
+  return autograd::record("sum", out, std::vector<Tensor<T>>{x}, [xshape, d](const Tensor<T>& dout) {
+    // every input element contributed once: its gradient is dout broadcast back
+    return std::vector<Tensor<T>>{detail::keepdim_view(dout.contiguous(), xshape, d).expand(xshape)};
+  });
+}
+
+/// torch.mean(x, dims, keepdim).
+template <class T>
+Tensor<T> mean(const Tensor<T>& x, const Shape& dims = {}, bool keepdim = false) {
+  Shape d = detail::reduce_dims(dims, x.dim(), "mean");
+  int64_t count = 1;
+  for (int64_t i : d) count *= x.shape()[i];
+  double scale = 1.0 / static_cast<double>(count);  // count 0 gives nan, like torch
+  Tensor<T> s = sum(x, dims, keepdim);
+  Tensor<T> out = ref::map(s, [scale](acc_t<T> v) { return v * acc_t<T>(scale); });
+  return autograd::record("mean", out, std::vector<Tensor<T>>{s}, [scale](const Tensor<T>& dout) {
+    return std::vector<Tensor<T>>{ref::map(dout, [scale](acc_t<T> v) { return v * acc_t<T>(scale); })};
+  });
+}
+
+/// torch.amax(x, dims, keepdim): the gradient is split evenly between tied maxima.
+template <class T>
+Tensor<T> max(const Tensor<T>& x, const Shape& dims = {}, bool keepdim = false) {
+  Shape d = detail::reduce_dims(dims, x.dim(), "max");
+  DG_CHECK(x.numel() > 0, "max: cannot reduce an empty tensor of shape ", shape_str(x.shape()));
+  for (int64_t i : d) DG_CHECK(x.shape()[i] > 0, "max: reduced dim ", i, " has size 0");
+  Tensor<T> k = ref::amax(x, d);
+  Shape oshape = ref::reduced_shape(x.shape(), d, keepdim);
+  Tensor<T> out = Tensor<T>::from_storage(k.storage(), oshape, contiguous_strides(oshape), 0);
+  // save x and the keepdim maxima: backward routes dout to the positions that hit the max
+  return autograd::record("max", out, std::vector<Tensor<T>>{x}, [x, k, d](const Tensor<T>& dout) {
+    Tensor<T> hit = ref::map2(x, k, [](auto a, auto m) { return a == m ? 1 : 0; }, "max backward");
+    Tensor<T> ties = ref::sum(hit, d);
+    Tensor<T> dk = detail::keepdim_view(dout.contiguous(), x.shape(), d);
+    Tensor<T> share = ref::map2(dk, ties, [](auto g, auto n) { return g / n; }, "max backward");
+    return std::vector<Tensor<T>>{ref::map2(hit, share, [](auto h, auto s) { return h * s; }, "max backward")};
+  });
+}
+
+/// Sums g down to `shape` (the inverse of broadcasting): the gradient of a broadcast input.
+template <class T>
+Tensor<T> sum_to(const Tensor<T>& g, const Shape& shape) {
+  if (g.shape() == shape) return g;
+  DG_CHECK(broadcast_shapes(shape, g.shape(), "sum_to") == g.shape(), "sum_to: shape ", shape_str(shape),
+           " does not broadcast to ", shape_str(g.shape()));
+  int64_t lead = g.dim() - static_cast<int64_t>(shape.size());
+  Shape dims;
+  for (int64_t i = 0; i < g.dim(); ++i)
+    if (i < lead || (shape[i - lead] == 1 && g.shape()[i] != 1)) dims.push_back(i);
+  return sum(g, dims, true).reshape(shape);
+}
+
+template <class T> Tensor<T> Tensor<T>::sum(const Shape& dims, bool keepdim) const { return dg::sum(*this, dims, keepdim); }
+template <class T> Tensor<T> Tensor<T>::mean(const Shape& dims, bool keepdim) const { return dg::mean(*this, dims, keepdim); }
+template <class T> Tensor<T> Tensor<T>::max(const Shape& dims, bool keepdim) const { return dg::max(*this, dims, keepdim); }
+
+}  // namespace dg
