@@ -51,4 +51,14 @@ class Generator {
   bool has_spare_ = false;
 };
 
+/// This thread's default generator (torch's default generator, but one per thread so two
+/// threads training two models never share a random stream). Seed it with manual_seed().
+inline Generator& default_generator() {
+  thread_local Generator gen(0);
+  return gen;
+}
+
+/// torch.manual_seed for this thread's default generator.
+inline void manual_seed(uint64_t seed) { default_generator().manual_seed(seed); }
+
 }  // namespace dg
