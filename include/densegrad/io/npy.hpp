@@ -120,7 +120,7 @@ class NpyHeaderParser {
 // descr -> DType for the three supported types. '<' is little-endian; '|' (byte order not
 // applicable) and a missing or '=' (native) prefix are read as little-endian too.
 inline DType npy_dtype(const std::string& descr, const std::string& where) {
-  const char* supported = "supported: '<f4' (F32), '<f8' (F64), '<i8' (I64)";
+  const char* supported = "supported: '<f4', '<f8', '<i8', i.e. F32, F64, I64";
   DG_CHECK(descr.empty() || descr[0] != '>', where, ": big-endian descr '", descr,
            "' is not supported (", supported, "); convert with arr.astype(arr.dtype.newbyteorder('<'))");
   std::string t = (!descr.empty() && (descr[0] == '<' || descr[0] == '|' || descr[0] == '='))
