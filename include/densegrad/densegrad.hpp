@@ -13,8 +13,16 @@
 #include "autograd/grad_mode.hpp"
 #include "autograd/tape.hpp"
 
+#include "ops/activation.hpp"
+#include "ops/concat.hpp"
+#include "ops/conv.hpp"
+#include "ops/dropout.hpp"
 #include "ops/elementwise.hpp"
+#include "ops/linear.hpp"
+#include "ops/loss.hpp"
 #include "ops/matmul.hpp"
+#include "ops/norm.hpp"
+#include "ops/pool.hpp"
 #include "ops/reduce.hpp"
 #include "ops/shape.hpp"
 
@@ -23,3 +31,7 @@
 #include "io/npy.hpp"
 #include "io/safetensors.hpp"
 #include "io/tensor_io.hpp"
+
+#include "nn/init.hpp"
+#include "nn/layers.hpp"
+#include "nn/module.hpp"

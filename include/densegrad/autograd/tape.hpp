@@ -30,6 +30,10 @@ struct Node {
   virtual void apply() = 0;
   /// Drops saved tensors and edges.
   virtual void release() = 0;
+  /// Moves out the grad_fn of every input that only this node still holds (the input dies with
+  /// this node). Destroying a long chain then walks it in a loop instead of recursing once per
+  /// node, which would overflow the stack for graphs thousands of ops deep.
+  virtual void steal_unique_edges(std::vector<std::shared_ptr<Node>>& out) = 0;
 };
 
 /// The per-thread list of recorded nodes, oldest first. Nodes are owned by the tensors
@@ -135,6 +139,20 @@ struct FunctionNode final : TypedNode<TO> {
     this->released = true;
     backward_fn = nullptr;
     inputs.clear();
+  }
+  void steal_unique_edges(std::vector<std::shared_ptr<Node>>& out) override {
+    for (auto& in : inputs)
+      if (in.impl().use_count() == 1 && in.impl()->grad_fn) out.push_back(std::move(in.impl()->grad_fn));
+  }
+  ~FunctionNode() override {
+    // Tear down the part of the graph only we kept alive, iteratively (see steal_unique_edges).
+    std::vector<std::shared_ptr<Node>> doomed;
+    steal_unique_edges(doomed);
+    while (!doomed.empty()) {
+      std::shared_ptr<Node> n = std::move(doomed.back());
+      doomed.pop_back();
+      if (n.use_count() == 1) n->steal_unique_edges(doomed);
+    }  // n is destroyed here, its uniquely held inputs no longer own any node
   }
 };
 

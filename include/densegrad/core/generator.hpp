@@ -20,18 +20,23 @@ class Generator {
   uint64_t next_u64() { return engine_(); }
   /// Uniform in [0, 1) with 53 random bits.
   double uniform() { return static_cast<double>(engine_() >> 11) * 0x1.0p-53; }
-  /// Standard normal by Box-Muller (pairs; the second value is kept for the next call).
+  /// Standard normal by Marsaglia's polar method (pairs; the second value is kept for the
+  /// next call).
   double normal() {
     if (has_spare_) {
       has_spare_ = false;
       return spare_;
     }
-    double u1 = uniform(), u2 = uniform();
-    while (u1 <= 0.0) u1 = uniform();
-    double r = std::sqrt(-2.0 * std::log(u1)), t = 6.283185307179586476925 * u2;
-    spare_ = r * std::sin(t);
+    double u, v, s;
+    do {
+      u = 2.0 * uniform() - 1.0;
+      v = 2.0 * uniform() - 1.0;
+      s = u * u + v * v;
+    } while (s >= 1.0 || s == 0.0);
+    double f = std::sqrt(-2.0 * std::log(s) / s);
+    spare_ = v * f;
     has_spare_ = true;
-    return r * std::cos(t);
+    return u * f;
   }
   /// Uniform integer in [0, n).
   uint64_t randint(uint64_t n) {

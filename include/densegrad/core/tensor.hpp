@@ -86,6 +86,7 @@ class Tensor {
   bool is_contiguous() const {
     const auto& s = shape();
     const auto& st = strides();
+    if (std::find(s.begin(), s.end(), 0) != s.end()) return true;  // no elements: any strides do (torch)
     int64_t expect = 1;
     for (int64_t i = dim() - 1; i >= 0; --i) {
       if (s[i] != 1 && st[i] != expect) return false;
@@ -265,13 +266,15 @@ template <class T> Tensor<T> tensor(const std::vector<T>& values, Shape shape = 
 /// torch.rand: uniform in [low, high) from `gen`.
 template <class T> Tensor<T> rand(const Shape& shape, Generator& gen, double low = 0.0, double high = 1.0) {
   Tensor<T> t = Tensor<T>::empty(shape);
-  for (int64_t i = 0; i < t.numel(); ++i) t.data()[i] = static_cast<T>(low + (high - low) * gen.uniform());
+  T* p = t.data();
+  for (int64_t i = 0, n = t.numel(); i < n; ++i) p[i] = static_cast<T>(low + (high - low) * gen.uniform());
   return t;
 }
 /// torch.randn: normal(mean, std) from `gen`.
 template <class T> Tensor<T> randn(const Shape& shape, Generator& gen, double mean = 0.0, double std = 1.0) {
   Tensor<T> t = Tensor<T>::empty(shape);
-  for (int64_t i = 0; i < t.numel(); ++i) t.data()[i] = static_cast<T>(mean + std * gen.normal());
+  T* p = t.data();
+  for (int64_t i = 0, n = t.numel(); i < n; ++i) p[i] = static_cast<T>(mean + std * gen.normal());
   return t;
 }
 

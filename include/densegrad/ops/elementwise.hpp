@@ -119,13 +119,12 @@ Tensor<T> pow(const Tensor<T>& x, double p) {
   });
 }
 
-/// torch.pow(a, b) elementwise; saves a, b and the output.
+/// torch.pow(a, b) elementwise; saves a and b (backward recomputes a^b where it needs it).
 template <class T>
 Tensor<T> pow(const Tensor<T>& a, const Tensor<T>& b) {
   Tensor<T> out = ref::map2(a, b, [](auto x, auto y) { return std::pow(x, y); }, "pow");
-  return autograd::record("pow", out, {a, b}, [a = a.detach(), b = b.detach(), y = out.detach(),
-                                               need_a = a.requires_grad(), need_b = b.requires_grad()](
-                                                  const Tensor<T>& dout) {
+  return autograd::record("pow", out, {a, b}, [a = a.detach(), b = b.detach(), need_a = a.requires_grad(),
+                                               need_b = b.requires_grad()](const Tensor<T>& dout) {
     detail::Grads<T> g(2);
     if (need_a)  // b * a^(b-1), 0 where b == 0 (torch's convention)
       g[0] = sum_to(ref::map3(dout, a, b, [](auto d, auto x, auto e) {
@@ -133,9 +132,9 @@ Tensor<T> pow(const Tensor<T>& a, const Tensor<T>& b) {
         return e == A(0) ? A(0) : d * e * std::pow(x, e - A(1));
       }, "pow"), a.shape());
     if (need_b)  // a^b * log(a), 0 where a == 0 and b >= 0 (torch's masking)
-      g[1] = sum_to(ref::map3(dout, a, y, [](auto d, auto x, auto r) {
+      g[1] = sum_to(ref::map3(dout, a, b, [](auto d, auto x, auto e) {
         using A = decltype(x);
-        return x == A(0) ? A(0) : d * r * std::log(x);
+        return x == A(0) && e >= A(0) ? A(0) : d * std::pow(x, e) * std::log(x);
       }, "pow"), b.shape());
     return g;
   });

@@ -17,9 +17,13 @@ Tensor<T> bmm(const Tensor<T>& a, const Tensor<T>& b) {
            "bmm: expected (B, M, K) and (B, K, N), got ", shape_str(a.shape()), " and ", shape_str(b.shape()));
   Tensor<T> ac = contiguous(a).detach(), bc = contiguous(b).detach();
   Tensor<T> out = cpu::bmm(ac, bc);
-  // saves both operands: dA = dout @ B^T, dB = A^T @ dout
-  return autograd::record("bmm", out, {a, b}, [ac, bc](const Tensor<T>& dout) {
-    return std::vector<Tensor<T>>{bmm(dout, transpose(bc, 1, 2)), bmm(transpose(ac, 1, 2), dout)};
+  // saves both operands: dA = dout @ B^T needs B, dB = A^T @ dout needs A
+  return autograd::record("bmm", out, {a, b}, [ac, bc, need_a = a.requires_grad(),
+                                               need_b = b.requires_grad()](const Tensor<T>& dout) {
+    std::vector<Tensor<T>> g(2);
+    if (need_a) g[0] = bmm(dout, transpose(bc, 1, 2));
+    if (need_b) g[1] = bmm(transpose(ac, 1, 2), dout);
+    return g;
   });
 }
 

@@ -19,6 +19,7 @@ inline Shape reduce_dims(const Shape& dims, int64_t ndim, const char* op) {
     return r;
   }
   for (int64_t d : dims) r.push_back(wrap_dim(d, ndim, op));
+  if (ndim == 0) return {};  // torch accepts dim 0 or -1 of a 0-D tensor: there is nothing to reduce
   std::sort(r.begin(), r.end());
   DG_CHECK(std::adjacent_find(r.begin(), r.end()) == r.end(), op, ": dim listed twice in ", shape_str(dims));
   return r;
@@ -36,8 +37,9 @@ template <class T>
 Tensor<T> sum(const Tensor<T>& x, const Shape& dims = {}, bool keepdim = false) {
   Shape d = detail::reduce_dims(dims, x.dim(), "sum");
   Tensor<T> k = ref::sum(x, d);
-  Tensor<T> out = keepdim ? k : Tensor<T>::from_storage(k.storage(), ref::reduced_shape(x.shape(), d, false),
-                                                        contiguous_strides(ref::reduced_shape(x.shape(), d, false)), 0);
+  // out is a fresh handle on k's storage (record() refuses a tensor someone else holds)
+  Shape oshape = ref::reduced_shape(x.shape(), d, keepdim);
+  Tensor<T> out = Tensor<T>::from_storage(k.storage(), oshape, contiguous_strides(oshape), 0);
   Shape xshape = x.shape();
   return autograd::record("sum", out, std::vector<Tensor<T>>{x}, [xshape, d](const Tensor<T>& dout) {
     // every input element contributed once: its gradient is dout broadcast back
@@ -69,7 +71,7 @@ Tensor<T> max(const Tensor<T>& x, const Shape& dims = {}, bool keepdim = false) 
   Shape oshape = ref::reduced_shape(x.shape(), d, keepdim);
   Tensor<T> out = Tensor<T>::from_storage(k.storage(), oshape, contiguous_strides(oshape), 0);
   // save x and the keepdim maxima: backward routes dout to the positions that hit the max
-  return autograd::record("max", out, std::vector<Tensor<T>>{x}, [x, k, d](const Tensor<T>& dout) {
+  return autograd::record("max", out, std::vector<Tensor<T>>{x}, [x = x.detach(), k, d](const Tensor<T>& dout) {
     Tensor<T> hit = ref::map2(x, k, [](auto a, auto m) { return a == m ? 1 : 0; }, "max backward");
     Tensor<T> ties = ref::sum(hit, d);
     Tensor<T> dk = detail::keepdim_view(dout.contiguous(), x.shape(), d);

@@ -144,7 +144,9 @@ Tensor<T> narrow(const Tensor<T>& x, int64_t dim, int64_t start, int64_t length)
 /// torch.select: index `index` of `dim`, removing that dim (a view).
 template <class T>
 Tensor<T> select(const Tensor<T>& x, int64_t dim, int64_t index) {
-  int64_t d = wrap_dim(dim, x.dim(), "select");
+  int64_t d = wrap_dim(dim, x.dim(), "select"), n = x.shape()[d];
+  DG_CHECK(index >= -n && index < n, "select: index ", index, " out of range for dim ", d, " of size ", n,
+           " (shape ", shape_str(x.shape()), ")");
   return narrow(x, d, index, 1).squeeze(d);
 }
 

@@ -1,0 +1,393 @@
+// densegrad/backend/cpu/conv.hpp: fast CPU conv2d kernels. Dense and grouped convs are
+// im2col + Eigen GEMM per (image, group); 1x1 stride-1 unpadded convs skip im2col (the image
+// already is the column matrix); depthwise convs are direct loops over output rows. OpenMP
+// splits images and channels. Not oneDNN, not Winograd/FFT; bfloat16 is widened to float,
+// computed in float and rounded once at the end. Tested against backend/ref/conv.hpp.
+// Shape legend: as in backend/ref/conv.hpp; K = Cg*kH*kW (one column of im2col), P = Ho*Wo.
+#pragma once
+
+#include <Eigen/Core>
+#include <algorithm>
+#include <vector>
+
+#ifdef DENSEGRAD_WITH_OPENMP
+#include <omp.h>
+#endif
+
+#include "../ref/conv.hpp"
+
+/// `DENSEGRAD_OMP(parallel for)` is `#pragma omp parallel for` in OpenMP builds, nothing otherwise.
+#ifndef DENSEGRAD_OMP
+#define DENSEGRAD_OMP_STR_(...) #__VA_ARGS__
+#ifdef DENSEGRAD_WITH_OPENMP
+#define DENSEGRAD_OMP(...) _Pragma(DENSEGRAD_OMP_STR_(omp __VA_ARGS__))
+#else
+#define DENSEGRAD_OMP(...)
+#endif
+#endif
+
+namespace dg::cpu {
+
+namespace conv_detail {
+
+inline int max_threads() {
+#ifdef DENSEGRAD_WITH_OPENMP
+  return omp_get_max_threads();
+#else
+  return 1;
+#endif
+}
+inline int thread_num() {
+#ifdef DENSEGRAD_WITH_OPENMP
+  return omp_get_thread_num();
+#else
+  return 0;
+#endif
+}
+
+/// A tensor's elements as one C-order array of A: borrows the tensor's memory when it already
+/// is one, otherwise owns a converted copy (non-contiguous views, bfloat16 -> float).
+template <class A>
+struct DenseArray {
+  const A* borrowed = nullptr;
+  std::vector<A> own;
+  const A* data() const { return borrowed ? borrowed : own.data(); }
+};
+template <class A, class T>
+DenseArray<A> dense(const Tensor<T>& t) {
+  DenseArray<A> d;
+  if constexpr (std::is_same_v<A, T>) {
+    if (t.is_contiguous()) {
+      d.borrowed = t.data();
+      return d;
+    }
+  }
+  d.own.reserve(static_cast<size_t>(t.numel()));
+  const T* p = t.data();
+  for_each_strided<1>(t.shape(), {t.strides().data()}, {0}, [&](auto o) { d.own.push_back(A(p[o[0]])); });
+  return d;
+}
+
+/// The result as T: a no-op unless T is bfloat16, which rounds each float once here.
+template <class T, class A>
+Tensor<T> rounded(const Tensor<A>& t) {
+  if constexpr (std::is_same_v<A, T>) {
+    return t;
+  } else {
+    Tensor<T> out = Tensor<T>::empty(t.shape());
+    for (int64_t i = 0; i < t.numel(); ++i) out.data()[i] = T(t.data()[i]);
+    return out;
+  }
+}
+
+template <class A> using RowMat = Eigen::Matrix<A, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+template <class A> using MatMap = Eigen::Map<RowMat<A>>;
+template <class A> using ConstMatMap = Eigen::Map<const RowMat<A>>;
+template <class A> using ConstVecMap = Eigen::Map<const Eigen::Matrix<A, Eigen::Dynamic, 1>>;
+
+/// Output columns [lo, hi) whose input column ow*s + off falls inside [0, W); the others read
+/// zero padding. off = kw*d - p is where tap kw of output column 0 lands.
+inline void valid_cols(int64_t off, int64_t s, int64_t W, int64_t Wo, int64_t& lo, int64_t& hi) {
+  lo = off >= 0 ? 0 : std::min(Wo, (-off + s - 1) / s);
+  hi = W - 1 - off < 0 ? 0 : std::min(Wo, (W - 1 - off) / s + 1);
+  hi = std::max(hi, lo);
+}
+
+/// True for groups == C_in == C_out: each channel convolved with its own kH x kW filter.
+inline bool is_depthwise(const Conv2dGeometry& g) { return g.groups == g.C_in && g.C_out == g.C_in; }
+/// True when the image is its own im2col matrix (Cg, H*W): 1x1 kernel, stride 1, no padding.
+inline bool is_pointwise(const Conv2dGeometry& g) {
+  return g.kH == 1 && g.kW == 1 && g.sH == 1 && g.sW == 1 && g.pH == 0 && g.pW == 0;
+}
+
+// ---------------------------------------------------------------- im2col / col2im
+
+/// col (K, P) from one group's input planes x (Cg, H, W): row (c, kh, kw) of col holds, for
+/// every output position, the input that tap (kh, kw) of channel c sees (0 in the padding).
+template <class A>
+void im2col(const A* x, A* col, const Conv2dGeometry& g) {
+  const int64_t P = g.Ho * g.Wo;
+  for (int64_t c = 0; c < g.cin_g(); ++c)
+    for (int64_t kh = 0; kh < g.kH; ++kh)
+      for (int64_t kw = 0; kw < g.kW; ++kw) {
+        A* row = col + ((c * g.kH + kh) * g.kW + kw) * P;
+        const int64_t off = kw * g.dW - g.pW;
+        int64_t lo, hi;
+        valid_cols(off, g.sW, g.W, g.Wo, lo, hi);
+        for (int64_t oh = 0; oh < g.Ho; ++oh) {
+          A* r = row + oh * g.Wo;
+          const int64_t ih = oh * g.sH - g.pH + kh * g.dH;
+          if (ih < 0 || ih >= g.H) {
+            std::fill(r, r + g.Wo, A(0));
+            continue;
+          }
+          const A* xr = x + (c * g.H + ih) * g.W;
+          std::fill(r, r + lo, A(0));
+          for (int64_t ow = lo; ow < hi; ++ow) r[ow] = xr[ow * g.sW + off];
+          std::fill(r + hi, r + g.Wo, A(0));
+        }
+      }
+}
+
+/// The adjoint of im2col: dx (Cg, H, W) = 0, then every col entry is added back to the input
+/// position it was copied from (+= : overlapping windows read one input several times).
+template <class A>
+void col2im(const A* col, A* dx, const Conv2dGeometry& g) {
+  const int64_t P = g.Ho * g.Wo;
+  std::fill(dx, dx + g.cin_g() * g.H * g.W, A(0));
+  for (int64_t c = 0; c < g.cin_g(); ++c)
+    for (int64_t kh = 0; kh < g.kH; ++kh)
+      for (int64_t kw = 0; kw < g.kW; ++kw) {
+        const A* row = col + ((c * g.kH + kh) * g.kW + kw) * P;
+        const int64_t off = kw * g.dW - g.pW;
+        int64_t lo, hi;
+        valid_cols(off, g.sW, g.W, g.Wo, lo, hi);
+        for (int64_t oh = 0; oh < g.Ho; ++oh) {
+          const int64_t ih = oh * g.sH - g.pH + kh * g.dH;
+          if (ih < 0 || ih >= g.H) continue;
+          A* xr = dx + (c * g.H + ih) * g.W;
+          const A* r = row + oh * g.Wo;
+          for (int64_t ow = lo; ow < hi; ++ow) xr[ow * g.sW + off] += r[ow];
+        }
+      }
+}
+
+// ---------------------------------------------------------------- dense and grouped: GEMM
+// One job per (image n, group gi); Eigen runs each GEMM on one thread inside the parallel
+// loop, and on all threads when there is a single job (the OpenMP region is then inactive).
+
+/// y[n, group] (OCg, P) = W_group (OCg, K) @ col (K, P) + bias.
+template <class A>
+void gemm_forward(const A* x, const A* w, const A* b, A* y, const Conv2dGeometry& g) {
+  const int64_t Cg = g.cin_g(), OCg = g.cout_g(), K = Cg * g.kH * g.kW, P = g.Ho * g.Wo, jobs = g.N * g.groups;
+  const bool pointwise = is_pointwise(g);
+  DENSEGRAD_OMP(parallel if (jobs > 1)) {
+    std::vector<A> col(pointwise ? 0 : static_cast<size_t>(K * P));
+    DENSEGRAD_OMP(for)
+    for (int64_t j = 0; j < jobs; ++j) {
+      const int64_t n = j / g.groups, gi = j % g.groups;
+      const A* xg = x + (n * g.C_in + gi * Cg) * g.H * g.W;
+      if (!pointwise) im2col(xg, col.data(), g);
+      MatMap<A> Y(y + (n * g.C_out + gi * OCg) * P, OCg, P);
+      Y.noalias() = ConstMatMap<A>(w + gi * OCg * K, OCg, K) * ConstMatMap<A>(pointwise ? xg : col.data(), K, P);
+      if (b) Y.colwise() += ConstVecMap<A>(b + gi * OCg, OCg);
+    }
+  }
+}
+
+/// dx[n, group]: dcol (K, P) = W_group^T @ dout[n, group], then col2im; a pointwise conv
+/// writes W^T @ dout straight into dx.
+template <class A>
+void gemm_backward_input(const A* dout, const A* w, A* dx, const Conv2dGeometry& g) {
+  const int64_t Cg = g.cin_g(), OCg = g.cout_g(), K = Cg * g.kH * g.kW, P = g.Ho * g.Wo, jobs = g.N * g.groups;
+  const bool pointwise = is_pointwise(g);
+  DENSEGRAD_OMP(parallel if (jobs > 1)) {
+    std::vector<A> col(pointwise ? 0 : static_cast<size_t>(K * P));
+    DENSEGRAD_OMP(for)
+    for (int64_t j = 0; j < jobs; ++j) {
+      const int64_t n = j / g.groups, gi = j % g.groups;
+      A* dxg = dx + (n * g.C_in + gi * Cg) * g.H * g.W;
+      MatMap<A> dcol(pointwise ? dxg : col.data(), K, P);
+      dcol.noalias() = ConstMatMap<A>(w + gi * OCg * K, OCg, K).transpose() *
+                       ConstMatMap<A>(dout + (n * g.C_out + gi * OCg) * P, OCg, P);
+      if (!pointwise) col2im(col.data(), dxg, g);
+    }
+  }
+}
+
+/// dW_group (OCg, K) = sum over images of dout[n, group] (OCg, P) @ col^T (P, K). Each thread
+/// sums its images into a private copy of dweight (one weight-sized buffer per thread: weights
+/// are small next to activations), then the copies are added: no two threads share an element.
+template <class A>
+void gemm_backward_weight(const A* dout, const A* x, A* dw, const Conv2dGeometry& g) {
+  const int64_t Cg = g.cin_g(), OCg = g.cout_g(), K = Cg * g.kH * g.kW, P = g.Ho * g.Wo, jobs = g.N * g.groups;
+  const bool pointwise = is_pointwise(g);
+  const int64_t wsize = g.C_out * K, copies = std::max<int64_t>(1, std::min<int64_t>(max_threads(), jobs));
+  std::vector<A> part(static_cast<size_t>(copies * wsize), A(0));
+  DENSEGRAD_OMP(parallel if (copies > 1) num_threads(static_cast<int>(copies))) {
+    std::vector<A> col(pointwise ? 0 : static_cast<size_t>(K * P));
+    A* mine = part.data() + thread_num() * wsize;
+    DENSEGRAD_OMP(for)
+    for (int64_t j = 0; j < jobs; ++j) {
+      const int64_t n = j / g.groups, gi = j % g.groups;
+      const A* xg = x + (n * g.C_in + gi * Cg) * g.H * g.W;
+      if (!pointwise) im2col(xg, col.data(), g);
+      MatMap<A>(mine + gi * OCg * K, OCg, K).noalias() +=
+          ConstMatMap<A>(dout + (n * g.C_out + gi * OCg) * P, OCg, P) *
+          ConstMatMap<A>(pointwise ? xg : col.data(), K, P).transpose();
+    }
+  }
+  for (int64_t i = 0; i < wsize; ++i) {
+    A s = 0;
+    for (int64_t t = 0; t < copies; ++t) s += part[t * wsize + i];
+    dw[i] = s;
+  }
+}
+
+// ---------------------------------------------------------------- depthwise: direct loops
+// Loop order (tap kh, kw) -> output row oh -> output column ow: the weight is one scalar per
+// row sweep and the innermost loop runs along contiguous rows of length Wo, which the
+// compiler vectorizes (`omp simd` in OpenMP builds). Columns that would read the padding
+// are cut from the range (valid_cols) instead of tested per element. SW is the column stride
+// when known at compile time (1: contiguous vector loads, the common case), 0 for any stride.
+
+/// y[n, c] = bias[c] + sum over taps of weight[c, kh, kw] * shifted x[n, c].
+template <int64_t SW, class A>
+void depthwise_forward(const A* x, const A* w, const A* b, A* y, const Conv2dGeometry& g) {
+  const int64_t C = g.C_in, jobs = g.N * C;
+  DENSEGRAD_OMP(parallel for if (jobs > 1))
+  for (int64_t j = 0; j < jobs; ++j) {
+    const int64_t c = j % C;
+    const A* xp = x + j * g.H * g.W;
+    A* yp = y + j * g.Ho * g.Wo;
+    std::fill(yp, yp + g.Ho * g.Wo, b ? b[c] : A(0));
+    for (int64_t kh = 0; kh < g.kH; ++kh)
+      for (int64_t kw = 0; kw < g.kW; ++kw) {
+        const A wv = w[(c * g.kH + kh) * g.kW + kw];
+        const int64_t off = kw * g.dW - g.pW, sW = SW ? SW : g.sW;
+        int64_t lo, hi;
+        valid_cols(off, sW, g.W, g.Wo, lo, hi);
+        for (int64_t oh = 0; oh < g.Ho; ++oh) {
+          const int64_t ih = oh * g.sH - g.pH + kh * g.dH;
+          if (ih < 0 || ih >= g.H) continue;
+          const A* xr = xp + ih * g.W;
+          A* yr = yp + oh * g.Wo;
+          DENSEGRAD_OMP(simd)
+          for (int64_t ow = lo; ow < hi; ++ow) yr[ow] += wv * xr[ow * sW + off];
+        }
+      }
+  }
+}
+
+/// dx[n, c] = sum over taps of weight[c, kh, kw] * dout[n, c] shifted back (+= : taps overlap).
+template <int64_t SW, class A>
+void depthwise_backward_input(const A* dout, const A* w, A* dx, const Conv2dGeometry& g) {
+  const int64_t C = g.C_in, jobs = g.N * C;
+  DENSEGRAD_OMP(parallel for if (jobs > 1))
+  for (int64_t j = 0; j < jobs; ++j) {
+    const int64_t c = j % C;
+    const A* dp = dout + j * g.Ho * g.Wo;
+    A* dxp = dx + j * g.H * g.W;
+    std::fill(dxp, dxp + g.H * g.W, A(0));
+    for (int64_t kh = 0; kh < g.kH; ++kh)
+      for (int64_t kw = 0; kw < g.kW; ++kw) {
+        const A wv = w[(c * g.kH + kh) * g.kW + kw];
+        const int64_t off = kw * g.dW - g.pW, sW = SW ? SW : g.sW;
+        int64_t lo, hi;
+        valid_cols(off, sW, g.W, g.Wo, lo, hi);
+        for (int64_t oh = 0; oh < g.Ho; ++oh) {
+          const int64_t ih = oh * g.sH - g.pH + kh * g.dH;
+          if (ih < 0 || ih >= g.H) continue;
+          A* xr = dxp + ih * g.W;
+          const A* dr = dp + oh * g.Wo;
+          DENSEGRAD_OMP(simd)  // distinct ow write distinct xr elements: no dependence
+          for (int64_t ow = lo; ow < hi; ++ow) xr[ow * sW + off] += wv * dr[ow];
+        }
+      }
+  }
+}
+
+/// dweight[c, kh, kw] = sum over (n, oh, ow) of dout[n, c, oh, ow] * x[n, c, ih, iw]. One
+/// channel per job (images inside, so no two jobs share a weight); each tap keeps a running
+/// sum per output column, so the inner loop is elementwise (vectorizes) and the horizontal
+/// sum happens once per tap at the end.
+template <int64_t SW, class A>
+void depthwise_backward_weight(const A* dout, const A* x, A* dw, const Conv2dGeometry& g) {
+  const int64_t C = g.C_in, taps = g.kH * g.kW;
+  DENSEGRAD_OMP(parallel for if (C > 1))
+  for (int64_t c = 0; c < C; ++c) {
+    std::vector<A> acc(static_cast<size_t>(taps * g.Wo), A(0));  // acc[tap][ow]
+    for (int64_t n = 0; n < g.N; ++n) {
+      const A* xp = x + (n * C + c) * g.H * g.W;
+      const A* dp = dout + (n * C + c) * g.Ho * g.Wo;
+      for (int64_t kh = 0; kh < g.kH; ++kh)
+        for (int64_t kw = 0; kw < g.kW; ++kw) {
+          A* row = acc.data() + (kh * g.kW + kw) * g.Wo;
+          const int64_t off = kw * g.dW - g.pW, sW = SW ? SW : g.sW;
+          int64_t lo, hi;
+          valid_cols(off, sW, g.W, g.Wo, lo, hi);
+          for (int64_t oh = 0; oh < g.Ho; ++oh) {
+            const int64_t ih = oh * g.sH - g.pH + kh * g.dH;
+            if (ih < 0 || ih >= g.H) continue;
+            const A* xr = xp + ih * g.W;
+            const A* dr = dp + oh * g.Wo;
+            DENSEGRAD_OMP(simd)
+            for (int64_t ow = lo; ow < hi; ++ow) row[ow] += dr[ow] * xr[ow * sW + off];
+          }
+        }
+    }
+    for (int64_t t = 0; t < taps; ++t) {
+      A s = 0;
+      for (int64_t ow = 0; ow < g.Wo; ++ow) s += acc[t * g.Wo + ow];
+      dw[c * taps + t] = s;
+    }
+  }
+}
+
+}  // namespace conv_detail
+
+// ---------------------------------------------------------------- entry points (any strides)
+
+/// Forward: out (N, C_out, Ho, Wo); bias may be undefined.
+template <class T>
+Tensor<T> conv2d_forward(const Tensor<T>& x, const Tensor<T>& weight, const Tensor<T>& bias,
+                         const Conv2dGeometry& g) {
+  using A = acc_t<T>;
+  using namespace conv_detail;
+  auto px = dense<A>(x), pw = dense<A>(weight);
+  DenseArray<A> pb;
+  if (bias.defined()) pb = dense<A>(bias);
+  const A* b = bias.defined() ? pb.data() : nullptr;
+  Tensor<A> out = Tensor<A>::empty(g.out_shape());
+  if (is_depthwise(g) && g.sW == 1) depthwise_forward<1>(px.data(), pw.data(), b, out.data(), g);
+  else if (is_depthwise(g)) depthwise_forward<0>(px.data(), pw.data(), b, out.data(), g);
+  else gemm_forward(px.data(), pw.data(), b, out.data(), g);
+  return rounded<T>(out);
+}
+
+/// Gradient wrt the input: dx (N, C_in, H, W) from dout (N, C_out, Ho, Wo) and the weight.
+template <class T>
+Tensor<T> conv2d_backward_input(const Tensor<T>& dout, const Tensor<T>& weight, const Conv2dGeometry& g) {
+  using A = acc_t<T>;
+  using namespace conv_detail;
+  auto pd = dense<A>(dout), pw = dense<A>(weight);
+  Tensor<A> dx = Tensor<A>::empty(g.x_shape());
+  if (is_depthwise(g) && g.sW == 1) depthwise_backward_input<1>(pd.data(), pw.data(), dx.data(), g);
+  else if (is_depthwise(g)) depthwise_backward_input<0>(pd.data(), pw.data(), dx.data(), g);
+  else gemm_backward_input(pd.data(), pw.data(), dx.data(), g);
+  return rounded<T>(dx);
+}
+
+/// Gradient wrt the weight: dweight (C_out, C_in/groups, kH, kW) from dout and the input.
+template <class T>
+Tensor<T> conv2d_backward_weight(const Tensor<T>& dout, const Tensor<T>& x, const Conv2dGeometry& g) {
+  using A = acc_t<T>;
+  using namespace conv_detail;
+  auto pd = dense<A>(dout), px = dense<A>(x);
+  Tensor<A> dw = Tensor<A>::empty(g.w_shape());
+  if (is_depthwise(g) && g.sW == 1) depthwise_backward_weight<1>(pd.data(), px.data(), dw.data(), g);
+  else if (is_depthwise(g)) depthwise_backward_weight<0>(pd.data(), px.data(), dw.data(), g);
+  else gemm_backward_weight(pd.data(), px.data(), dw.data(), g);
+  return rounded<T>(dw);
+}
+
+/// Gradient wrt the bias: dbias[oc] = sum of dout over (n, oh, ow).
+template <class T>
+Tensor<T> conv2d_backward_bias(const Tensor<T>& dout, const Conv2dGeometry& g) {
+  using A = acc_t<T>;
+  using namespace conv_detail;
+  auto pd = dense<A>(dout);
+  const int64_t P = g.Ho * g.Wo;
+  Tensor<A> db = Tensor<A>::empty({g.C_out});
+  A* o = db.data();
+  const A* d = pd.data();
+  DENSEGRAD_OMP(parallel for if (g.C_out > 1))
+  for (int64_t oc = 0; oc < g.C_out; ++oc) {
+    A s = 0;
+    for (int64_t n = 0; n < g.N; ++n) s += ConstVecMap<A>(d + (n * g.C_out + oc) * P, P).sum();
+    o[oc] = s;
+  }
+  return rounded<T>(db);
+}
+
+}  // namespace dg::cpu

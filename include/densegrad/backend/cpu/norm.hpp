@@ -1,0 +1,157 @@
+// densegrad/backend/cpu/norm.hpp: fast timm LayerNorm2d, forward and backward, straight on
+// contiguous NCHW: the statistics over C of each pixel are read at channel stride H*W, so every
+// inner loop runs over contiguous pixels and vectorizes (OpenMP simd) — no permute, no copy.
+// Not a general layer norm (ref::layer_norm_forward serves that); ref::layer_norm2d_* is its oracle.
+// Shape legend: x, y, dy, dx: (N, C, H, W) contiguous, P = H * W pixels per image;
+// weight, bias: (C) contiguous or undefined; mean, rstd: (N, H, W) in acc_t<T>.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "../ref/norm.hpp"  // LayerNormForward / LayerNormGrads: the fast path returns what the oracle returns
+
+// DENSEGRAD_OMP(clauses): `#pragma omp clauses` in an OpenMP build, nothing otherwise.
+#ifndef DENSEGRAD_OMP
+#define DENSEGRAD_OMP_STR_(...) #__VA_ARGS__
+#ifdef DENSEGRAD_WITH_OPENMP
+#define DENSEGRAD_OMP(...) _Pragma(DENSEGRAD_OMP_STR_(omp __VA_ARGS__))
+#else
+#define DENSEGRAD_OMP(...)
+#endif
+#endif
+
+namespace dg::cpu {
+
+namespace detail {
+/// Pixels per task: a tile of all C channels stays in L2 (C * 256 * 4 bytes = 64 KB at C = 64).
+constexpr int64_t kNormTile = 256;
+/// Below this many elements one thread is faster than waking the others.
+constexpr int64_t kNormParallelMin = int64_t(1) << 15;
+}  // namespace detail
+
+/// timm LayerNorm2d forward on NCHW (= ref::layer_norm2d_forward). Each task takes one image
+/// and a tile of up to 256 pixels and makes three passes over its channels: mean, variance
+/// (two-pass: no cancellation), output.
+template <class T>
+ref::LayerNormForward<T> layer_norm2d_forward(const Tensor<T>& x, const Tensor<T>& weight, const Tensor<T>& bias,
+                                              double eps) {
+  using A = acc_t<T>;
+  DG_CHECK(x.dim() == 4 && x.is_contiguous(), "cpu::layer_norm2d_forward: expected a contiguous (N, C, H, W) input, got ",
+           shape_str(x.shape()));
+  const int64_t N = x.size(0), C = x.size(1), P = x.size(2) * x.size(3), tiles = (P + detail::kNormTile - 1) / detail::kNormTile;
+  ref::LayerNormForward<T> r{Tensor<T>::empty(x.shape()), Tensor<A>::empty({N, x.size(2), x.size(3)}),
+                             Tensor<A>::empty({N, x.size(2), x.size(3)})};
+  const T *px = x.data(), *pw = weight.defined() ? weight.data() : nullptr, *pb = bias.defined() ? bias.data() : nullptr;
+  T* py = r.y.data();
+  A *pmean = r.mean.data(), *prstd = r.rstd.data();
+  const A inv_c = A(1) / A(C), a_eps = A(eps);
+  DENSEGRAD_OMP(parallel for schedule(static) if (N * C * P >= detail::kNormParallelMin))
+  for (int64_t task = 0; task < N * tiles; ++task) {
+    const int64_t n = task / tiles, p0 = (task % tiles) * detail::kNormTile, len = std::min(detail::kNormTile, P - p0);
+    const T* xt = px + n * C * P + p0;  // channel c of this tile: xt + c * P
+    T* yt = py + n * C * P + p0;
+    A *mean = pmean + n * P + p0, *rstd = prstd + n * P + p0;
+    for (int64_t p = 0; p < len; ++p) mean[p] = rstd[p] = A(0);
+    for (int64_t c = 0; c < C; ++c) {
+      const T* xc = xt + c * P;
+      DENSEGRAD_OMP(simd)
+      for (int64_t p = 0; p < len; ++p) mean[p] += A(xc[p]);
+    }
+    for (int64_t p = 0; p < len; ++p) mean[p] *= inv_c;
+    for (int64_t c = 0; c < C; ++c) {  // rstd holds the sum of squared deviations for now
+      const T* xc = xt + c * P;
+      DENSEGRAD_OMP(simd)
+      for (int64_t p = 0; p < len; ++p) rstd[p] += (A(xc[p]) - mean[p]) * (A(xc[p]) - mean[p]);
+    }
+    DENSEGRAD_OMP(simd)
+    for (int64_t p = 0; p < len; ++p) rstd[p] = A(1) / std::sqrt(rstd[p] * inv_c + a_eps);  // biased var
+    for (int64_t c = 0; c < C; ++c) {
+      const T* xc = xt + c * P;
+      T* yc = yt + c * P;
+      const A w = pw ? A(pw[c]) : A(1), b = pb ? A(pb[c]) : A(0);
+      DENSEGRAD_OMP(simd)
+      for (int64_t p = 0; p < len; ++p) yc[p] = T((A(xc[p]) - mean[p]) * rstd[p] * w + b);
+    }
+  }
+  return r;
+}
+
+/// timm LayerNorm2d backward on NCHW (= ref::layer_norm2d_backward), from the saved mean/rstd:
+///   dx = rstd * (dnorm - mean_c(dnorm) - xhat * mean_c(dnorm * xhat)), dnorm = dy * weight[c]
+///   dweight[c] = sum over (n, pixels) of dy * xhat, dbias[c] = sum of dy.
+/// dweight/dbias are summed per task first (each task owns a row of partial sums, so no two
+/// threads write one slot), then over tasks in order: the same bits for any thread count.
+template <class T>
+ref::LayerNormGrads<T> layer_norm2d_backward(const Tensor<T>& dy, const Tensor<T>& x, const Tensor<acc_t<T>>& mean,
+                                             const Tensor<acc_t<T>>& rstd, const Tensor<T>& weight, bool need_dx,
+                                             bool need_dweight, bool need_dbias) {
+  using A = acc_t<T>;
+  DG_CHECK(x.dim() == 4 && x.is_contiguous() && dy.is_contiguous() && dy.shape() == x.shape() &&
+               mean.is_contiguous() && rstd.is_contiguous() && mean.numel() == x.size(0) * x.size(2) * x.size(3),
+           "cpu::layer_norm2d_backward: expected contiguous dy and x of one (N, C, H, W) shape and the saved "
+           "(N, H, W) statistics, got dy ", shape_str(dy.shape()), ", x ", shape_str(x.shape()), ", mean ",
+           shape_str(mean.shape()));
+  const int64_t N = x.size(0), C = x.size(1), P = x.size(2) * x.size(3), tiles = (P + detail::kNormTile - 1) / detail::kNormTile;
+  ref::LayerNormGrads<T> g;
+  if (need_dx) g.dx = Tensor<T>::empty(x.shape());
+  const T *px = x.data(), *pdy = dy.data(), *pw = weight.defined() ? weight.data() : nullptr;
+  T* pdx = need_dx ? g.dx.data() : nullptr;
+  const A *pmean = mean.data(), *prstd = rstd.data();
+  const A inv_c = A(1) / A(C);
+  std::vector<A> dw_part(static_cast<size_t>(N * tiles * C)), db_part(dw_part.size());  // (task, C)
+  DENSEGRAD_OMP(parallel for schedule(static) if (N * C * P >= detail::kNormParallelMin))
+  for (int64_t task = 0; task < N * tiles; ++task) {
+    const int64_t n = task / tiles, p0 = (task % tiles) * detail::kNormTile, len = std::min(detail::kNormTile, P - p0);
+    const int64_t base = n * C * P + p0;
+    const A *m = pmean + n * P + p0, *r = prstd + n * P + p0;
+    A *dw = dw_part.data() + task * C, *db = db_part.data() + task * C;
+    A s1[detail::kNormTile], s2[detail::kNormTile];  // per pixel: sum_c dnorm, sum_c dnorm * xhat
+    std::fill_n(s1, len, A(0));
+    std::fill_n(s2, len, A(0));
+    for (int64_t c = 0; c < C; ++c) {
+      const T *xc = px + base + c * P, *dyc = pdy + base + c * P;
+      const A w = pw ? A(pw[c]) : A(1);
+      A dw_c = 0, db_c = 0;
+      DENSEGRAD_OMP(simd reduction(+ : dw_c, db_c))
+      for (int64_t p = 0; p < len; ++p) {
+        const A xhat = (A(xc[p]) - m[p]) * r[p], d = A(dyc[p]);
+        s1[p] += d * w;
+        s2[p] += d * w * xhat;
+        dw_c += d * xhat;
+        db_c += d;
+      }
+      dw[c] = dw_c;
+      db[c] = db_c;
+    }
+    if (!need_dx) continue;
+    for (int64_t p = 0; p < len; ++p) {
+      s1[p] *= inv_c;
+      s2[p] *= inv_c;
+    }
+    for (int64_t c = 0; c < C; ++c) {
+      const T *xc = px + base + c * P, *dyc = pdy + base + c * P;
+      T* dxc = pdx + base + c * P;
+      const A w = pw ? A(pw[c]) : A(1);
+      DENSEGRAD_OMP(simd)
+      for (int64_t p = 0; p < len; ++p) {
+        const A xhat = (A(xc[p]) - m[p]) * r[p];
+        dxc[p] = T(r[p] * (A(dyc[p]) * w - s1[p] - xhat * s2[p]));
+      }
+    }
+  }
+  auto reduce_parts = [&](const std::vector<A>& part) {
+    std::vector<A> s(static_cast<size_t>(C), A(0));
+    for (int64_t task = 0; task < N * tiles; ++task)
+      for (int64_t c = 0; c < C; ++c) s[c] += part[task * C + c];
+    Tensor<T> t = Tensor<T>::empty({C});
+    for (int64_t c = 0; c < C; ++c) t.data()[c] = T(s[c]);
+    return t;
+  };
+  if (need_dweight) g.dweight = reduce_parts(dw_part);
+  if (need_dbias) g.dbias = reduce_parts(db_part);
+  return g;
+}
+
+}  // namespace dg::cpu

@@ -1,0 +1,87 @@
+// densegrad/ops/activation.hpp: activations with their backward: gelu (erf or tanh form),
+// hard_sigmoid, relu, relu6, sigmoid, softmax, log_softmax (torch.nn.functional semantics,
+// including torch's gradient at the kinks). gelu runs the fast CPU path; the rest run the ref
+// kernels of backend/ref/activation.hpp. Not in-place variants, not fused bias+activation.
+// Shape legend: x: any shape; the output and every gradient have x's shape.
+#pragma once
+
+#include "../autograd/tape.hpp"
+#include "../backend/cpu/activation.hpp"
+#include "../backend/ref/activation.hpp"
+#include "shape.hpp"
+
+namespace dg {
+
+/// torch.nn.functional.gelu(x, approximate="none") = x * Phi(x) with the exact erf, or with
+/// tanh_approximation = true, approximate="tanh". Example: auto y = dg::gelu(x);
+template <class T>
+Tensor<T> gelu(const Tensor<T>& x, bool tanh_approximation = false) {
+  Tensor<T> xc = contiguous(x.detach());
+  // fast path (backend/cpu/activation.hpp: threads over the ref scalar math); ref::gelu is its oracle
+  Tensor<T> out = cpu::gelu(xc, tanh_approximation);
+  // saves the input: gelu'(x) = Phi(x) + x phi(x) needs x, not the output
+  return autograd::record("gelu", out, {x}, [xc, tanh_approximation](const Tensor<T>& dout) {
+    return std::vector<Tensor<T>>{cpu::gelu_backward(contiguous(dout), xc, tanh_approximation)};
+  });
+}
+
+/// torch.nn.functional.hardsigmoid: relu6(x + 3) / 6. The gradient is 1/6 strictly inside
+/// (-3, 3) and 0 elsewhere, also at exactly -3 and 3 (as torch). Saves x.
+template <class T>
+Tensor<T> hard_sigmoid(const Tensor<T>& x) {
+  Tensor<T> out = ref::hard_sigmoid(x);
+  return autograd::record("hard_sigmoid", out, {x}, [x = x.detach()](const Tensor<T>& dout) {
+    return std::vector<Tensor<T>>{ref::hard_sigmoid_backward(dout, x)};
+  });
+}
+
+/// torch.relu: max(x, 0); the gradient at x == 0 is 0. Saves the output (y > 0 iff x > 0), as torch does.
+template <class T>
+Tensor<T> relu(const Tensor<T>& x) {
+  Tensor<T> out = ref::relu(x);
+  return autograd::record("relu", out, {x}, [y = out.detach()](const Tensor<T>& dout) {
+    return std::vector<Tensor<T>>{ref::relu_backward(dout, y)};
+  });
+}
+
+/// torch.nn.functional.relu6: min(max(x, 0), 6); the gradient passes strictly inside (0, 6). Saves x.
+template <class T>
+Tensor<T> relu6(const Tensor<T>& x) {
+  Tensor<T> out = ref::relu6(x);
+  return autograd::record("relu6", out, {x}, [x = x.detach()](const Tensor<T>& dout) {
+    return std::vector<Tensor<T>>{ref::relu6_backward(dout, x)};
+  });
+}
+
+/// torch.sigmoid: 1 / (1 + exp(-x)). Saves the output: sigmoid' = y (1 - y).
+template <class T>
+Tensor<T> sigmoid(const Tensor<T>& x) {
+  Tensor<T> out = ref::sigmoid(x);
+  return autograd::record("sigmoid", out, {x}, [y = out.detach()](const Tensor<T>& dout) {
+    return std::vector<Tensor<T>>{ref::sigmoid_backward(dout, y)};
+  });
+}
+
+/// torch.softmax(x, dim): exp(x - max) / sum(exp(x - max)) along dim (negative dims count from
+/// the end). Saves the output: dx = y * (dy - sum(dy * y, dim)).
+template <class T>
+Tensor<T> softmax(const Tensor<T>& x, int64_t dim) {
+  const int64_t d = wrap_dim(dim, x.dim(), "softmax");
+  Tensor<T> out = ref::softmax(x, d);
+  return autograd::record("softmax", out, {x}, [y = out.detach(), d](const Tensor<T>& dout) {
+    return std::vector<Tensor<T>>{ref::softmax_backward(dout, y, d, false)};
+  });
+}
+
+/// torch.log_softmax(x, dim): x - max - log(sum(exp(x - max))) along dim, stable for any magnitude.
+/// Saves the output: dx = dy - exp(y) * sum(dy, dim).
+template <class T>
+Tensor<T> log_softmax(const Tensor<T>& x, int64_t dim) {
+  const int64_t d = wrap_dim(dim, x.dim(), "log_softmax");
+  Tensor<T> out = ref::log_softmax(x, d);
+  return autograd::record("log_softmax", out, {x}, [y = out.detach(), d](const Tensor<T>& dout) {
+    return std::vector<Tensor<T>>{ref::softmax_backward(dout, y, d, true)};
+  });
+}
+
+}  // namespace dg
