@@ -105,6 +105,17 @@ TEST_CASE("matmul and bmm errors name both shapes", "[matmul][errors]") {
   REQUIRE_THROWS_WITH(bmm(a, a), Contains("bmm: expected"));
 }
 
+TEST_CASE("bmm saves only the operand each needed gradient uses", "[matmul][autograd]") {
+  auto a = ones<float>({2, 3, 4}).requires_grad_(), b = ones<float>({2, 4, 5});
+  auto y = bmm(a, b);  // only dA = dout @ B^T is needed: B is saved, A is not
+  CHECK(a.storage().use_count() == 1);
+  CHECK(b.storage().use_count() == 2);
+  CHECK(y.grad_fn_name() == "bmm");
+  sum(y).backward();
+  CHECK(b.storage().use_count() == 1);  // freed by backward
+  CHECK(a.grad().to_vector() == std::vector<float>(24, 5.f));
+}
+
 TEMPLATE_TEST_CASE("cpu::bmm (Eigen) matches ref::bmm on odd shapes", "[matmul][fastpath]", float, double, bfloat16) {
   using T = TestType;
   // float32 and bfloat16 both accumulate in float; GEMM sums in another order than the ref loop,

@@ -121,11 +121,19 @@ TEST_CASE("layer_norm2d gradcheck eps variants and non-contiguous input") {
 TEST_CASE("layer_norm2d equals layer_norm over channels of the NHWC view, gradients too") {
   Generator gen(7);
   Tensor<double> x = rnd({3, 5, 7, 9}, gen), w = rnd({5}, gen), b = rnd({5}, gen), dout = rnd({3, 5, 7, 9}, gen);
-  auto a = forward_backward<double>([](auto x_, auto w_, auto b_) { return layer_norm2d(x_, w_, b_, 1e-6); }, x, w, b, dout);
-  auto r = forward_backward<double>([](auto x_, auto w_, auto b_) {
-    return layer_norm(x_.permute({0, 2, 3, 1}), {5}, w_, b_, 1e-6).permute({0, 3, 1, 2});
-  }, x, w, b, dout);
-  for (size_t i = 0; i < 4; ++i) dgtest::require_close(a[i], r[i], 1e-12, 1e-12);
+  // affine, weight only, bias only, none
+  for (auto [wi, bi] : {std::pair{w, b}, std::pair{w, Tensor<double>()}, std::pair{Tensor<double>(), b},
+                        std::pair{Tensor<double>(), Tensor<double>()}}) {
+    INFO("weight " << wi.defined() << " bias " << bi.defined());
+    auto a = forward_backward<double>([](auto x_, auto w_, auto b_) { return layer_norm2d(x_, w_, b_, 1e-6); }, x, wi, bi, dout);
+    auto r = forward_backward<double>([](auto x_, auto w_, auto b_) {
+      return layer_norm(x_.permute({0, 2, 3, 1}), {5}, w_, b_, 1e-6).permute({0, 3, 1, 2});
+    }, x, wi, bi, dout);
+    for (size_t i = 0; i < 4; ++i) {
+      REQUIRE(a[i].defined() == r[i].defined());
+      if (a[i].defined()) dgtest::require_close(a[i], r[i], 1e-12, 1e-12);
+    }
+  }
 }
 
 TEST_CASE("layer_norm2d gradients accumulate when one input feeds two norms") {

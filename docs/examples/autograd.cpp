@@ -6,8 +6,8 @@ int main() {
   dg::Generator gen(0);
   auto x = dg::randn<double>({2, 3}, gen).requires_grad_();     // features so far
   auto w = dg::randn<double>({3, 2}, gen).requires_grad_();     // a layer making 2 new ones
-  auto h = dg::exp(x.matmul(w)) - 1.0;                          // the new features
-  auto stage = dg::concat(std::vector<dg::Tensor<double>>{x, h}, 1);  // dense: keep x, append h
+  auto h = dg::gelu(x.matmul(w));                               // the new features
+  auto stage = dg::concat({x, h}, 1);               // dense: keep x, append h
   auto loss = dg::pow(stage, 2.0).sum();
   loss.backward();                                              // x gets two gradient paths
 
@@ -15,8 +15,8 @@ int main() {
   std::cout << "dloss/dx " << x.grad() << "\n";
   auto check = dg::gradcheck(
       [](const std::vector<dg::Tensor<double>>& v) {
-        auto hh = dg::exp(v[0].matmul(v[1])) - 1.0;
-        return dg::pow(dg::concat(std::vector<dg::Tensor<double>>{v[0], hh}, 1), 2.0).sum();
+        auto hh = dg::gelu(v[0].matmul(v[1]));
+        return dg::pow(dg::concat({v[0], hh}, 1), 2.0).sum();
       },
       {x.detach().requires_grad_(), w.detach().requires_grad_()});
   std::cout << "gradcheck: " << (check.ok ? "ok" : check.message) << "\n";

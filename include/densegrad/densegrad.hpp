@@ -35,3 +35,7 @@
 #include "nn/init.hpp"
 #include "nn/layers.hpp"
 #include "nn/module.hpp"
+
+#include "optim/optim.hpp"
+
+#include "data/data.hpp"

@@ -7,6 +7,7 @@
 #include <condition_variable>
 #include <exception>
 #include <functional>
+#include <initializer_list>
 #include <iterator>
 #include <map>
 #include <memory>
@@ -99,7 +100,7 @@ class DataLoader {
     epoch_ = epoch;
     epoch_pending_ = false;
   }
-  /// The epoch of the current (or next) pass.
+  /// The epoch the next pass (begin()) will use.
   int64_t epoch() const { return epoch_pending_ ? epoch_ + 1 : epoch_; }
 
   /// Samples this rank sees per epoch: N, or ceil(N / world_size) when sharded (padded by repeats).

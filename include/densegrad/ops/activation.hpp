@@ -17,7 +17,7 @@ namespace dg {
 template <class T>
 Tensor<T> gelu(const Tensor<T>& x, bool tanh_approximation = false) {
   Tensor<T> xc = contiguous(x.detach());
-  // fast path (backend/cpu/activation.hpp: threads over the ref scalar math); ref::gelu is its oracle
+  // fast path (backend/cpu/activation.hpp: vectorized chunks on OpenMP threads); ref::gelu is its oracle
   Tensor<T> out = cpu::gelu(xc, tanh_approximation);
   // saves the input: gelu'(x) = Phi(x) + x phi(x) needs x, not the output
   return autograd::record("gelu", out, {x}, [xc, tanh_approximation](const Tensor<T>& dout) {

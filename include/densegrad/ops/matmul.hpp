@@ -15,11 +15,17 @@ template <class T>
 Tensor<T> bmm(const Tensor<T>& a, const Tensor<T>& b) {
   DG_CHECK(a.dim() == 3 && b.dim() == 3 && a.shape()[0] == b.shape()[0] && a.shape()[2] == b.shape()[1],
            "bmm: expected (B, M, K) and (B, K, N), got ", shape_str(a.shape()), " and ", shape_str(b.shape()));
-  Tensor<T> ac = contiguous(a).detach(), bc = contiguous(b).detach();
-  Tensor<T> out = cpu::bmm(ac, bc);
-  // saves both operands: dA = dout @ B^T needs B, dB = A^T @ dout needs A
-  return autograd::record("bmm", out, {a, b}, [ac, bc, need_a = a.requires_grad(),
-                                               need_b = b.requires_grad()](const Tensor<T>& dout) {
+  Tensor<T> ac, bc;
+  {
+    NoGradGuard g;  // the copies are internal: record nothing for them, bmm's node covers a and b
+    ac = contiguous(a).detach();
+    bc = contiguous(b).detach();
+  }
+  Tensor<T> out = cpu::bmm(ac, bc);  // Eigen GEMM; ref::bmm is the oracle it is tested against
+  // saves only the operands backward needs: dA = dout @ B^T needs B, dB = A^T @ dout needs A
+  const bool need_a = a.requires_grad(), need_b = b.requires_grad();
+  return autograd::record("bmm", out, {a, b}, [ac = need_b ? ac : Tensor<T>(), bc = need_a ? bc : Tensor<T>(),
+                                               need_a, need_b](const Tensor<T>& dout) {
     std::vector<Tensor<T>> g(2);
     if (need_a) g[0] = bmm(dout, transpose(bc, 1, 2));
     if (need_b) g[1] = bmm(transpose(ac, 1, 2), dout);
