@@ -40,10 +40,13 @@ void for_each_chunk(int64_t n, F f) {
 /// A chunk of T as floats (a vectorized copy for float, a conversion loop for bfloat16), and back.
 template <class T>
 GeluChunk load(const T* p, int64_t len) {
-  if constexpr (std::is_same_v<T, float>) return Eigen::Map<const Eigen::ArrayXf>(p, len);
-  GeluChunk v(len);
-  for (int64_t j = 0; j < len; ++j) v[j] = float(p[j]);
-  return v;
+  if constexpr (std::is_same_v<T, float>) {
+    return Eigen::Map<const Eigen::ArrayXf>(p, len);
+  } else {
+    GeluChunk v(len);
+    for (int64_t j = 0; j < len; ++j) v[j] = float(p[j]);
+    return v;
+  }
 }
 template <class T>
 void store(const GeluChunk& v, T* p) {
@@ -64,7 +67,9 @@ inline void gelu_cdf_pdf(const GeluChunk& x, GeluChunk& cdf, GeluChunk& pdf) {
   // sign(z) by clamping z * 1e30 to [-1, 1]: Eigen's sign() has no packet version and would make
   // the whole expression scalar; |z| < 1e-30 (a ramp instead of a step) changes nothing in float
   const GeluChunk sign = (z * 1e30f).max(-1.0f).min(1.0f);
-  cdf = 0.5f + 0.5f * sign * (1.0f - t * (0.254829592f + t * (-0.284496736f + t * (1.421413741f + t * (-1.453152027f + t * 1.061405429f)))) * e);
+  const GeluChunk poly =
+      t * (0.254829592f + t * (-0.284496736f + t * (1.421413741f + t * (-1.453152027f + t * 1.061405429f))));
+  cdf = 0.5f + 0.5f * sign * (1.0f - poly * e);  // (1 + erf(z)) / 2
   pdf = float(ref::kInvSqrt2Pi) * e;
 }
 /// The tanh form through 1 + tanh(u) = 2 sigmoid(2u): s = 1 / (1 + exp(-2u)),

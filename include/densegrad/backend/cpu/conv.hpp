@@ -324,6 +324,113 @@ void depthwise_backward_weight(const A* dout, const A* x, A* dw, const Conv2dGeo
   }
 }
 
+// ---------------------------------------------------------------- depthwise, stride 1: padded planes
+// The kernels above sweep rows of length Wo, which is 14, 7 or 3 in small-image models: too
+// short to vectorize well. With stride 1, each (image, channel) plane is first copied into a
+// zero-bordered buffer of width Wp = W + 2*pW; an output then lives at flat index
+// p = oh*Wp + ow of a plane of width Wp, and tap (kh, kw) reads the buffer at p + kh*dH*Wp +
+// kw*dW. Every tap is ONE contiguous sweep over p in [0, (Ho-1)*Wp + Wo): long, unconditional,
+// vectorized. The columns ow >= Wo of that sweep are scratch (computed, never stored).
+// Taps that only ever read the border (a 7x7 kernel on a 3x3 map) are skipped, as in the ref
+// kernel. The backward wrt the input is the same correlation of dout, padded by
+// (k-1)*d - p, with the taps flipped.
+
+/// Copies plane src (h, w) into buf, whose rows are wp wide, at row top and column left. The
+/// rest of buf (the zero border) is zeroed once by the caller and never written here.
+template <class A>
+void copy_plane(const A* src, int64_t h, int64_t w, A* buf, int64_t wp, int64_t top, int64_t left) {
+  for (int64_t i = 0; i < h; ++i) std::copy(src + i * w, src + (i + 1) * w, buf + (i + top) * wp + left);
+}
+
+/// True when tap offset k*d reads at least one in-plane row for some output row o in [0, no):
+/// padded rows [k*d, k*d + no) meet the real rows [pad, pad + n).
+inline bool tap_reads_plane(int64_t kd, int64_t no, int64_t pad, int64_t n) { return kd < pad + n && kd + no > pad; }
+
+/// The geometry of the padded-plane sweeps of one depthwise conv (stride 1).
+struct PlaneSweep {
+  int64_t Wp, Hp, L;               // buffer width and height, sweep length (Ho-1)*Wp + Wo
+  std::vector<int64_t> off, taps;  // buffer offset and weight index of every tap that reads the plane
+  PlaneSweep(const Conv2dGeometry& g, int64_t ph, int64_t pw, int64_t h, int64_t w, int64_t ho, int64_t wo, bool flip) {
+    Wp = w + 2 * pw;
+    Hp = h + 2 * ph;
+    L = (ho - 1) * Wp + wo;
+    for (int64_t kh = 0; kh < g.kH; ++kh)
+      for (int64_t kw = 0; kw < g.kW; ++kw)
+        if (tap_reads_plane(kh * g.dH, ho, ph, h) && tap_reads_plane(kw * g.dW, wo, pw, w)) {
+          off.push_back(kh * g.dH * Wp + kw * g.dW);
+          taps.push_back(flip ? (g.kH - 1 - kh) * g.kW + (g.kW - 1 - kw) : kh * g.kW + kw);
+        }
+  }
+};
+
+/// True when the padded-plane kernels apply: depthwise, stride 1, and padding at most the
+/// kernel's reach (so the backward's padding (k-1)*d - p is not negative).
+inline bool plane_sweep_ok(const Conv2dGeometry& g) {
+  return is_depthwise(g) && g.sH == 1 && g.sW == 1 && g.pH <= (g.kH - 1) * g.dH && g.pW <= (g.kW - 1) * g.dW;
+}
+
+/// out (h_out, w_out) planes = init + sum over taps of w[tap] * padded in (h, w) planes,
+/// for every (image, channel) plane j; w is the channel's taps (flipped by the sweep for dx).
+template <class A>
+void plane_correlate(const A* in, const A* w, const A* bias, A* out, const Conv2dGeometry& g, int64_t h, int64_t wd,
+                     int64_t ph, int64_t pw, int64_t ho, int64_t wo, bool flip) {
+  const int64_t C = g.C_in, jobs = g.N * C, taps = g.kH * g.kW;
+  const PlaneSweep sw(g, ph, pw, h, wd, ho, wo, flip);
+  const int64_t nt = static_cast<int64_t>(sw.off.size());
+  DENSEGRAD_OMP(parallel if (jobs > 1 && jobs * h * wd * nt > 32768)) {
+    std::vector<A> buf(static_cast<size_t>(sw.Hp * sw.Wp), A(0)), acc(static_cast<size_t>(ho * sw.Wp));
+    DENSEGRAD_OMP(for)
+    for (int64_t j = 0; j < jobs; ++j) {
+      const int64_t c = j % C;
+      copy_plane(in + j * h * wd, h, wd, buf.data(), sw.Wp, ph, pw);
+      A* a = acc.data();
+      const A* b = buf.data();
+      const A init = bias ? bias[c] : A(0);
+      std::fill(a, a + sw.L, init);
+      for (int64_t t = 0; t < nt; ++t) {
+        const A wv = w[c * taps + sw.taps[t]];
+        const A* src = b + sw.off[t];
+        DENSEGRAD_OMP(simd)
+        for (int64_t p = 0; p < sw.L; ++p) a[p] += wv * src[p];
+      }
+      A* o = out + j * ho * wo;
+      for (int64_t oh = 0; oh < ho; ++oh) std::copy(a + oh * sw.Wp, a + oh * sw.Wp + wo, o + oh * wo);
+    }
+  }
+}
+
+/// dweight[c, tap] = sum over images of the dot product of dout[n, c] (laid out at width Wp,
+/// zero in the scratch columns) with the padded x[n, c] shifted by the tap. One channel per
+/// job: no two jobs share a weight, so nothing needs a reduction across threads.
+template <class A>
+void plane_backward_weight(const A* dout, const A* x, A* dw, const Conv2dGeometry& g) {
+  const int64_t C = g.C_in, taps = g.kH * g.kW;
+  const PlaneSweep sw(g, g.pH, g.pW, g.H, g.W, g.Ho, g.Wo, false);
+  const int64_t nt = static_cast<int64_t>(sw.off.size());
+  std::fill(dw, dw + C * taps, A(0));  // taps that only read the border get exactly 0
+  DENSEGRAD_OMP(parallel if (C > 1 && g.N * C * g.H * g.W * nt > 32768)) {
+    std::vector<A> buf(static_cast<size_t>(sw.Hp * sw.Wp), A(0)), d(static_cast<size_t>(g.Ho * sw.Wp), A(0)),
+        acc(static_cast<size_t>(nt));
+    DENSEGRAD_OMP(for)
+    for (int64_t c = 0; c < C; ++c) {
+      std::fill(acc.begin(), acc.end(), A(0));
+      for (int64_t n = 0; n < g.N; ++n) {
+        copy_plane(x + (n * C + c) * g.H * g.W, g.H, g.W, buf.data(), sw.Wp, g.pH, g.pW);
+        copy_plane(dout + (n * C + c) * g.Ho * g.Wo, g.Ho, g.Wo, d.data(), sw.Wp, 0, 0);
+        const A* dp = d.data();
+        for (int64_t t = 0; t < nt; ++t) {
+          const A* src = buf.data() + sw.off[t];
+          A s = 0;
+          DENSEGRAD_OMP(simd reduction(+ : s))
+          for (int64_t p = 0; p < sw.L; ++p) s += dp[p] * src[p];
+          acc[t] += s;
+        }
+      }
+      for (int64_t t = 0; t < nt; ++t) dw[c * taps + sw.taps[t]] = acc[t];
+    }
+  }
+}
+
 }  // namespace conv_detail
 
 // ---------------------------------------------------------------- entry points (any strides)
@@ -339,7 +446,8 @@ Tensor<T> conv2d_forward(const Tensor<T>& x, const Tensor<T>& weight, const Tens
   if (bias.defined()) pb = dense<A>(bias);
   const A* b = bias.defined() ? pb.data() : nullptr;
   Tensor<A> out = Tensor<A>::empty(g.out_shape());
-  if (is_depthwise(g) && g.sW == 1) depthwise_forward<1>(px.data(), pw.data(), b, out.data(), g);
+  if (plane_sweep_ok(g)) plane_correlate(px.data(), pw.data(), b, out.data(), g, g.H, g.W, g.pH, g.pW, g.Ho, g.Wo, false);
+  else if (is_depthwise(g) && g.sW == 1) depthwise_forward<1>(px.data(), pw.data(), b, out.data(), g);
   else if (is_depthwise(g)) depthwise_forward<0>(px.data(), pw.data(), b, out.data(), g);
   else gemm_forward(px.data(), pw.data(), b, out.data(), g);
   return rounded<T>(out);
@@ -352,7 +460,10 @@ Tensor<T> conv2d_backward_input(const Tensor<T>& dout, const Tensor<T>& weight, 
   using namespace conv_detail;
   auto pd = dense<A>(dout), pw = dense<A>(weight);
   Tensor<A> dx = Tensor<A>::empty(g.x_shape());
-  if (is_depthwise(g) && g.sW == 1) depthwise_backward_input<1>(pd.data(), pw.data(), dx.data(), g);
+  if (plane_sweep_ok(g))  // dx = dout padded by (k-1)*d - p, correlated with the flipped taps
+    plane_correlate(pd.data(), pw.data(), static_cast<const A*>(nullptr), dx.data(), g, g.Ho, g.Wo,
+                    (g.kH - 1) * g.dH - g.pH, (g.kW - 1) * g.dW - g.pW, g.H, g.W, true);
+  else if (is_depthwise(g) && g.sW == 1) depthwise_backward_input<1>(pd.data(), pw.data(), dx.data(), g);
   else if (is_depthwise(g)) depthwise_backward_input<0>(pd.data(), pw.data(), dx.data(), g);
   else gemm_backward_input(pd.data(), pw.data(), dx.data(), g);
   return rounded<T>(dx);
@@ -365,7 +476,8 @@ Tensor<T> conv2d_backward_weight(const Tensor<T>& dout, const Tensor<T>& x, cons
   using namespace conv_detail;
   auto pd = dense<A>(dout), px = dense<A>(x);
   Tensor<A> dw = Tensor<A>::empty(g.w_shape());
-  if (is_depthwise(g) && g.sW == 1) depthwise_backward_weight<1>(pd.data(), px.data(), dw.data(), g);
+  if (plane_sweep_ok(g)) plane_backward_weight(pd.data(), px.data(), dw.data(), g);
+  else if (is_depthwise(g) && g.sW == 1) depthwise_backward_weight<1>(pd.data(), px.data(), dw.data(), g);
   else if (is_depthwise(g)) depthwise_backward_weight<0>(pd.data(), px.data(), dw.data(), g);
   else gemm_backward_weight(pd.data(), px.data(), dw.data(), g);
   return rounded<T>(dw);
