@@ -81,35 +81,84 @@ struct TypedNode : Node {
 
 namespace detail {
 
+/// Walks `shape` as rows: f(offsets, n) for each run of n elements that is contiguous
+/// (stride 1) in every operand, where offsets are the runs' first elements. The run is the
+/// longest block of trailing dims laid out densely in all operands (a narrow() along channels
+/// keeps each H x W plane dense), so f's loop is a plain vectorizable one.
+template <size_t K, class F>
+void for_each_row(const Shape& shape, const std::array<const int64_t*, K>& strides, F&& f) {
+  int64_t d = static_cast<int64_t>(shape.size()), run = 1;
+  auto dense_from = [&](int64_t i) {  // dim i continues the dense block [i+1, nd) in every operand
+    for (size_t k = 0; k < K; ++k)
+      if (strides[k][i] != run && shape[i] != 1) return false;
+    return true;
+  };
+  while (d > 0 && dense_from(d - 1)) run *= shape[--d];
+  const Shape outer(shape.begin(), shape.begin() + d);
+  std::array<int64_t, K> base{};
+  for_each_strided<K>(outer, strides, base, [&](auto o) { f(o, run); });
+}
+
 /// out = a + b for two tensors of one shape, in a fresh contiguous tensor.
 template <class T>
 Tensor<T> add_same_shape(const Tensor<T>& a, const Tensor<T>& b) {
   Tensor<T> out = Tensor<T>::empty(a.shape());
   T* o = out.data();
   const T *pa = a.data(), *pb = b.data();
-  for_each_strided<3>(a.shape(), {out.strides().data(), a.strides().data(), b.strides().data()}, {0, 0, 0},
-                      [&](auto k) { o[k[0]] = T(acc_t<T>(pa[k[1]]) + acc_t<T>(pb[k[2]])); });
+  for_each_row<3>(a.shape(), {out.strides().data(), a.strides().data(), b.strides().data()}, [&](auto k, int64_t n) {
+    T *ro = o + k[0];
+    const T *ra = pa + k[1], *rb = pb + k[2];
+    for (int64_t i = 0; i < n; ++i) ro[i] = T(acc_t<T>(ra[i]) + acc_t<T>(rb[i]));
+  });
   return out;
+}
+
+/// o += g elementwise, o being t's own gradient buffer (any strides, like g).
+template <class T>
+void add_into(T* o, const Shape& ostrides, const Tensor<T>& g) {
+  const T* pg = g.data();
+  for_each_row<2>(g.shape(), {ostrides.data(), g.strides().data()}, [&](auto k, int64_t n) {
+    T* ro = o + k[0];
+    const T* rg = pg + k[1];
+    for (int64_t i = 0; i < n; ++i) ro[i] = T(acc_t<T>(ro[i]) + acc_t<T>(rg[i]));
+  });
+}
+
+/// True when nobody but this handle sees t's bytes, and they are dense: adding into them in
+/// place is then invisible to everyone else.
+template <class T>
+bool owns_dense(const std::shared_ptr<TensorImpl<T>>& t) {
+  return t.use_count() == 1 && t->storage.use_count() == 1 && t->strides == contiguous_strides(t->shape);
 }
 
 /// Adds gradient g into tensor t's slot: .grad for a leaf (in place, that buffer is ours),
 /// the buffer of the node that made t otherwise. Gradients sum: a tensor used twice gets both.
+/// A pending buffer that no one else sees is summed into in place (no new tensor per edge).
 template <class T>
 void accumulate(TensorImpl<T>& t, const Tensor<T>& g, const char* from) {
   DG_CHECK(g.shape() == t.shape, "autograd: backward of '", from, "' produced a gradient of shape ",
            shape_str(g.shape()), " for an input of shape ", shape_str(t.shape));
   if (t.grad_fn) {
     auto& pending = static_cast<TypedNode<T>&>(*t.grad_fn).pending;  // t's node outputs T
-    pending = pending ? add_same_shape(Tensor<T>(pending), g).impl() : g.impl();
+    if (!pending) {
+      pending = g.impl();
+    } else if (owns_dense(pending)) {
+      add_into(static_cast<T*>(pending->storage.data()) + pending->offset, pending->strides, g);
+    } else if (owns_dense(g.impl())) {  // a + b == b + a exactly: add into g's buffer instead
+      Tensor<T> gg = g;
+      Tensor<T> p(pending);
+      pending = nullptr;
+      add_into(gg.data(), gg.strides(), p);
+      pending = gg.impl();
+    } else {
+      pending = add_same_shape(Tensor<T>(pending), g).impl();
+    }
   } else if (!t.grad) {
     Tensor<T> own = Tensor<T>::empty(g.shape());
     own.copy_(g);
     t.grad = own.impl();
   } else {
-    T* o = static_cast<T*>(t.grad->storage.data()) + t.grad->offset;
-    const T* pg = g.data();
-    for_each_strided<2>(g.shape(), {t.grad->strides.data(), g.strides().data()}, {0, 0},
-                        [&](auto k) { o[k[0]] = T(acc_t<T>(o[k[0]]) + acc_t<T>(pg[k[1]])); });
+    add_into(static_cast<T*>(t.grad->storage.data()) + t.grad->offset, t.grad->strides, g);
   }
 }
 

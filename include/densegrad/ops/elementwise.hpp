@@ -1,12 +1,14 @@
 // densegrad/ops/elementwise.hpp: arithmetic and pointwise math with NumPy broadcasting:
 // add, sub, mul, div, neg, exp, log, sqrt, pow, abs, clamp, and the C++ operators.
-// Each op: forward through backend/ref/elementwise.hpp, backward right below it, written
-// with other ops; a broadcast input's gradient is sum_to() its own shape.
+// Each op: forward through backend/ref/elementwise.hpp (binary arithmetic through the fast
+// broadcasting loops of backend/cpu/elementwise.hpp, whose oracle is the ref kernel), backward
+// right below it, written with other ops; a broadcast input's gradient is sum_to() its own shape.
 #pragma once
 
 #include <cmath>
 #include <limits>
 
+#include "../backend/cpu/elementwise.hpp"
 #include "reduce.hpp"
 
 namespace dg {
@@ -18,7 +20,7 @@ template <class T> using Grads = std::vector<Tensor<T>>;
 /// torch.add(a, b)
 template <class T>
 Tensor<T> add(const Tensor<T>& a, const Tensor<T>& b) {
-  Tensor<T> out = ref::map2(a, b, [](auto x, auto y) { return x + y; }, "add");
+  Tensor<T> out = cpu::map2(a, b, [](auto x, auto y) { return x + y; }, "add");
   return autograd::record("add", out, {a, b}, [sa = a.shape(), sb = b.shape()](const Tensor<T>& dout) {
     return detail::Grads<T>{sum_to(dout, sa), sum_to(dout, sb)};
   });
@@ -27,7 +29,7 @@ Tensor<T> add(const Tensor<T>& a, const Tensor<T>& b) {
 /// torch.sub(a, b)
 template <class T>
 Tensor<T> sub(const Tensor<T>& a, const Tensor<T>& b) {
-  Tensor<T> out = ref::map2(a, b, [](auto x, auto y) { return x - y; }, "sub");
+  Tensor<T> out = cpu::map2(a, b, [](auto x, auto y) { return x - y; }, "sub");
   return autograd::record("sub", out, {a, b}, [sa = a.shape(), sb = b.shape()](const Tensor<T>& dout) {
     return detail::Grads<T>{sum_to(dout, sa), sum_to(ref::map(dout, [](auto g) { return -g; }), sb)};
   });
@@ -36,7 +38,7 @@ Tensor<T> sub(const Tensor<T>& a, const Tensor<T>& b) {
 /// torch.mul(a, b); saves both inputs (each is the other's gradient factor).
 template <class T>
 Tensor<T> mul(const Tensor<T>& a, const Tensor<T>& b) {
-  Tensor<T> out = ref::map2(a, b, [](auto x, auto y) { return x * y; }, "mul");
+  Tensor<T> out = cpu::map2(a, b, [](auto x, auto y) { return x * y; }, "mul");
   return autograd::record("mul", out, {a, b}, [a = a.detach(), b = b.detach(), need_a = a.requires_grad(),
                                                need_b = b.requires_grad()](const Tensor<T>& dout) {
     detail::Grads<T> g(2);
@@ -49,7 +51,7 @@ Tensor<T> mul(const Tensor<T>& a, const Tensor<T>& b) {
 /// torch.div(a, b); saves a and b.
 template <class T>
 Tensor<T> div(const Tensor<T>& a, const Tensor<T>& b) {
-  Tensor<T> out = ref::map2(a, b, [](auto x, auto y) { return x / y; }, "div");
+  Tensor<T> out = cpu::map2(a, b, [](auto x, auto y) { return x / y; }, "div");
   return autograd::record("div", out, {a, b}, [a = a.detach(), b = b.detach(), need_a = a.requires_grad(),
                                                need_b = b.requires_grad()](const Tensor<T>& dout) {
     detail::Grads<T> g(2);

@@ -1,10 +1,12 @@
 // densegrad/ops/reduce.hpp: sum, mean, max over dims (keepdim like torch), and sum_to, the
-// reduction every broadcasting op's backward uses. Forward calls backend/ref/reduce.hpp.
+// reduction every broadcasting op's backward uses. Forward calls backend/ref/reduce.hpp (sum:
+// backend/cpu/reduce.hpp where it fits, checked against the ref kernel).
 // Shape legend: x: any shape; dims: the dims reduced (negative counts from the end).
 #pragma once
 
 #include "../autograd/tape.hpp"
 #include "../backend/ref/elementwise.hpp"
+#include "../backend/cpu/reduce.hpp"
 #include "../backend/ref/reduce.hpp"
 #include "shape.hpp"
 
@@ -36,7 +38,7 @@ Tensor<T> keepdim_view(const Tensor<T>& r, const Shape& xshape, const Shape& dim
 template <class T>
 Tensor<T> sum(const Tensor<T>& x, const Shape& dims = {}, bool keepdim = false) {
   Shape d = detail::reduce_dims(dims, x.dim(), "sum");
-  Tensor<T> k = ref::sum(x, d);
+  Tensor<T> k = cpu::sum_fits(x, d) ? cpu::sum(x, d) : ref::sum(x, d);  // ref::sum is the oracle
   // out is a fresh handle on k's storage (record() refuses a tensor someone else holds)
   Shape oshape = ref::reduced_shape(x.shape(), d, keepdim);
   Tensor<T> out = Tensor<T>::from_storage(k.storage(), oshape, contiguous_strides(oshape), 0);

@@ -1,0 +1,235 @@
+// tests/test_cpu_fastpaths.cpp: the CPU fast paths that are not a whole op family of their own,
+// each against its ref kernel on odd shapes: broadcasting binary maps (cpu::map2), sums over
+// dims (cpu::sum), concatenation (cpu::concat), depthwise padded-plane conv kernels, in-place
+// gradient accumulation on the tape, and the caching CPU allocator.
+#include <thread>
+
+#include "test_util.hpp"
+
+using namespace dg;
+
+namespace {
+/// Every element equal (fast and ref paths do the same per-element math).
+template <class T>
+void require_equal(const Tensor<T>& a, const Tensor<T>& b, const std::string& what) {
+  INFO(what);
+  REQUIRE(shape_str(a.shape()) == shape_str(b.shape()));
+  auto va = a.to_vector(), vb = b.to_vector();
+  size_t i = 0;
+  while (i < va.size() && double(acc_t<T>(va[i])) == double(acc_t<T>(vb[i]))) ++i;
+  INFO("first difference at element " << i << " of " << va.size());
+  REQUIRE(i == va.size());
+}
+}  // namespace
+
+// ---------------------------------------------------------------- cpu::map2
+
+TEMPLATE_TEST_CASE("cpu::map2 matches ref::map2 on broadcast shapes and views", "[fastpath]", float, double,
+                   bfloat16) {
+  Generator gen(3);
+  // (a, b): same shape, per-channel scale both ways, SE gate, rows, scalar, leading broadcast
+  std::vector<std::pair<Shape, Shape>> cases{
+      {{3, 7, 5, 5}, {3, 7, 5, 5}}, {{3, 7, 5, 5}, {1, 7, 1, 1}}, {{1, 7, 1, 1}, {3, 7, 5, 5}},
+      {{3, 17, 3, 3}, {3, 17, 1, 1}}, {{7, 17}, {17}},           {{17, 1}, {1, 9}},
+      {{2, 3, 17}, {}},               {{5, 1, 9}, {3, 1}},       {{1, 1, 1, 1}, {1, 3, 1, 1}},
+      {{4, 0, 3}, {1, 3}}};
+  auto mul = [](auto x, auto y) { return x * y; };
+  for (auto& [sa, sb] : cases) {
+    INFO("a " << shape_str(sa) << " b " << shape_str(sb));
+    auto a = randn<TestType>(sa, gen), b = randn<TestType>(sb, gen);
+    require_equal(cpu::map2(a, b, mul, "mul"), ref::map2(a, b, mul, "mul"), "mul");
+    auto sub = [](auto x, auto y) { return x - y; };
+    require_equal(cpu::map2(a, b, sub, "sub"), ref::map2(a, b, sub, "sub"), "sub");
+  }
+  // non-contiguous operands: a permuted view, a stepped slice, a narrow along channels
+  auto x = randn<TestType>({5, 9, 6, 4}, gen);
+  auto p = x.permute({0, 1, 3, 2});
+  auto s = x.slice(3, 0, 4, 2);
+  auto n = x.narrow(1, 2, 5);
+  auto g = randn<TestType>({1, 9, 1, 1}, gen);
+  require_equal(cpu::map2(p, g, mul, "mul"), ref::map2(p, g, mul, "mul"), "permuted");
+  require_equal(cpu::map2(s, g, mul, "mul"), ref::map2(s, g, mul, "mul"), "sliced");
+  require_equal(cpu::map2(n, n, mul, "mul"), ref::map2(n, n, mul, "mul"), "narrowed");
+  // big enough for the OpenMP split
+  auto big = randn<TestType>({3, 33, 29, 31}, gen), ch = randn<TestType>({1, 33, 1, 1}, gen);
+  require_equal(cpu::map2(big, ch, mul, "mul"), ref::map2(big, ch, mul, "mul"), "big");
+}
+
+TEST_CASE("cpu::map2 reports broadcast errors like ref::map2", "[fastpath]") {
+  auto a = zeros<float>({2, 3}), b = zeros<float>({4});
+  REQUIRE_THROWS_WITH(cpu::map2(a, b, [](auto x, auto y) { return x + y; }, "add"), Catch::Contains("add"));
+}
+
+// ---------------------------------------------------------------- cpu::sum
+
+TEMPLATE_TEST_CASE("cpu::sum matches ref::sum on odd shapes", "[fastpath]", float, double) {
+  Generator gen(5);
+  std::vector<std::pair<Shape, Shape>> cases{
+      {{3, 7, 5, 5}, {0, 2, 3}}, {{3, 7, 5, 5}, {2, 3}}, {{17, 9}, {0}},     {{17, 9}, {1}},
+      {{3, 7, 5, 5}, {}},        {{1, 7, 1, 1}, {0, 2, 3}}, {{3, 7, 5, 5}, {0}}, {{3, 1, 17}, {0, 1}},
+      {{131, 67, 3, 3}, {0, 2, 3}}, {{5, 300}, {0}}, {{2, 3, 4}, {0, 1, 2}}};
+  for (auto& [shape, dims] : cases) {
+    INFO("x " << shape_str(shape) << " dims " << shape_str(dims));
+    auto x = randn<TestType>(shape, gen);
+    Shape d = dims;
+    if (d.empty())
+      for (int64_t i = 0; i < x.dim(); ++i) d.push_back(i);
+    REQUIRE(cpu::sum_fits(x, d));
+    if constexpr (std::is_same_v<TestType, double>) {
+      require_equal(cpu::sum(x, d), ref::sum(x, d), "double: ref::sum's order");
+    } else {  // float in double lanes: at most a rounding apart
+      dgtest::require_close(cpu::sum(x, d), ref::sum(x, d), 1e-6, 1e-6, "float");
+    }
+  }
+  // layouts the fast path leaves to ref::sum: two kept blocks, a view, bfloat16
+  auto x = randn<float>({3, 4, 5}, gen);
+  CHECK_FALSE(cpu::sum_fits(x, {1}));
+  CHECK_FALSE(cpu::sum_fits(x.permute({2, 0, 1}), {0}));
+  CHECK_FALSE(cpu::sum_fits(randn<bfloat16>({3, 4}, gen), {0}));
+}
+
+// ---------------------------------------------------------------- cpu::concat
+
+TEMPLATE_TEST_CASE("cpu::concat matches ref::concat", "[fastpath]", float, double, bfloat16) {
+  Generator gen(7);
+  auto a = randn<TestType>({3, 5, 7, 2}, gen), b = randn<TestType>({3, 1, 7, 2}, gen),
+       c = randn<TestType>({3, 9, 2, 7}, gen).permute({0, 1, 3, 2});  // a view
+  std::vector<Tensor<TestType>> xs{a, b, c};
+  require_equal(cpu::concat(xs, 1, {3, 15, 7, 2}), ref::concat(xs, 1, {3, 15, 7, 2}), "dim 1 with a view");
+  auto e = randn<TestType>({1, 5, 7, 2}, gen);
+  std::vector<Tensor<TestType>> ys{a, e};
+  require_equal(cpu::concat(ys, 0, {4, 5, 7, 2}), ref::concat(ys, 0, {4, 5, 7, 2}), "dim 0");
+  auto f = randn<TestType>({3, 5, 7, 3}, gen);
+  std::vector<Tensor<TestType>> zs{a, f};
+  require_equal(cpu::concat(zs, 3, {3, 5, 7, 5}), ref::concat(zs, 3, {3, 5, 7, 5}), "last dim");
+  auto big = randn<TestType>({17, 131, 11, 11}, gen), empty = randn<TestType>({17, 0, 11, 11}, gen);
+  std::vector<Tensor<TestType>> bs{big, empty, big};
+  require_equal(cpu::concat(bs, 1, {17, 262, 11, 11}), ref::concat(bs, 1, {17, 262, 11, 11}), "big + empty");
+}
+
+// ---------------------------------------------------------------- depthwise padded-plane kernels
+
+TEMPLATE_TEST_CASE("conv2d depthwise padded-plane kernels match the ref kernels", "[fastpath]", float, double) {
+  Generator gen(11);
+  struct Case {
+    Shape x;
+    int64_t k, p, d;
+  };
+  // plane sizes around the 16/64-element sweep blocks, dilation, no padding, padding past the
+  // reach of the kernel (the strided fallback), 1x1 planes
+  std::vector<Case> cases{{{1, 1, 3, 3}, 7, 3, 1},  {{2, 3, 7, 7}, 7, 3, 1},   {{3, 5, 14, 14}, 7, 3, 1},
+                          {{2, 3, 33, 20}, 7, 3, 1}, {{2, 4, 9, 13}, 3, 2, 2},  {{1, 3, 11, 5}, 5, 0, 1},
+                          {{2, 2, 6, 6}, 3, 3, 1},   {{3, 2, 1, 1}, 7, 3, 1},   {{1, 17, 17, 1}, 3, 1, 1}};
+  for (const Case& c : cases) {
+    INFO("x " << shape_str(c.x) << " k " << c.k << " p " << c.p << " d " << c.d);
+    const int64_t C = c.x[1];
+    Shape ws{C, 1, c.k, c.k}, bs{C};
+    Conv2dGeometry g = conv2d_geometry(c.x, ws, &bs, {1, 1}, {c.p, c.p}, {c.d, c.d}, C);
+    auto x = randn<TestType>(c.x, gen), w = randn<TestType>(ws, gen), b = randn<TestType>(bs, gen);
+    auto dout = randn<TestType>(g.out_shape(), gen);
+    const double tol = std::is_same_v<TestType, double> ? 1e-12 : 1e-5;
+    dgtest::require_close(cpu::conv2d_forward(x, w, b, g), ref::conv2d_forward(x, w, b, g), tol, tol, "forward");
+    dgtest::require_close(cpu::conv2d_backward_input(dout, w, g), ref::conv2d_backward_input(dout, w, g), tol, tol,
+                          "dx");
+    auto dw = ref::conv2d_backward_weight(dout, x, g);
+    double scale = 1;  // dweight sums N*Ho*Wo products: compare relative to its size
+    for (auto v : dw.to_vector()) scale = std::max(scale, std::abs(double(v)));
+    dgtest::require_close(cpu::conv2d_backward_weight(dout, x, g), dw, tol, tol * scale, "dweight");
+  }
+}
+
+TEMPLATE_TEST_CASE("conv2d pointwise on small maps: images folded into one GEMM match the ref kernels", "[fastpath]",
+                   float, double) {
+  Generator gen(12);
+  // 41 images of 3x3 (P = 9): several uneven chunks of images side by side; 2x2 and 4x3 maps
+  for (Shape xs : {Shape{41, 7, 3, 3}, Shape{3, 5, 2, 2}, Shape{67, 3, 4, 3}}) {
+    INFO("x " << shape_str(xs));
+    Shape ws{5, xs[1], 1, 1}, bs{5};
+    Conv2dGeometry g = conv2d_geometry(xs, ws, &bs, {1, 1}, {0, 0}, {1, 1}, 1);
+    auto x = randn<TestType>(xs, gen), w = randn<TestType>(ws, gen), b = randn<TestType>(bs, gen);
+    auto dout = randn<TestType>(g.out_shape(), gen);
+    const double tol = std::is_same_v<TestType, double> ? 1e-12 : 1e-5;
+    dgtest::require_close(cpu::conv2d_forward(x, w, b, g), ref::conv2d_forward(x, w, b, g), tol, tol, "forward");
+    dgtest::require_close(cpu::conv2d_backward_input(dout, w, g), ref::conv2d_backward_input(dout, w, g), tol, tol,
+                          "dx");
+  }
+}
+
+// ---------------------------------------------------------------- tape accumulation
+
+TEST_CASE("in-place gradient accumulation: features feeding several concats", "[fastpath][autograd]") {
+  Generator gen(13);
+  // a dense stage in miniature: f0 feeds two concats and a product, f1 one concat and a sum;
+  // the gradients of narrow() views of one dout must not leak into each other
+  auto f0 = randn<double>({2, 3, 3, 2}, gen), f1 = randn<double>({2, 2, 3, 2}, gen);
+  auto s = randn<double>({1, 5, 1, 1}, gen), v = randn<double>({2, 3, 3, 2}, gen);
+  dgtest::require_gradcheck(
+      [](const std::vector<Tensor<double>>& in) {
+        auto c1 = concat({in[0], in[1]}, 1) * in[2];
+        auto c2 = concat({in[0], c1.narrow(1, 0, 3) * in[3]}, 1);
+        return sum(c1) + sum(c2 * c2) + sum(in[0] * in[3]) + sum(in[1]);
+      },
+      {f0, f1, s, v});
+}
+
+TEST_CASE("in-place accumulation leaves a caller's gradient tensor alone", "[fastpath][autograd]") {
+  auto x = ones<float>({3, 4}).requires_grad_();
+  auto y = x * 2.0;
+  auto z = y + y;  // y's node receives dout twice (the same tensor): sums into a fresh buffer
+  auto g = full<float>({3, 4}, 1.0f);
+  z.backward(g);
+  CHECK(g.to_vector() == std::vector<float>(12, 1.0f));  // the given gradient is untouched
+  CHECK(x.grad().to_vector() == std::vector<float>(12, 4.0f));
+}
+
+// ---------------------------------------------------------------- caching allocator
+
+TEST_CASE("caching CPU allocator reuses, caps and releases blocks", "[fastpath][storage]") {
+  using A = CachingCpuAllocator;
+  for (size_t n : {size_t(0), size_t(1), size_t(63), size_t(64), size_t(257), size_t(1000), size_t(4096),
+                   size_t(123457), size_t(1) << 30}) {
+    INFO("n " << n);
+    size_t c = A::size_class(n);
+    CHECK(c >= n);
+    CHECK(c % 64 == 0);
+    CHECK(c <= std::max<size_t>(64, n + n / 4 + 64));
+    CHECK(A::size_class(c) == c);
+  }
+  A a;
+  void* p = a.allocate(1000);
+  a.deallocate(p, 1000);
+  CHECK(a.cached_bytes() == A::size_class(1000));
+  void* q = a.allocate(1010);  // same size class: the cached block comes back
+  CHECK(q == p);
+  CHECK(a.cached_bytes() == 0);
+  a.deallocate(q, 1010);
+  a.release_cached();
+  CHECK(a.cached_bytes() == 0);
+  a.set_max_cached_bytes(0);  // caching off: blocks go straight back
+  void* r = a.allocate(5000);
+  a.deallocate(r, 5000);
+  CHECK(a.cached_bytes() == 0);
+}
+
+TEST_CASE("caching CPU allocator is thread-safe", "[fastpath][storage]") {
+  CachingCpuAllocator a;
+  std::vector<std::thread> ts;
+  for (int t = 0; t < 4; ++t)
+    ts.emplace_back([&a, t] {
+      for (int i = 0; i < 2000; ++i) {
+        size_t n = static_cast<size_t>(64 * (1 + (i * 7 + t) % 50));
+        auto* p = static_cast<unsigned char*>(a.allocate(n));
+        p[0] = p[n - 1] = 1;  // the whole block is ours (ASan checks)
+        a.deallocate(p, n);
+      }
+    });
+  for (auto& t : ts) t.join();
+  a.release_cached();
+  CHECK(a.cached_bytes() == 0);
+}
+
+TEST_CASE("release_cached_cpu_memory frees what tensors gave back", "[fastpath][storage]") {
+  { auto t = zeros<float>({1000, 17}); }
+  CHECK(release_cached_cpu_memory() >= 1000 * 17 * sizeof(float));
+  CHECK(release_cached_cpu_memory() == 0);
+}
