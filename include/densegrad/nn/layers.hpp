@@ -11,16 +11,9 @@
 #include "../ops/linear.hpp"
 #include "../ops/norm.hpp"
 #include "init.hpp"
+#include "../core/options.hpp"
 #include "module.hpp"
 
-/// Declares an option `name` with a chainable setter name(v) and a getter name().
-#define DENSEGRAD_ARG(type, name)                   \
- public:                                            \
-  auto& name(const type& v) { name##_ = v; return *this; } \
-  const type& name() const { return name##_; }      \
-                                                    \
- private:                                           \
-  type name##_
 
 namespace dg::nn {
 

@@ -12,21 +12,11 @@
 #include <vector>
 
 #include "../autograd/grad_mode.hpp"
+#include "../core/options.hpp"
 #include "../core/tensor.hpp"
 #include "../nn/module.hpp"
 #include "../ops/shape.hpp"
 
-// The chainable option setter of nn/layers.hpp (token for token, so both may define it).
-#ifndef DENSEGRAD_ARG
-/// Declares an option `name` with a chainable setter name(v) and a getter name().
-#define DENSEGRAD_ARG(type, name)                   \
- public:                                            \
-  auto& name(const type& v) { name##_ = v; return *this; } \
-  const type& name() const { return name##_; }      \
-                                                    \
- private:                                           \
-  type name##_
-#endif
 
 namespace dg::optim {
 
