@@ -7,6 +7,7 @@
 #include <array>
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -158,6 +159,33 @@ inline size_t release_cached_cpu_memory() {
 inline Allocator* get_allocator(Device::Kind kind) { return detail::allocator_table()[static_cast<int>(kind)]; }
 /// Installs `a` for `kind`; storage allocated before keeps its old allocator.
 inline void set_allocator(Device::Kind kind, Allocator* a) { detail::allocator_table()[static_cast<int>(kind)] = a; }
+
+/// Copies nbytes between devices: (dst, dst_device, src, src_device, nbytes). A backend
+/// registers one for its device kind (the CUDA backend: cudaMemcpy); CPU <-> CPU is memcpy.
+using DeviceCopyFn = void (*)(void*, Device, const void*, Device, size_t);
+
+namespace detail {
+inline std::array<DeviceCopyFn, 2>& device_copy_table() {
+  static std::array<DeviceCopyFn, 2> table{nullptr, nullptr};
+  return table;
+}
+}  // namespace detail
+
+/// Installs the copy function for transfers to or from devices of `kind`.
+inline void set_device_copy(Device::Kind kind, DeviceCopyFn fn) { detail::device_copy_table()[static_cast<int>(kind)] = fn; }
+
+/// Copies bytes between any two devices whose backends are compiled in.
+inline void copy_bytes(void* dst, Device dst_dev, const void* src, Device src_dev, size_t nbytes) {
+  if (dst_dev.is_cpu() && src_dev.is_cpu()) {
+    if (nbytes) std::memcpy(dst, src, nbytes);
+    return;
+  }
+  Device other = dst_dev.is_cpu() ? src_dev : dst_dev;
+  DeviceCopyFn fn = detail::device_copy_table()[static_cast<int>(other.kind)];
+  DG_CHECK(fn != nullptr, "copy to ", dst_dev.str(), " from ", src_dev.str(), ": no backend for ", other.str(),
+           " is compiled into this program (build with DENSEGRAD_WITH_CUDA and nvcc)");
+  fn(dst, dst_dev, src, src_dev, nbytes);
+}
 
 /// Shared, untyped bytes. Copying a Storage shares the bytes.
 class Storage {

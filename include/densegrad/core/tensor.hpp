@@ -131,6 +131,15 @@ class Tensor {
                " does not match tensor shape ", shape_str(shape()));
     checked().grad = g.impl_;
   }
+  /// Rebinds this tensor (every handle sharing it) to src's storage and geometry, like
+  /// torch's `param.data = src`; used to move parameters between devices in place.
+  void set_data_(const Tensor& src) {
+    check_inplace("set_data_");
+    checked().storage = src.storage();
+    checked().shape = src.shape();
+    checked().strides = src.strides();
+    checked().offset = src.offset();
+  }
   /// Forgets the gradient (torch's zero_grad(set_to_none=True)).
   void zero_grad() { checked().grad.reset(); }
   /// Same data, cut from the graph (torch detach): shares storage, requires no grad.
@@ -155,6 +164,8 @@ class Tensor {
   Tensor contiguous() const;
   Tensor clone() const;
   template <class U> Tensor<U> to() const;
+  /// The same values on `device` (torch .to(device)); returns *this when already there.
+  Tensor to(Device device) const;
   Tensor sum(const Shape& dims = {}, bool keepdim = false) const;
   Tensor mean(const Shape& dims = {}, bool keepdim = false) const;
   Tensor max(const Shape& dims = {}, bool keepdim = false) const;

@@ -11,6 +11,7 @@
 
 #include "../core/tensor.hpp"
 #include "../io/tensor_io.hpp"
+#include "../ops/shape.hpp"
 
 namespace dg::nn {
 
@@ -82,6 +83,18 @@ class Module {
   }
   void eval() { train(false); }
   bool is_training() const { return training_; }
+  /// Moves every parameter, gradient and buffer to `device` in place (torch Module.to(device)):
+  /// handles held by layers see the move. Without that device's backend compiled in, throws.
+  void to(Device device) {
+    NoGradGuard no_grad;
+    auto move = [&](Tensor<T> t) {
+      Tensor<T> g = t.grad();
+      t.set_data_(to_device(t.detach(), device));
+      if (g.defined()) t.set_grad(to_device(g, device));
+    };
+    for (auto& [n, p] : named_parameters()) move(p);
+    for (auto& [n, b] : named_buffers()) move(b);
+  }
   /// Forgets every parameter's gradient (torch zero_grad(set_to_none=True)).
   void zero_grad() {
     for (auto& p : parameters()) p.zero_grad();

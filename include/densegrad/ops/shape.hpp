@@ -236,6 +236,20 @@ Tensor<U> to_dtype(const Tensor<T>& x) {
   }
 }
 
+/// Copies x to `device` (torch .to(device)); the gradient is copied back to x's device.
+template <class T>
+Tensor<T> to_device(const Tensor<T>& x, Device device) {
+  if (x.device() == device) return x;
+  Tensor<T> src = x.device().is_cpu() ? contiguous(x).detach() : x;
+  DG_CHECK(src.is_contiguous(), "to: a non-contiguous ", x.device().str(), " tensor cannot be copied to ", device.str(),
+           "; call contiguous() on its device first");
+  Tensor<T> out = Tensor<T>::empty(x.shape(), device);
+  copy_bytes(out.data(), device, src.data(), src.device(), static_cast<size_t>(x.numel()) * sizeof(T));
+  return autograd::record("to_device", out, {x}, [from = x.device()](const Tensor<T>& dout) {
+    return std::vector<Tensor<T>>{to_device(dout, from)};
+  });
+}
+
 template <class T> Tensor<T> Tensor<T>::reshape(const Shape& s) const { return dg::reshape(*this, s); }
 template <class T> Tensor<T> Tensor<T>::view(const Shape& s) const { return dg::view(*this, s); }
 template <class T> Tensor<T> Tensor<T>::permute(const Shape& d) const { return dg::permute(*this, d); }
@@ -250,6 +264,7 @@ template <class T> Tensor<T> Tensor<T>::flatten(int64_t a, int64_t b) const { re
 template <class T> Tensor<T> Tensor<T>::contiguous() const { return dg::contiguous(*this); }
 template <class T> Tensor<T> Tensor<T>::clone() const { return dg::clone(*this); }
 template <class T> template <class U> Tensor<U> Tensor<T>::to() const { return dg::to_dtype<U>(*this); }
+template <class T> Tensor<T> Tensor<T>::to(Device d) const { return dg::to_device(*this, d); }
 
 }  // namespace dg
 
