@@ -1,7 +1,8 @@
 // rdnet_infer: run an RDNet on a batch of images stored as .npy and write the logits.
 //   rdnet_infer --model tiny --weights W.safetensors --input X.npy --output Y.npy
 // X: float32 (N, in_chans, H, W), already normalized; Y: float32 (N, num_classes).
-// Weights are a timm state dict in safetensors (the original "stem.stem." keys work too).
+// Weights are a timm state dict in safetensors (the original "stem.stem." keys work too), or
+// a checkpoint written by rdnet_train (its "model.*" tensors are used).
 #include <CLI/CLI.hpp>
 
 #include <cstdio>
@@ -27,7 +28,16 @@ int main(int argc, char** argv) {
     cfg.num_classes = num_classes;
     cfg.in_chans = in_chans;
     rdnet::RDNet<float> model(cfg);
-    model.load_timm(weights);
+    // an rdnet_train checkpoint holds the model under "model."; anything else is a timm state dict
+    bool is_checkpoint = false;
+    std::map<std::string, dg::Tensor<float>> from_checkpoint;
+    for (auto& [k, v] : dg::io::load_safetensors<float>(weights))
+      if (k.rfind("model.", 0) == 0) {
+        is_checkpoint = true;
+        from_checkpoint.emplace(k.substr(6), v);
+      }
+    if (is_checkpoint) model.load_state_dict(from_checkpoint);
+    else model.load_timm(weights);
     model.eval();
 
     dg::Tensor<float> x = dg::io::load_npy<float>(input);
