@@ -611,12 +611,14 @@ Tensor<T> conv2d_backward_bias(const Tensor<T>& dout, const Conv2dGeometry& g) {
   Tensor<A> db = Tensor<A>::empty({g.C_out});
   A* o = db.data();
   const A* d = pd.data();
-  DENSEGRAD_OMP(parallel for if (g.C_out > 1 && g.N * g.C_out * P >= (int64_t(1) << 16)))
-  for (int64_t oc = 0; oc < g.C_out; ++oc) {
-    A s = 0;
-    for (int64_t n = 0; n < g.N; ++n) s += ConstVecMap<A>(d + (n * g.C_out + oc) * P, P).sum();
-    o[oc] = s;
-  }
+  std::fill(o, o + g.C_out, A(0));
+  // blocks of 16 channels, images inside: each image's block is one contiguous read
+  const int64_t blocks = (g.C_out + 15) / 16;
+  DENSEGRAD_OMP(parallel for if (blocks > 1 && g.N * g.C_out * P >= (int64_t(1) << 16)))
+  for (int64_t ob = 0; ob < blocks; ++ob)
+    for (int64_t n = 0; n < g.N; ++n)
+      for (int64_t oc = ob * 16; oc < std::min(g.C_out, ob * 16 + 16); ++oc)
+        o[oc] += ConstVecMap<A>(d + (n * g.C_out + oc) * P, P).sum();
   return rounded<T>(db);
 }
 
