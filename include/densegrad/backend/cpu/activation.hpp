@@ -9,17 +9,9 @@
 #include <Eigen/Core>
 #include <algorithm>
 
+#include "parallel.hpp"
 #include "../ref/activation.hpp"
 
-// DENSEGRAD_OMP(clauses): `#pragma omp clauses` in an OpenMP build, nothing otherwise.
-#ifndef DENSEGRAD_OMP
-#define DENSEGRAD_OMP_STR_(...) #__VA_ARGS__
-#ifdef DENSEGRAD_WITH_OPENMP
-#define DENSEGRAD_OMP(...) _Pragma(DENSEGRAD_OMP_STR_(omp __VA_ARGS__))
-#else
-#define DENSEGRAD_OMP(...)
-#endif
-#endif
 
 namespace dg::cpu {
 

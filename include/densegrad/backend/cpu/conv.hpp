@@ -12,21 +12,10 @@
 #include <algorithm>
 #include <vector>
 
-#ifdef DENSEGRAD_WITH_OPENMP
-#include <omp.h>
-#endif
 
+#include "parallel.hpp"
 #include "../ref/conv.hpp"
 
-/// `DENSEGRAD_OMP(parallel for)` is `#pragma omp parallel for` in OpenMP builds, nothing otherwise.
-#ifndef DENSEGRAD_OMP
-#define DENSEGRAD_OMP_STR_(...) #__VA_ARGS__
-#ifdef DENSEGRAD_WITH_OPENMP
-#define DENSEGRAD_OMP(...) _Pragma(DENSEGRAD_OMP_STR_(omp __VA_ARGS__))
-#else
-#define DENSEGRAD_OMP(...)
-#endif
-#endif
 
 namespace dg::cpu {
 
@@ -36,20 +25,6 @@ namespace conv_detail {
 /// busy machine, waiting for them at the barrier) costs more than it saves.
 constexpr int64_t kParallelMinMacs = int64_t(1) << 18;
 
-inline int max_threads() {
-#ifdef DENSEGRAD_WITH_OPENMP
-  return omp_get_max_threads();
-#else
-  return 1;
-#endif
-}
-inline int thread_num() {
-#ifdef DENSEGRAD_WITH_OPENMP
-  return omp_get_thread_num();
-#else
-  return 0;
-#endif
-}
 
 /// A tensor's elements as one C-order array of A: borrows the tensor's memory when it already
 /// is one, otherwise owns a converted copy (non-contiguous views, bfloat16 -> float).

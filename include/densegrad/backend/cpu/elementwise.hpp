@@ -6,17 +6,9 @@
 // Shape legend: a, b: any shapes that broadcast together; out: their broadcast shape.
 #pragma once
 
+#include "parallel.hpp"
 #include "../ref/elementwise.hpp"
 
-// DENSEGRAD_OMP(clauses): `#pragma omp clauses` in an OpenMP build, nothing otherwise.
-#ifndef DENSEGRAD_OMP
-#define DENSEGRAD_OMP_STR_(...) #__VA_ARGS__
-#ifdef DENSEGRAD_WITH_OPENMP
-#define DENSEGRAD_OMP(...) _Pragma(DENSEGRAD_OMP_STR_(omp __VA_ARGS__))
-#else
-#define DENSEGRAD_OMP(...)
-#endif
-#endif
 
 namespace dg::cpu {
 

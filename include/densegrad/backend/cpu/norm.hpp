@@ -6,21 +6,14 @@
 // weight, bias: (C) contiguous or undefined; mean, rstd: (N, H, W) in acc_t<T>.
 #pragma once
 
+#include "parallel.hpp"
+
 #include <algorithm>
 #include <cmath>
 #include <vector>
 
 #include "../ref/norm.hpp"  // LayerNormForward / LayerNormGrads: the fast path returns what the oracle returns
 
-// DENSEGRAD_OMP(clauses): `#pragma omp clauses` in an OpenMP build, nothing otherwise.
-#ifndef DENSEGRAD_OMP
-#define DENSEGRAD_OMP_STR_(...) #__VA_ARGS__
-#ifdef DENSEGRAD_WITH_OPENMP
-#define DENSEGRAD_OMP(...) _Pragma(DENSEGRAD_OMP_STR_(omp __VA_ARGS__))
-#else
-#define DENSEGRAD_OMP(...)
-#endif
-#endif
 
 namespace dg::cpu {
 

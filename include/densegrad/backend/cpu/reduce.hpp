@@ -8,17 +8,9 @@
 
 #include <vector>
 
+#include "parallel.hpp"
 #include "../ref/reduce.hpp"
 
-// DENSEGRAD_OMP(clauses): `#pragma omp clauses` in an OpenMP build, nothing otherwise.
-#ifndef DENSEGRAD_OMP
-#define DENSEGRAD_OMP_STR_(...) #__VA_ARGS__
-#ifdef DENSEGRAD_WITH_OPENMP
-#define DENSEGRAD_OMP(...) _Pragma(DENSEGRAD_OMP_STR_(omp __VA_ARGS__))
-#else
-#define DENSEGRAD_OMP(...)
-#endif
-#endif
 
 namespace dg::cpu {
 
@@ -58,7 +50,7 @@ Tensor<T> sum(const Tensor<T>& x, const Shape& dims) {
   Tensor<T> out = Tensor<T>::empty(ref::reduced_shape(x.shape(), dims, true));
   const T* px = x.data();
   T* o = out.data();
-  const bool par = x.numel() >= (int64_t(1) << 16);
+  [[maybe_unused]] const bool par = x.numel() >= (int64_t(1) << 16);  // only read by OpenMP
   if (r1 > 1) {  // each kept entry sums R0 contiguous runs of R1
     DENSEGRAD_OMP(parallel for if (par && k > 1))
     for (int64_t j = 0; j < k; ++j) {
