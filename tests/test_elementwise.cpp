@@ -26,25 +26,6 @@ Tensor<double> away_from_zero(const Shape& shape, uint64_t seed) {
   return t.requires_grad_();
 }
 
-/// Parity with torch: runs `op` on <name>.x0.., compares the output with <name>.out and, after
-/// backward(<name>.dout), every input gradient with <name>.dx<i>. rtol 1e-5; atol 1e-6 times the
-/// largest expected magnitude, since float rounding error scales with the values.
-void check_parity(const std::string& name, int n_in,
-                  const std::function<Tensor<float>(const std::vector<Tensor<float>>&)>& op) {
-  static const auto fx = dgtest::load_fixture<float>("core");
-  auto close = [&](const Tensor<float>& got, const std::string& key) {
-    Tensor<float> want = dgtest::get(fx, key);
-    double scale = 1.0;
-    for (float v : want.to_vector()) scale = std::max(scale, double(std::abs(v)));
-    dgtest::require_close(got, want, 1e-5, 1e-6 * scale, key);
-  };
-  std::vector<Tensor<float>> xs;
-  for (int i = 0; i < n_in; ++i) xs.push_back(dgtest::get(fx, name + ".x" + std::to_string(i)).clone().requires_grad_());
-  Tensor<float> out = op(xs);
-  close(out, name + ".out");
-  out.backward(dgtest::get(fx, name + ".dout"));
-  for (int i = 0; i < n_in; ++i) close(xs[i].grad(), name + ".dx" + std::to_string(i));
-}
 }  // namespace
 
 // ---------------------------------------------------------------- gradcheck (double)
@@ -211,28 +192,28 @@ TEST_CASE("bfloat16 elementwise math happens in float and rounds once", "[elemen
 // ---------------------------------------------------------------- PyTorch parity (core.safetensors)
 
 TEST_CASE("add sub mul div parity with torch, broadcasting", "[elementwise][parity]") {
-  check_parity("add_same", 2, [](const auto& v) { return v[0] + v[1]; });
-  check_parity("add_bcast", 2, [](const auto& v) { return v[0] + v[1]; });
-  check_parity("add_scalar0d", 2, [](const auto& v) { return v[0] + v[1]; });
-  check_parity("sub_bcast", 2, [](const auto& v) { return v[0] - v[1]; });
-  check_parity("mul_bcast", 2, [](const auto& v) { return v[0] * v[1]; });
-  check_parity("mul_both_sides", 2, [](const auto& v) { return v[0] * v[1]; });
-  check_parity("div_bcast", 2, [](const auto& v) { return v[0] / v[1]; });
+  dgtest::check_parity("core", "add_same", 2, [](const auto& v) { return v[0] + v[1]; });
+  dgtest::check_parity("core", "add_bcast", 2, [](const auto& v) { return v[0] + v[1]; });
+  dgtest::check_parity("core", "add_scalar0d", 2, [](const auto& v) { return v[0] + v[1]; });
+  dgtest::check_parity("core", "sub_bcast", 2, [](const auto& v) { return v[0] - v[1]; });
+  dgtest::check_parity("core", "mul_bcast", 2, [](const auto& v) { return v[0] * v[1]; });
+  dgtest::check_parity("core", "mul_both_sides", 2, [](const auto& v) { return v[0] * v[1]; });
+  dgtest::check_parity("core", "div_bcast", 2, [](const auto& v) { return v[0] / v[1]; });
 }
 
 TEST_CASE("neg exp log sqrt parity with torch", "[elementwise][parity]") {
-  check_parity("neg", 1, [](const auto& v) { return -v[0]; });
-  check_parity("exp", 1, [](const auto& v) { return exp(v[0]); });
-  check_parity("log", 1, [](const auto& v) { return log(v[0]); });
-  check_parity("sqrt", 1, [](const auto& v) { return sqrt(v[0]); });
+  dgtest::check_parity("core", "neg", 1, [](const auto& v) { return -v[0]; });
+  dgtest::check_parity("core", "exp", 1, [](const auto& v) { return exp(v[0]); });
+  dgtest::check_parity("core", "log", 1, [](const auto& v) { return log(v[0]); });
+  dgtest::check_parity("core", "sqrt", 1, [](const auto& v) { return sqrt(v[0]); });
 }
 
 TEST_CASE("pow abs clamp and scalar operators parity with torch", "[elementwise][parity]") {
-  check_parity("pow_scalar", 1, [](const auto& v) { return pow(v[0], 2.5); });
-  check_parity("pow_int", 1, [](const auto& v) { return pow(v[0], 3.0); });
-  check_parity("pow_tensor", 2, [](const auto& v) { return pow(v[0], v[1]); });
-  check_parity("abs", 1, [](const auto& v) { return abs(v[0]); });
-  check_parity("clamp", 1, [](const auto& v) { return clamp(v[0], -0.5, 0.7); });
-  check_parity("scalar_ops", 1,
+  dgtest::check_parity("core", "pow_scalar", 1, [](const auto& v) { return pow(v[0], 2.5); });
+  dgtest::check_parity("core", "pow_int", 1, [](const auto& v) { return pow(v[0], 3.0); });
+  dgtest::check_parity("core", "pow_tensor", 2, [](const auto& v) { return pow(v[0], v[1]); });
+  dgtest::check_parity("core", "abs", 1, [](const auto& v) { return abs(v[0]); });
+  dgtest::check_parity("core", "clamp", 1, [](const auto& v) { return clamp(v[0], -0.5, 0.7); });
+  dgtest::check_parity("core", "scalar_ops", 1,
                [](const auto& v) { return (2.5 * v[0] + 1.0) - 3.0 / v[0] + v[0] / 4.0 - (1.5 - v[0]); });
 }

@@ -16,24 +16,6 @@ Tensor<double> in(const Shape& shape, uint64_t seed) {
   return randn<double>(shape, g).requires_grad_();
 }
 
-/// Parity with torch, as in test_elementwise.cpp: out and both input gradients of case `name`.
-/// rtol 1e-5; atol 1e-6 times the largest expected magnitude (torch sums in another order).
-void check_parity(const std::string& name) {
-  static const auto fx = dgtest::load_fixture<float>("core");
-  auto close = [&](const Tensor<float>& got, const std::string& key) {
-    Tensor<float> want = dgtest::get(fx, key);
-    double scale = 1.0;
-    for (float v : want.to_vector()) scale = std::max(scale, double(std::abs(v)));
-    dgtest::require_close(got, want, 1e-5, 1e-6 * scale, key);
-  };
-  Tensor<float> a = dgtest::get(fx, name + ".x0").clone().requires_grad_();
-  Tensor<float> b = dgtest::get(fx, name + ".x1").clone().requires_grad_();
-  Tensor<float> out = matmul(a, b);
-  close(out, name + ".out");
-  out.backward(dgtest::get(fx, name + ".dout"));
-  close(a.grad(), name + ".dx0");
-  close(b.grad(), name + ".dx1");
-}
 
 const auto kMatmul = [](const std::vector<Tensor<double>>& v) { return matmul(v[0], v[1]); };
 }  // namespace
@@ -142,6 +124,6 @@ TEMPLATE_TEST_CASE("cpu::bmm (Eigen) matches ref::bmm on odd shapes", "[matmul][
 TEST_CASE("matmul parity with torch: 1-D, 2-D, batched and broadcast batch", "[matmul][parity]") {
   for (const char* c : {"mm_1d_1d", "mm_1d_2d", "mm_2d_1d", "mm_2d_2d", "mm_batched", "mm_bcast_batch", "mm_3d_2d"}) {
     INFO(c);
-    check_parity(c);
+    dgtest::check_parity("core", c, 2, [](const auto& v) { return matmul(v[0], v[1]); });
   }
 }

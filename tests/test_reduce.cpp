@@ -20,22 +20,6 @@ Tensor<double> in(const Shape& shape, uint64_t seed) {
 /// Every way to name the reduced dims that the tests sweep: single, negative, several, all.
 const std::vector<Shape> kDims = {{0}, {1}, {2}, {-1}, {-3}, {0, 2}, {2, 0}, {-1, 1}, {0, 1, 2}, {}};
 
-/// Parity with torch, as in test_elementwise.cpp: out and every dx<i> of case `name`.
-/// rtol 1e-5; atol 1e-6 times the largest expected magnitude.
-void check_parity(const std::string& name, const std::function<Tensor<float>(const Tensor<float>&)>& op) {
-  static const auto fx = dgtest::load_fixture<float>("core");
-  auto close = [&](const Tensor<float>& got, const std::string& key) {
-    Tensor<float> want = dgtest::get(fx, key);
-    double scale = 1.0;
-    for (float v : want.to_vector()) scale = std::max(scale, double(std::abs(v)));
-    dgtest::require_close(got, want, 1e-5, 1e-6 * scale, key);
-  };
-  Tensor<float> x = dgtest::get(fx, name + ".x0").clone().requires_grad_();
-  Tensor<float> out = op(x);
-  close(out, name + ".out");
-  out.backward(dgtest::get(fx, name + ".dout"));
-  close(x.grad(), name + ".dx0");
-}
 }  // namespace
 
 TEST_CASE("sum gradcheck over single, negative, multiple and all dims, keepdim on and off", "[reduce][gradcheck]") {
@@ -158,20 +142,20 @@ TEST_CASE("bfloat16 sums accumulate in higher precision", "[reduce][bfloat16]") 
 }
 
 TEST_CASE("sum parity with torch over one, several, negative and all dims", "[reduce][parity]") {
-  check_parity("sum_dim1", [](const auto& x) { return sum(x, {1}); });
-  check_parity("sum_dims02_keep", [](const auto& x) { return sum(x, {0, 2}, true); });
-  check_parity("sum_neg_keep", [](const auto& x) { return sum(x, {-1}, true); });
-  check_parity("sum_all", [](const auto& x) { return sum(x); });
+  dgtest::check_parity("core", "sum_dim1", 1, [](const auto& v) { const auto& x = v[0]; return sum(x, {1}); });
+  dgtest::check_parity("core", "sum_dims02_keep", 1, [](const auto& v) { const auto& x = v[0]; return sum(x, {0, 2}, true); });
+  dgtest::check_parity("core", "sum_neg_keep", 1, [](const auto& v) { const auto& x = v[0]; return sum(x, {-1}, true); });
+  dgtest::check_parity("core", "sum_all", 1, [](const auto& v) { const auto& x = v[0]; return sum(x); });
 }
 
 TEST_CASE("mean parity with torch over one, several, negative and all dims", "[reduce][parity]") {
-  check_parity("mean_dim1", [](const auto& x) { return mean(x, {1}); });
-  check_parity("mean_dims_neg", [](const auto& x) { return mean(x, {-1, 0}, true); });
-  check_parity("mean_all", [](const auto& x) { return x.mean(); });
+  dgtest::check_parity("core", "mean_dim1", 1, [](const auto& v) { const auto& x = v[0]; return mean(x, {1}); });
+  dgtest::check_parity("core", "mean_dims_neg", 1, [](const auto& v) { const auto& x = v[0]; return mean(x, {-1, 0}, true); });
+  dgtest::check_parity("core", "mean_all", 1, [](const auto& v) { const auto& x = v[0]; return x.mean(); });
 }
 
 TEST_CASE("max parity with torch.amax over one, several and all dims", "[reduce][parity]") {
-  check_parity("max_dim1", [](const auto& x) { return max(x, {1}); });
-  check_parity("max_dims02_keep", [](const auto& x) { return max(x, {0, 2}, true); });
-  check_parity("max_all", [](const auto& x) { return x.max(); });
+  dgtest::check_parity("core", "max_dim1", 1, [](const auto& v) { const auto& x = v[0]; return max(x, {1}); });
+  dgtest::check_parity("core", "max_dims02_keep", 1, [](const auto& v) { const auto& x = v[0]; return max(x, {0, 2}, true); });
+  dgtest::check_parity("core", "max_all", 1, [](const auto& v) { const auto& x = v[0]; return x.max(); });
 }

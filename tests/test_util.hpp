@@ -64,6 +64,30 @@ void require_close(const dg::Tensor<T>& a, const dg::Tensor<T>& b, double rtol =
   }
 }
 
+/// require_close with atol = 1e-6 x the largest |expected| (float rounding error scales with the
+/// values, and PyTorch sums in another order); rtol 1e-5.
+inline void require_close_scaled(const dg::Tensor<float>& got, const dg::Tensor<float>& want, const std::string& what) {
+  double scale = 1.0;
+  for (float v : want.to_vector()) scale = std::max(scale, double(std::abs(v)));
+  require_close(got, want, 1e-5, 1e-6 * scale, what);
+}
+
+/// Parity with PyTorch for fixture case `name` of tests/fixtures/<fixture>.safetensors: runs op on
+/// <name>.x0 .. x<n_in-1>, compares with <name>.out, then backward(<name>.dout) and compares each
+/// input gradient with <name>.dx<i>.
+inline void check_parity(const std::string& fixture, const std::string& name, int n_in,
+                         const std::function<dg::Tensor<float>(const std::vector<dg::Tensor<float>>&)>& op) {
+  static std::map<std::string, std::map<std::string, dg::Tensor<float>>> cache;
+  if (!cache.count(fixture)) cache.emplace(fixture, load_fixture<float>(fixture));
+  const auto& fx = cache.at(fixture);
+  std::vector<dg::Tensor<float>> xs;
+  for (int i = 0; i < n_in; ++i) xs.push_back(get(fx, name + ".x" + std::to_string(i)).clone().requires_grad_());
+  dg::Tensor<float> out = op(xs);
+  require_close_scaled(out, get(fx, name + ".out"), name + ".out");
+  out.backward(get(fx, name + ".dout"));
+  for (int i = 0; i < n_in; ++i) require_close_scaled(xs[i].grad(), get(fx, name + ".dx" + std::to_string(i)), name + ".dx" + std::to_string(i));
+}
+
 /// Runs dg::gradcheck and fails with its message.
 inline void require_gradcheck(const std::function<dg::Tensor<double>(const std::vector<dg::Tensor<double>>&)>& fn,
                               const std::vector<dg::Tensor<double>>& inputs, dg::GradcheckOptions opt = {}) {
