@@ -152,7 +152,7 @@ TEST_CASE("printing shows dtype, shape and values, abbreviated when long", "[ten
   CHECK(Tensor<float>().str() == "Tensor<undefined>");
 }
 
-TEST_CASE("reshape and view alias their base; writes through them show in the base", "[tensor][view]") {
+TEST_CASE("reshape and view alias their base, writes through them show in the base", "[tensor][view]") {
   auto x = arange<float>(12);
   auto v = x.view({3, 4});
   CHECK(v.storage().is_alias_of(x.storage()));
@@ -199,7 +199,7 @@ TEST_CASE("permute and transpose are non-contiguous views with permuted strides"
   REQUIRE_THROWS_WITH(x.transpose(0, 3), Contains("transpose: dim 3 out of range for a 3-D tensor"));
 }
 
-TEST_CASE("narrow, slice and select are views; writing through them changes the base", "[tensor][view]") {
+TEST_CASE("narrow, slice and select are views, writing through them changes the base", "[tensor][view]") {
   auto x = arange<float>(20).reshape({4, 5});
   auto n = x.narrow(1, 1, 3);
   CHECK(n.shape() == Shape{4, 3});
