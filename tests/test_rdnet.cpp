@@ -86,11 +86,17 @@ TEST_CASE("rdnet whole-model parity with timm: logits, features and every gradie
   Tensor<float> loss = dg::cross_entropy(logits, target, 0.1);
   CHECK(loss.item() == Approx(dgtest::get(fx, "loss").item()).epsilon(1e-5));
   loss.backward();
-  dgtest::require_close(x.grad(), dgtest::get(fx, "dinput"), 1e-3, 1e-6, "dinput");
+  // gradients: 1e-4 relative, with an absolute floor of 1e-6 x the largest |gradient| of that
+  // tensor for entries near 0 (float32 sums in another order than torch's)
+  auto close_grad = [](const Tensor<float>& got, const Tensor<float>& want, const std::string& what) {
+    double scale = 0;
+    for (float v : want.to_vector()) scale = std::max(scale, double(std::abs(v)));
+    dgtest::require_close(got, want, 1e-4, 1e-6 * scale, what);
+  };
+  close_grad(x.grad(), dgtest::get(fx, "dinput"), "dinput");
   size_t n = 0;
   for (auto& [name, p] : model.named_parameters()) {
-    // gradients pass through up to 5 blocks in float32: 1e-3 relative with a small floor
-    dgtest::require_close(p.grad(), dgtest::get(fx, "grad." + name), 1e-3, 1e-6, "grad." + name);
+    close_grad(p.grad(), dgtest::get(fx, "grad." + name), "grad." + name);
     ++n;
   }
   CHECK(n == model.parameters().size());
