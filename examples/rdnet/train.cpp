@@ -76,16 +76,16 @@ void add_options(CLI::App& app, Args& a) {
   app.add_option("--stop-after", a.stop_after, "exit after this many epochs of the schedule (0: run it all)");
 }
 
-/// The settings as "--name=value" tokens, what a checkpoint stores for --resume.
-std::vector<std::string> effective_args(const CLI::App& app) {
-  std::vector<std::string> out;
+/// The settings as "--name=value" lines, what a checkpoint stores for --resume.
+std::string settings_text(const CLI::App& app) {
+  std::string text;
   for (const CLI::Option* o : app.get_options()) {
     if (o->get_lnames().empty() || o->get_lnames()[0] == "help") continue;
     const std::string name = o->get_lnames()[0];
     if (name == "resume" || name == "stop-after") continue;  // about this run only
-    out.push_back("--" + name + "=" + (o->count() ? o->results().back() : o->get_default_str()));
+    text += "--" + name + "=" + (o->count() ? o->results().back() : o->get_default_str()) + "\n";
   }
-  return out;
+  return text;
 }
 
 /// Test loss (no smoothing) and top-1 accuracy in percent, in eval mode without recording.
@@ -115,6 +115,7 @@ int main(int argc, char** argv) {
   CLI::App app{"rdnet_train: train an RDNet on Fashion-MNIST, CIFAR-10 or synthetic data"};
   add_options(app, a);
   CLI11_PARSE(app, argc, argv);
+  std::string settings = settings_text(app);
   train_util::Checkpoint resumed;
   if (!a.resume.empty()) {
     try {
@@ -123,7 +124,7 @@ int main(int argc, char** argv) {
       std::fprintf(stderr, "rdnet_train: error: cannot resume: %s\n", e.what());
       return 1;
     }
-    std::vector<std::string> tokens;  // the checkpoint's settings, then this command line
+    std::vector<std::string> tokens;  // the checkpoint's settings, then this command line (last wins)
     std::istringstream saved(resumed.meta("args"));
     for (std::string line; std::getline(saved, line);)
       if (!line.empty()) tokens.push_back(line);
@@ -137,14 +138,8 @@ int main(int argc, char** argv) {
     } catch (const CLI::ParseError& e) {
       return app2.exit(e);
     }
-    tokens.clear();
-    for (auto& t : effective_args(app2)) tokens.push_back(t);
-    resumed.metadata["args"].clear();
-    for (auto& t : tokens) resumed.metadata["args"] += t + "\n";
-  } else {
-    for (auto& t : effective_args(app)) resumed.metadata["args"] += t + "\n";  // what checkpoints store
+    settings = settings_text(app2);
   }
-  const std::string saved_args = resumed.metadata["args"];
   if (a.out.empty())  // a resumed run goes on writing next to its checkpoint
     a.out = !a.resume.empty() ? std::filesystem::path(a.resume).parent_path().string() : "runs/" + a.model + "-" + a.data;
   if (a.out.empty()) a.out = ".";
@@ -253,6 +248,13 @@ int main(int argc, char** argv) {
     }
     std::filesystem::create_directories(a.out);
 
+    std::string model_text = a.model + ": in_chans " + std::to_string(cfg.in_chans) + ", num_classes " +
+                             std::to_string(cfg.num_classes) + ", patch_size " + std::to_string(cfg.patch_size) +
+                             ", num_init_features " + std::to_string(cfg.num_init_features) + ", growth_rates";
+    for (int64_t g : cfg.growth_rates) model_text += " " + std::to_string(g);
+    model_text += ", num_blocks_list";
+    for (int64_t b : cfg.num_blocks_list) model_text += " " + std::to_string(b);
+
     // Every checkpoint holds all the state the loop has: one written after epoch e, resumed,
     // continues exactly as the uninterrupted run would have (same thread count assumed).
     auto save_checkpoint = [&](const std::string& path, int64_t epochs_done) {
@@ -265,7 +267,7 @@ int main(int argc, char** argv) {
       ck.put_int("train.epoch", epochs_done);
       ck.put_int("train.step", global_step);
       ck.put_double("train.best_acc", best_acc);
-      ck.metadata = {{"format", "rdnet_train checkpoint v1"}, {"args", saved_args},
+      ck.metadata = {{"format", "rdnet_train checkpoint v1"}, {"args", settings}, {"model", model_text},
                      {"metrics", train_util::metrics_csv(history)}, {"densegrad", DENSEGRAD_VERSION}};
       ck.save(path);
     };
@@ -331,8 +333,8 @@ int main(int argc, char** argv) {
             return 1;
           }
           ++skipped;
-          std::printf("\nrdnet_train: skipping epoch %lld step %lld: non-finite %s\n", static_cast<long long>(epoch + 1),
-                      static_cast<long long>(step_in_epoch), what);
+          std::printf("%srdnet_train: skipping epoch %lld step %lld: non-finite %s\n", tty ? "\n" : "",
+                      static_cast<long long>(epoch + 1), static_cast<long long>(step_in_epoch), what);
         } else {
           if (a.clip_grad > 0) dg::optim::clip_grad_norm_(model.parameters(), a.clip_grad);
           opt.step();
