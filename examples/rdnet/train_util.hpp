@@ -147,7 +147,7 @@ inline void write_text_atomic(const std::string& path, const std::string& text) 
 
 // ---------------------------------------------------------------- curves.svg
 
-/// About `n` round tick values (1, 2 or 5 times a power of ten) covering [lo, hi]:
+/// About `n` round tick values (1, 2, 2.5 or 5 times a power of ten) covering [lo, hi]:
 /// nice_ticks(0.23, 0.91) = {0.2, 0.4, 0.6, 0.8, 1.0}.
 inline std::vector<double> nice_ticks(double lo, double hi, int n = 5) {
   if (!(hi > lo)) {  // one value (or none): a small range around it
@@ -157,7 +157,7 @@ inline std::vector<double> nice_ticks(double lo, double hi, int n = 5) {
   }
   const double raw = (hi - lo) / std::max(n - 1, 1), mag = std::pow(10.0, std::floor(std::log10(raw)));
   double step = 10 * mag;
-  for (double m : {1.0, 2.0, 5.0})
+  for (double m : {1.0, 2.0, 2.5, 5.0})
     if (m * mag >= raw) {
       step = m * mag;
       break;
@@ -187,9 +187,10 @@ struct Series {
 };
 
 // One chart at (x0, y0) of size w x h: frame, ticks and grid on both axes, axis labels,
-// a polyline with dots per series, and a legend in the top right corner.
+// a polyline with dots per series, and a legend in the top (falling curves) or bottom right corner.
 inline std::string svg_chart(double x0, double y0, double w, double h, const std::string& title,
-                             const std::string& ylabel, const std::vector<Series>& series, int64_t max_epoch) {
+                             const std::string& ylabel, const std::vector<Series>& series, int64_t max_epoch,
+                             bool legend_top) {
   double lo = INFINITY, hi = -INFINITY;
   for (const auto& s : series)
     for (auto [x, y] : s.points) lo = std::min(lo, y), hi = std::max(hi, y);
@@ -236,7 +237,8 @@ inline std::string svg_chart(double x0, double y0, double w, double h, const std
     for (auto [e, v] : se.points)
       s += "<circle cx=\"" + fmt("%.1f", px(e)) + "\" cy=\"" + fmt("%.1f", py(v)) + "\" r=\"3\" fill=\"" + se.color +
            "\"><title>" + se.name + " epoch " + fmt("%.0f", e) + ": " + fmt("%.4g", v) + "</title></circle>\n";
-    const double ly = T + 16 + 18 * static_cast<double>(k);  // legend, top right
+    const double ly = (legend_top ? T + 16 : B - 10 - 18 * static_cast<double>(series.size() - 1)) + 18 * static_cast<double>(k);
+    s += "<rect x=\"" + fmt("%.1f", R - 136) + "\" y=\"" + fmt("%.1f", ly - 13) + "\" width=\"130\" height=\"18\" fill=\"white\" fill-opacity=\"0.8\"/>\n";
     s += "<line x1=\"" + fmt("%.1f", R - 130) + "\" y1=\"" + fmt("%.1f", ly - 4) + "\" x2=\"" + fmt("%.1f", R - 108) +
          "\" y2=\"" + fmt("%.1f", ly - 4) + "\" stroke=\"" + se.color + "\" stroke-width=\"2\"/>\n";
     s += "<text x=\"" + fmt("%.1f", R - 102) + "\" y=\"" + fmt("%.1f", ly) + "\">" + se.name + "</text>\n";
@@ -261,8 +263,8 @@ inline std::string curves_svg(const std::vector<EpochRecord>& rows, const std::s
   std::string s = "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"900\" height=\"380\" viewBox=\"0 0 900 380\" "
                   "font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"900\" height=\"380\" fill=\"white\"/>\n";
   s += "<text x=\"450\" y=\"20\" text-anchor=\"middle\" font-size=\"14\">" + title + "</text>\n";
-  s += detail::svg_chart(0, 30, W / 2, H - 30, "loss", "cross-entropy", {train, test}, max_epoch);
-  s += detail::svg_chart(W / 2, 30, W / 2, H - 30, "test accuracy", "accuracy (%)", {acc}, max_epoch);
+  s += detail::svg_chart(0, 30, W / 2, H - 30, "loss", "cross-entropy", {train, test}, max_epoch, true);
+  s += detail::svg_chart(W / 2, 30, W / 2, H - 30, "test accuracy", "accuracy (%)", {acc}, max_epoch, false);
   return s + "</svg>\n";
 }
 
