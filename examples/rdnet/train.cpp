@@ -59,7 +59,7 @@ void add_options(CLI::App& app, Args& a) {
   app.add_option("--cutmix", a.cutmix, "cutmix alpha (0: off)")->check(CLI::NonNegativeNumber);
   app.add_option("--drop-path", a.drop_path, "stochastic depth rate of the last block")->check(CLI::Range(0.0, 1.0));
   app.add_option("--accum-steps", a.accum_steps, "micro-batches per optimizer step")->check(CLI::PositiveNumber);
-  app.add_option("--ema", a.ema, "EMA decay of the weights, also evaluated (0: off)")->check(CLI::Range(0.0, 1.0));
+  app.add_option("--ema", a.ema, "EMA decay of the weights; evaluated and recorded instead of the raw weights (0: off)")->check(CLI::Range(0.0, 1.0));
   app.add_option("--clip-grad", a.clip_grad, "max global gradient norm (0: off)")->check(CLI::NonNegativeNumber);
   app.add_option("--crop-pad", a.crop_pad, "random crop padding (-1: 2 for 28 px, 4 for 32 px, 0 for synthetic)");
   app.add_option("--hflip", a.hflip, "horizontal flip probability (-1: 0.5, 0 for synthetic)");
@@ -338,7 +338,11 @@ int main(int argc, char** argv) {
         } else {
           if (a.clip_grad > 0) dg::optim::clip_grad_norm_(model.parameters(), a.clip_grad);
           opt.step();
-          if (ema) ema->update(model);
+          if (ema) {  // the decay warms up, (1 + t) / (10 + t), so the first weights fade out fast
+            const double t = static_cast<double>(global_step);
+            ema->set_decay(std::min(a.ema, (1 + t) / (10 + t)));
+            ema->update(model);
+          }
         }
         opt.zero_grad();
         group_ok = true;
@@ -360,11 +364,11 @@ int main(int argc, char** argv) {
         std::tie(rec.test_loss, rec.test_acc) = evaluate(model, test_loader);
         line += " | test loss " + train_util::detail::fmt("%.4f", rec.test_loss) + " acc " +
                 train_util::detail::fmt("%.2f%%", rec.test_acc);
-        if (ema) {
+        if (ema) {  // as timm's train.py: with EMA, the averaged weights' numbers are the ones recorded
           ema->copy_to(*ema_model);
-          auto [ema_loss, ema_acc] = evaluate(*ema_model, test_loader);
-          line += " | ema loss " + train_util::detail::fmt("%.4f", ema_loss) + " acc " +
-                  train_util::detail::fmt("%.2f%%", ema_acc);
+          std::tie(rec.test_loss, rec.test_acc) = evaluate(*ema_model, test_loader);
+          line += " | ema loss " + train_util::detail::fmt("%.4f", rec.test_loss) + " acc " +
+                  train_util::detail::fmt("%.2f%%", rec.test_acc);
         }
       }
       rec.seconds = std::chrono::duration<double>(Clock::now() - epoch_start).count();

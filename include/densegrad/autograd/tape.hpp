@@ -102,6 +102,12 @@ void for_each_row(const Shape& shape, const std::array<const int64_t*, K>& strid
 /// out = a + b for two tensors of one shape, in a fresh contiguous tensor.
 template <class T>
 Tensor<T> add_same_shape(const Tensor<T>& a, const Tensor<T>& b) {
+  if (a.device().is_cuda()) {
+    Tensor<T> out = Tensor<T>::empty(a.shape(), a.device());
+    cuda_kernels<T>("backward (accumulate)").copy(out, a);
+    cuda_kernels<T>("backward (accumulate)").add_into(out, b);
+    return out;
+  }
   Tensor<T> out = Tensor<T>::empty(a.shape());
   T* o = out.data();
   const T *pa = a.data(), *pb = b.data();
@@ -115,7 +121,15 @@ Tensor<T> add_same_shape(const Tensor<T>& a, const Tensor<T>& b) {
 
 /// o += g elementwise, o being t's own gradient buffer (any strides, like g).
 template <class T>
-void add_into(T* o, const Shape& ostrides, const Tensor<T>& g) {
+void add_into(const std::shared_ptr<TensorImpl<T>>& own, const Tensor<T>& g) {
+  DG_CHECK(own->storage.device() == g.device(), "autograd: a gradient on ", g.device().str(),
+           " meets one on ", own->storage.device().str(), " for the same tensor");
+  if (g.device().is_cuda()) {
+    cuda_kernels<T>("backward (accumulate)").add_into(Tensor<T>(own), g);
+    return;
+  }
+  T* o = static_cast<T*>(own->storage.data()) + own->offset;
+  const Shape& ostrides = own->strides;
   const T* pg = g.data();
   for_each_row<2>(g.shape(), {ostrides.data(), g.strides().data()}, [&](auto k, int64_t n) {
     T* ro = o + k[0];
@@ -143,22 +157,22 @@ void accumulate(TensorImpl<T>& t, const Tensor<T>& g, const char* from) {
     if (!pending) {
       pending = g.impl();
     } else if (owns_dense(pending)) {
-      add_into(static_cast<T*>(pending->storage.data()) + pending->offset, pending->strides, g);
+      add_into(pending, g);
     } else if (owns_dense(g.impl())) {  // a + b == b + a exactly: add into g's buffer instead
       Tensor<T> gg = g;
       Tensor<T> p(pending);
       pending = nullptr;
-      add_into(gg.data(), gg.strides(), p);
+      add_into(gg.impl(), p);
       pending = gg.impl();
     } else {
       pending = add_same_shape(Tensor<T>(pending), g).impl();
     }
   } else if (!t.grad) {
-    Tensor<T> own = Tensor<T>::empty(g.shape());
+    Tensor<T> own = Tensor<T>::empty(g.shape(), g.device());
     own.copy_(g);
     t.grad = own.impl();
   } else {
-    add_into(static_cast<T*>(t.grad->storage.data()) + t.grad->offset, t.grad->strides, g);
+    add_into(t.grad, g);
   }
 }
 
@@ -243,7 +257,7 @@ void backward(const Tensor<T>& root, Tensor<T> grad = Tensor<T>(), bool retain_g
   if (!grad.defined()) {
     DG_CHECK(root.numel() == 1, "backward: a gradient can be implied only for a scalar output; got shape ",
              shape_str(root.shape()), " (pass grad explicitly)");
-    grad = full<T>(root.shape(), T(1));
+    grad = full<T>(root.shape(), T(1), root.device());
   }
   DG_CHECK(grad.shape() == root.shape(), "backward: grad has shape ", shape_str(grad.shape()),
            ", output has shape ", shape_str(root.shape()));

@@ -4,6 +4,14 @@
 
 #include <string>
 
+/// Marks a scalar function that CUDA kernels call too (the same formula on both sides);
+/// empty for host compilers.
+#ifdef __CUDACC__
+#define DENSEGRAD_HOST_DEVICE __host__ __device__
+#else
+#define DENSEGRAD_HOST_DEVICE
+#endif
+
 namespace dg {
 
 /// A device tag like torch.device: Device::cpu(), Device::cuda(0).

@@ -13,6 +13,7 @@
 #include <string>
 #include <vector>
 
+#include "device_kernels.hpp"
 #include "dtype.hpp"
 #include "error.hpp"
 #include "generator.hpp"
@@ -94,17 +95,18 @@ class Tensor {
     }
     return true;
   }
-  /// Pointer to element [0, ..., 0] (CPU tensors); index with strides().
+  /// Pointer to element [0, ..., 0] (in device memory for a CUDA tensor); index with strides().
   T* data() const { return static_cast<T*>(checked().storage.data()) + checked().offset; }
 
   // ---- element access (CPU, for tests and small things; not for inner loops)
   T item() const {
     DG_CHECK(numel() == 1, "item: expected a tensor with one element, got shape ", shape_str(shape()));
-    return *data();
+    return read_element(0);
   }
-  T at(const Shape& index) const { return data()[element_offset(index)]; }
-  /// All elements in C order.
+  T at(const Shape& index) const { return read_element(element_offset(index)); }
+  /// All elements in C order (copied to the host for a CUDA tensor).
   std::vector<T> to_vector() const {
+    if (!device().is_cpu()) return to(Device::cpu()).to_vector();
     std::vector<T> v;
     v.reserve(static_cast<size_t>(numel()));
     const T* p = data();
@@ -174,6 +176,10 @@ class Tensor {
   // ---- in-place, outside autograd (optimizer updates, initialization)
   Tensor& fill_(T value) {
     check_inplace("fill_");
+    if (device().is_cuda()) {
+      cuda_kernels<T>("fill_").fill(*this, value);
+      return *this;
+    }
     T* p = data();
     for_each_strided<1>(shape(), {strides().data()}, {0}, [&](auto o) { p[o[0]] = value; });
     return *this;
@@ -185,6 +191,7 @@ class Tensor {
     Shape b = broadcast_shapes(shape(), src.shape(), "copy_");
     DG_CHECK(b == shape(), "copy_: source shape ", shape_str(src.shape()), " does not broadcast to ",
              shape_str(shape()));
+    if (device().is_cuda() || src.device().is_cuda()) return copy_on_device(src);
     Shape sst = broadcast_strides(src, shape());
     T* dst = data();
     const T* s = src.data();
@@ -232,6 +239,22 @@ class Tensor {
     return off;
   }
   void check_inplace(const char* op) const;
+  /// Element at storage offset `off` from data(), read from whichever device holds it.
+  T read_element(int64_t off) const {
+    if (device().is_cpu()) return data()[off];
+    T v;
+    copy_bytes(&v, Device::cpu(), data() + off, device(), sizeof(T));
+    return v;
+  }
+  /// copy_ when either side is on a CUDA device: the source comes to this tensor's device first
+  /// (contiguous), then the device copies it into place (through a clone when the two overlap).
+  Tensor& copy_on_device(const Tensor& src) {
+    Tensor s = src.device() == device() ? src : src.to(device());
+    if (device().is_cpu()) return copy_(s);
+    if (storage().is_alias_of(s.storage())) s = s.clone();
+    cuda_kernels<T>("copy_").copy(*this, s);
+    return *this;
+  }
 
   std::shared_ptr<TensorImpl<T>> impl_;
 };
@@ -239,17 +262,22 @@ class Tensor {
 // ---------------------------------------------------------------- creation (torch.* factories)
 
 /// torch.full
-template <class T> Tensor<T> full(const Shape& shape, T value) {
-  Tensor<T> t = Tensor<T>::empty(shape);
-  std::fill_n(t.data(), t.numel(), value);
+template <class T> Tensor<T> full(const Shape& shape, T value, Device device = Device::cpu()) {
+  Tensor<T> t = Tensor<T>::empty(shape, device);
+  if (device.is_cpu()) std::fill_n(t.data(), t.numel(), value);
+  else t.fill_(value);
   return t;
 }
 /// torch.zeros
-template <class T> Tensor<T> zeros(const Shape& shape) { return full<T>(shape, T(0)); }
+template <class T> Tensor<T> zeros(const Shape& shape, Device device = Device::cpu()) {
+  return full<T>(shape, T(0), device);
+}
 /// torch.ones
-template <class T> Tensor<T> ones(const Shape& shape) { return full<T>(shape, T(1)); }
-/// torch.zeros_like
-template <class T> Tensor<T> zeros_like(const Tensor<T>& t) { return zeros<T>(t.shape()); }
+template <class T> Tensor<T> ones(const Shape& shape, Device device = Device::cpu()) {
+  return full<T>(shape, T(1), device);
+}
+/// torch.zeros_like (same shape and device)
+template <class T> Tensor<T> zeros_like(const Tensor<T>& t) { return zeros<T>(t.shape(), t.device()); }
 /// A 0-D tensor holding v.
 template <class T> Tensor<T> scalar_tensor(T v) { return full<T>({}, v); }
 /// torch.arange(start, end, step): values start, start+step, ... < end (> end if step < 0).
@@ -294,6 +322,7 @@ template <class T> Tensor<T> randn(const Shape& shape, Generator& gen, double me
 template <class T>
 std::string Tensor<T>::str(int64_t max_per_dim) const {
   if (!defined()) return "Tensor<undefined>";
+  if (!device().is_cpu()) return to(Device::cpu()).str(max_per_dim) + " (on " + device().str() + ")";
   std::ostringstream os;
   const char* name = dtype() == DType::Float32 ? "float" : dtype() == DType::Float64 ? "double"
                    : dtype() == DType::BFloat16 ? "bfloat16" : "int64";

@@ -35,6 +35,8 @@ template <class T, class F>
 Tensor<T>& fill_with(Tensor<T>& t, F&& sample) {
   DG_CHECK(t.is_contiguous(), "init: expected a contiguous parameter, got shape ", shape_str(t.shape()),
            " with strides ", shape_str(t.strides()));
+  DG_CHECK(t.device().is_cpu(), "init: parameters are initialized on the CPU (then moved with .to()), got one on ",
+           t.device().str());
   T* p = t.data();
   for (int64_t i = 0, n = t.numel(); i < n; ++i) p[i] = T(sample());
   return t;

@@ -48,7 +48,18 @@ Tensor<T> concat(const std::vector<Tensor<T>>& xs, int64_t dim) {
                shapes(), ")");
     out_shape[d] += s[d];
   }
-  Tensor<T> out = cpu::concat(xs, d, out_shape);  // memcpy per image; ref::concat is the oracle
+  Device dev = xs[0].device();
+  for (int64_t i = 0; i < n; ++i)
+    DG_CHECK(xs[i].device() == dev, "concat: expected all inputs on ", dev.str(), ", input ", i, " is on ",
+             xs[i].device().str());
+  Tensor<T> out;
+  if constexpr (is_floating_v<T> && !std::is_same_v<T, bfloat16>) {
+    if (dev.is_cuda()) out = cuda_kernels<T>("concat").concat(xs, d, out_shape);
+  }
+  if (!out.defined()) {
+    DG_CHECK(dev.is_cpu(), "concat: no kernel for this element type on ", dev.str());
+    out = cpu::concat(xs, d, out_shape);  // memcpy per image; ref::concat is the oracle
+  }
   if constexpr (!is_floating_v<T>) {
     return out;  // integer tensors (labels) never carry gradients
   } else {

@@ -8,6 +8,7 @@
 #include "../autograd/tape.hpp"
 #include "../backend/cpu/conv.hpp"
 #include "../backend/ref/conv.hpp"
+#include "shape.hpp"
 
 namespace dg {
 
@@ -67,18 +68,30 @@ Tensor<T> conv2d(const Tensor<T>& x, const Tensor<T>& weight, const Tensor<T>& b
   const Shape bshape = bias.defined() ? bias.shape() : Shape{};
   const Conv2dGeometry g = conv2d_geometry(x.shape(), weight.shape(), bias.defined() ? &bshape : nullptr, stride,
                                            padding, dilation, groups);
-  DG_CHECK(x.device().is_cpu() && weight.device().is_cpu() && (!bias.defined() || bias.device().is_cpu()),
-           "conv2d: only CPU tensors are supported, got x on ", x.device().str(), " and weight on ",
-           weight.device().str());
-  // Dispatch, once: the fast CPU kernels. backend/ref/conv.hpp holds the plain-loop kernels
-  // that tests/test_conv.cpp uses as the oracle for these.
-  Tensor<T> out = cpu::conv2d_forward(x, weight, bias, g);
+  DG_CHECK(x.device() == weight.device() && (!bias.defined() || bias.device() == x.device()),
+           "conv2d: expected x, weight and bias on one device, got x on ", x.device().str(), ", weight on ",
+           weight.device().str(), bias.defined() ? ", bias on " + bias.device().str() : std::string());
+  // Dispatch, once: the CUDA kernels or the fast CPU kernels. backend/ref/conv.hpp holds the
+  // plain-loop kernels that the tests use as the oracle for both.
+  const bool cuda = x.device().is_cuda();
+  Tensor<T> out = cuda ? cuda_kernels<T>("conv2d").conv2d_forward(x.contiguous().detach(), weight.contiguous().detach(),
+                                                                   bias.defined() ? bias.contiguous().detach() : bias, g)
+                       : cpu::conv2d_forward(x, weight, bias, g);
   // Saves x only when weight needs a gradient (dweight = dout * x) and the weight only when x
   // does (dx = dout * weight); bias's gradient needs neither.
   const bool need_x = x.requires_grad(), need_w = weight.requires_grad(), need_b = bias.requires_grad();
   Tensor<T> xs = need_w ? x.detach() : Tensor<T>(), ws = need_x ? weight.detach() : Tensor<T>();
-  return autograd::record("conv2d", out, {x, weight, bias}, [xs, ws, g, need_x, need_w, need_b](const Tensor<T>& dout) {
+  return autograd::record("conv2d", out, {x, weight, bias}, [xs, ws, g, need_x, need_w, need_b,
+                                                             cuda](const Tensor<T>& dout) {
     std::vector<Tensor<T>> grads(3);
+    if (cuda) {
+      const DeviceKernels<T>& k = cuda_kernels<T>("conv2d backward");
+      Tensor<T> d = dout.contiguous();
+      if (need_x) grads[0] = k.conv2d_backward_input(d, ws.contiguous(), g);
+      if (need_w) grads[1] = k.conv2d_backward_weight(d, xs.contiguous(), g);
+      if (need_b) grads[2] = k.conv2d_backward_bias(d, g);
+      return grads;
+    }
     if (need_x) grads[0] = cpu::conv2d_backward_input(dout, ws, g);
     if (need_w) grads[1] = cpu::conv2d_backward_weight(dout, xs, g);
     if (need_b) grads[2] = cpu::conv2d_backward_bias(dout, g);

@@ -14,9 +14,12 @@ namespace detail {
 /// dout * mask * scale, which needs nothing else.
 template <class T>
 Tensor<T> apply_mask(const Tensor<T>& x, const Tensor<T>& mask, double scale, const char* op) {
-  Tensor<T> out = ref::masked_scale(x, mask, scale, op);
-  return autograd::record(op, out, {x}, [mask, scale, op](const Tensor<T>& dout) {
-    return std::vector<Tensor<T>>{ref::masked_scale(dout, mask, scale, op)};
+  // the mask is drawn on the host (same seed, same mask on every device) and moved to x's device
+  Tensor<T> m = mask.to(x.device());
+  auto f = [scale](auto v, auto k) { return k != decltype(k)(0) ? v * decltype(v)(scale) : decltype(v)(0); };
+  Tensor<T> out = pointwise2(op, x, m, BinaryFn::MaskedScale, f, scale);
+  return autograd::record(op, out, {x}, [m, scale, op, f](const Tensor<T>& dout) {
+    return std::vector<Tensor<T>>{pointwise2(op, dout, m, BinaryFn::MaskedScale, f, scale)};
   });
 }
 }  // namespace detail

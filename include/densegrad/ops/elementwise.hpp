@@ -9,6 +9,7 @@
 #include <limits>
 
 #include "../backend/cpu/elementwise.hpp"
+#include "dispatch.hpp"
 #include "reduce.hpp"
 
 namespace dg {
@@ -20,7 +21,7 @@ template <class T> using Grads = std::vector<Tensor<T>>;
 /// torch.add(a, b)
 template <class T>
 Tensor<T> add(const Tensor<T>& a, const Tensor<T>& b) {
-  Tensor<T> out = cpu::map2(a, b, [](auto x, auto y) { return x + y; }, "add");
+  Tensor<T> out = detail::arithmetic2("add", a, b, BinaryFn::Add, [](auto x, auto y) { return x + y; });
   return autograd::record("add", out, {a, b}, [sa = a.shape(), sb = b.shape()](const Tensor<T>& dout) {
     return detail::Grads<T>{sum_to(dout, sa), sum_to(dout, sb)};
   });
@@ -29,16 +30,17 @@ Tensor<T> add(const Tensor<T>& a, const Tensor<T>& b) {
 /// torch.sub(a, b)
 template <class T>
 Tensor<T> sub(const Tensor<T>& a, const Tensor<T>& b) {
-  Tensor<T> out = cpu::map2(a, b, [](auto x, auto y) { return x - y; }, "sub");
+  Tensor<T> out = detail::arithmetic2("sub", a, b, BinaryFn::Sub, [](auto x, auto y) { return x - y; });
   return autograd::record("sub", out, {a, b}, [sa = a.shape(), sb = b.shape()](const Tensor<T>& dout) {
-    return detail::Grads<T>{sum_to(dout, sa), sum_to(ref::map(dout, [](auto g) { return -g; }), sb)};
+    return detail::Grads<T>{sum_to(dout, sa), sum_to(detail::pointwise("sub backward", dout, UnaryFn::MulScalar,
+                                                                       [](auto g) { return -g; }, -1.0), sb)};
   });
 }
 
 /// torch.mul(a, b); saves both inputs (each is the other's gradient factor).
 template <class T>
 Tensor<T> mul(const Tensor<T>& a, const Tensor<T>& b) {
-  Tensor<T> out = cpu::map2(a, b, [](auto x, auto y) { return x * y; }, "mul");
+  Tensor<T> out = detail::arithmetic2("mul", a, b, BinaryFn::Mul, [](auto x, auto y) { return x * y; });
   return autograd::record("mul", out, {a, b}, [a = a.detach(), b = b.detach(), need_a = a.requires_grad(),
                                                need_b = b.requires_grad()](const Tensor<T>& dout) {
     detail::Grads<T> g(2);
@@ -51,14 +53,16 @@ Tensor<T> mul(const Tensor<T>& a, const Tensor<T>& b) {
 /// torch.div(a, b); saves a and b.
 template <class T>
 Tensor<T> div(const Tensor<T>& a, const Tensor<T>& b) {
-  Tensor<T> out = cpu::map2(a, b, [](auto x, auto y) { return x / y; }, "div");
+  Tensor<T> out = detail::arithmetic2("div", a, b, BinaryFn::Div, [](auto x, auto y) { return x / y; });
   return autograd::record("div", out, {a, b}, [a = a.detach(), b = b.detach(), need_a = a.requires_grad(),
                                                need_b = b.requires_grad()](const Tensor<T>& dout) {
     detail::Grads<T> g(2);
     if (need_a) g[0] = sum_to(div(dout, b), a.shape());
     // d(a/b)/db = -a / b^2
-    if (need_b) g[1] = sum_to(ref::map3(dout, a, b, [](auto d, auto x, auto y) { return -d * x / (y * y); }, "div"),
-                              b.shape());
+    if (need_b)
+      g[1] = sum_to(detail::pointwise3("div backward", dout, a, b, TernaryFn::DivGradB,
+                                       [](auto d, auto x, auto y) { return -d * x / (y * y); }),
+                    b.shape());
     return g;
   });
 }
@@ -66,14 +70,15 @@ Tensor<T> div(const Tensor<T>& a, const Tensor<T>& b) {
 /// Scalar forms: x op s (s is a constant, no gradient).
 template <class T>
 Tensor<T> add(const Tensor<T>& x, double s) {
-  Tensor<T> out = ref::map(x, [s](auto v) { return v + static_cast<decltype(v)>(s); });
+  Tensor<T> out = detail::pointwise("add", x, UnaryFn::AddScalar, [s](auto v) { return v + static_cast<decltype(v)>(s); }, s);
   return autograd::record("add_scalar", out, {x}, [](const Tensor<T>& dout) { return detail::Grads<T>{dout}; });
 }
 template <class T>
 Tensor<T> mul(const Tensor<T>& x, double s) {
-  Tensor<T> out = ref::map(x, [s](auto v) { return v * static_cast<decltype(v)>(s); });
-  return autograd::record("mul_scalar", out, {x}, [s](const Tensor<T>& dout) {
-    return detail::Grads<T>{ref::map(dout, [s](auto g) { return g * static_cast<decltype(g)>(s); })};
+  auto times_s = [s](auto v) { return v * static_cast<decltype(v)>(s); };
+  Tensor<T> out = detail::pointwise("mul", x, UnaryFn::MulScalar, times_s, s);
+  return autograd::record("mul_scalar", out, {x}, [s, times_s](const Tensor<T>& dout) {
+    return detail::Grads<T>{detail::pointwise("mul backward", dout, UnaryFn::MulScalar, times_s, s)};
   });
 }
 
@@ -84,7 +89,7 @@ Tensor<T> neg(const Tensor<T>& x) { return mul(x, -1.0); }
 /// torch.exp; saves its output (d exp(x) = exp(x) dx).
 template <class T>
 Tensor<T> exp(const Tensor<T>& x) {
-  Tensor<T> out = ref::map(x, [](auto v) { return std::exp(v); });
+  Tensor<T> out = detail::pointwise("exp", x, UnaryFn::Exp, [](auto v) { return std::exp(v); });
   return autograd::record("exp", out, {x}, [y = out.detach()](const Tensor<T>& dout) {
     return detail::Grads<T>{mul(dout, y)};
   });
@@ -93,7 +98,7 @@ Tensor<T> exp(const Tensor<T>& x) {
 /// torch.log (natural); saves its input.
 template <class T>
 Tensor<T> log(const Tensor<T>& x) {
-  Tensor<T> out = ref::map(x, [](auto v) { return std::log(v); });
+  Tensor<T> out = detail::pointwise("log", x, UnaryFn::Log, [](auto v) { return std::log(v); });
   return autograd::record("log", out, {x}, [x = x.detach()](const Tensor<T>& dout) {
     return detail::Grads<T>{div(dout, x)};
   });
@@ -102,42 +107,44 @@ Tensor<T> log(const Tensor<T>& x) {
 /// torch.sqrt; saves its output (d sqrt(x) = dx / (2 sqrt(x))).
 template <class T>
 Tensor<T> sqrt(const Tensor<T>& x) {
-  Tensor<T> out = ref::map(x, [](auto v) { return std::sqrt(v); });
+  Tensor<T> out = detail::pointwise("sqrt", x, UnaryFn::Sqrt, [](auto v) { return std::sqrt(v); });
   return autograd::record("sqrt", out, {x}, [y = out.detach()](const Tensor<T>& dout) {
-    return detail::Grads<T>{ref::map2(dout, y, [](auto g, auto r) { return g / (r + r); }, "sqrt")};
+    return detail::Grads<T>{
+        detail::pointwise2("sqrt backward", dout, y, BinaryFn::SqrtGrad, [](auto g, auto r) { return g / (r + r); })};
   });
 }
 
 /// torch.pow(x, p) with a constant exponent; saves x.
 template <class T>
 Tensor<T> pow(const Tensor<T>& x, double p) {
-  Tensor<T> out = ref::map(x, [p](auto v) { return std::pow(v, static_cast<decltype(v)>(p)); });
+  Tensor<T> out =
+      detail::pointwise("pow", x, UnaryFn::PowScalar, [p](auto v) { return std::pow(v, static_cast<decltype(v)>(p)); }, p);
   return autograd::record("pow", out, {x}, [x = x.detach(), p](const Tensor<T>& dout) {
     // torch: the gradient of x^0 is 0 everywhere (also at x = 0)
-    return detail::Grads<T>{ref::map2(dout, x, [p](auto g, auto v) {
+    return detail::Grads<T>{detail::pointwise2("pow backward", dout, x, BinaryFn::PowScalarGrad, [p](auto g, auto v) {
       using A = decltype(v);
       return p == 0.0 ? A(0) : g * A(p) * std::pow(v, A(p - 1.0));
-    }, "pow")};
+    }, p)};
   });
 }
 
 /// torch.pow(a, b) elementwise; saves a and b (backward recomputes a^b where it needs it).
 template <class T>
 Tensor<T> pow(const Tensor<T>& a, const Tensor<T>& b) {
-  Tensor<T> out = ref::map2(a, b, [](auto x, auto y) { return std::pow(x, y); }, "pow");
+  Tensor<T> out = detail::pointwise2("pow", a, b, BinaryFn::Pow, [](auto x, auto y) { return std::pow(x, y); });
   return autograd::record("pow", out, {a, b}, [a = a.detach(), b = b.detach(), need_a = a.requires_grad(),
                                                need_b = b.requires_grad()](const Tensor<T>& dout) {
     detail::Grads<T> g(2);
     if (need_a)  // b * a^(b-1), 0 where b == 0 (torch's convention)
-      g[0] = sum_to(ref::map3(dout, a, b, [](auto d, auto x, auto e) {
+      g[0] = sum_to(detail::pointwise3("pow backward", dout, a, b, TernaryFn::PowGradA, [](auto d, auto x, auto e) {
         using A = decltype(x);
         return e == A(0) ? A(0) : d * e * std::pow(x, e - A(1));
-      }, "pow"), a.shape());
+      }), a.shape());
     if (need_b)  // a^b * log(a), 0 where a == 0 and b >= 0 (torch's masking)
-      g[1] = sum_to(ref::map3(dout, a, b, [](auto d, auto x, auto e) {
+      g[1] = sum_to(detail::pointwise3("pow backward", dout, a, b, TernaryFn::PowGradB, [](auto d, auto x, auto e) {
         using A = decltype(x);
         return x == A(0) && e >= A(0) ? A(0) : d * std::pow(x, e) * std::log(x);
-      }, "pow"), b.shape());
+      }), b.shape());
     return g;
   });
 }
@@ -145,12 +152,12 @@ Tensor<T> pow(const Tensor<T>& a, const Tensor<T>& b) {
 /// torch.abs; the gradient at 0 is 0 (sign(0) = 0), as in torch.
 template <class T>
 Tensor<T> abs(const Tensor<T>& x) {
-  Tensor<T> out = ref::map(x, [](auto v) { return std::abs(v); });
+  Tensor<T> out = detail::pointwise("abs", x, UnaryFn::Abs, [](auto v) { return std::abs(v); });
   return autograd::record("abs", out, {x}, [x = x.detach()](const Tensor<T>& dout) {
-    return detail::Grads<T>{ref::map2(dout, x, [](auto g, auto v) {
+    return detail::Grads<T>{detail::pointwise2("abs backward", dout, x, BinaryFn::AbsGrad, [](auto g, auto v) {
       using A = decltype(v);
       return v > A(0) ? g : v < A(0) ? -g : A(0);
-    }, "abs")};
+    })};
   });
 }
 
@@ -159,15 +166,15 @@ template <class T>
 Tensor<T> clamp(const Tensor<T>& x, double lo = -std::numeric_limits<double>::infinity(),
                 double hi = std::numeric_limits<double>::infinity()) {
   DG_CHECK(!(lo > hi), "clamp: min ", lo, " is greater than max ", hi);
-  Tensor<T> out = ref::map(x, [lo, hi](auto v) {
+  Tensor<T> out = detail::pointwise("clamp", x, UnaryFn::Clamp, [lo, hi](auto v) {
     using A = decltype(v);
     return v != v ? v : std::min(std::max(v, A(lo)), A(hi));
-  });
+  }, lo, hi);
   return autograd::record("clamp", out, {x}, [x = x.detach(), lo, hi](const Tensor<T>& dout) {
-    return detail::Grads<T>{ref::map2(dout, x, [lo, hi](auto g, auto v) {
+    return detail::Grads<T>{detail::pointwise2("clamp backward", dout, x, BinaryFn::ClampGrad, [lo, hi](auto g, auto v) {
       using A = decltype(v);
       return (v >= A(lo) && v <= A(hi)) ? g : A(0);
-    }, "clamp")};
+    }, lo, hi)};
   });
 }
 

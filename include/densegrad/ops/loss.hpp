@@ -16,8 +16,16 @@ namespace detail {
 /// d/dsoft = -(1 - eps) * logp / N needs logp.
 template <class T>
 Tensor<T> cross_entropy_dense(const Tensor<T>& logits, const Tensor<T>& q, double eps, const Tensor<T>& soft) {
-  Tensor<T> logp = ref::log_softmax_rows(logits);
-  Tensor<T> out = scalar_tensor<T>(T(ref::cross_entropy_mean(logp, q)));
+  const bool cuda = same_device<T>("cross_entropy", {&logits, &q}).is_cuda();
+  Tensor<T> logp, out;
+  if (cuda) {  // the loss value comes back to the host (one scalar) and goes out as a device tensor
+    const DeviceKernels<T>& k = cuda_kernels<T>("cross_entropy");
+    logp = k.softmax(contiguous(logits.detach()), 1, true);
+    out = full<T>({}, T(k.cross_entropy_mean(logp, q)), logits.device());
+  } else {
+    logp = ref::log_softmax_rows(logits);
+    out = scalar_tensor<T>(T(ref::cross_entropy_mean(logp, q)));
+  }
   std::vector<Tensor<T>> inputs{logits};
   if (soft.defined()) inputs.push_back(soft);
   const bool need_logits = logits.requires_grad(), need_soft = soft.requires_grad();
@@ -26,8 +34,13 @@ Tensor<T> cross_entropy_dense(const Tensor<T>& logits, const Tensor<T>& q, doubl
                                                          n_in = inputs.size()](const Tensor<T>& dout) {
     const double g = double(acc_t<T>(dout.item())) / N;
     std::vector<Tensor<T>> grads(n_in);
-    if (need_logits) grads[0] = ref::cross_entropy_backward(logp, q, g);
-    if (need_soft) grads[1] = ref::map(logp, [s = -(1.0 - eps) * g](auto v) { return v * decltype(v)(s); });
+    if (need_logits)
+      grads[0] = logp.device().is_cuda() ? cuda_kernels<T>("cross_entropy backward").cross_entropy_backward(logp, q, g)
+                                         : ref::cross_entropy_backward(logp, q, g);
+    const double s = -(1.0 - eps) * g;
+    if (need_soft)
+      grads[1] = pointwise("cross_entropy backward", logp, UnaryFn::MulScalar,
+                           [s](auto v) { return v * decltype(v)(s); }, s);
     return grads;
   });
 }
@@ -56,7 +69,7 @@ Tensor<T> cross_entropy(const Tensor<T>& logits, const Tensor<int64_t>& target, 
              " classes (expected 0 <= target < ", C, ")");
     q.data()[n * C + y] = T(label_smoothing / double(C) + (1.0 - label_smoothing));
   }
-  return detail::cross_entropy_dense(logits, q, label_smoothing, Tensor<T>());
+  return detail::cross_entropy_dense(logits, q.to(logits.device()), label_smoothing, Tensor<T>());
 }
 
 /// torch.nn.functional.cross_entropy(logits, soft_target, label_smoothing=eps) with class
@@ -70,10 +83,15 @@ Tensor<T> cross_entropy(const Tensor<T>& logits, const Tensor<T>& soft_target, d
   DG_CHECK(soft_target.shape() == logits.shape(), "cross_entropy: soft target must have the logits' shape ",
            shape_str(logits.shape()), ", got ", shape_str(soft_target.shape()));
   const double C = double(logits.size(1)), eps = label_smoothing;
-  Tensor<T> q = ref::map(soft_target, [eps, C](auto t) {
-    using A = decltype(t);
-    return t * A(1.0 - eps) + A(eps / C);
-  });
+  Tensor<T> q = soft_target.device().is_cuda()
+                    ? cuda_kernels<T>("cross_entropy")
+                          .unary(UnaryFn::AddScalar,
+                                 cuda_kernels<T>("cross_entropy").unary(UnaryFn::MulScalar, soft_target, 1.0 - eps, 0),
+                                 eps / C, 0)
+                    : ref::map(soft_target, [eps, C](auto t) {
+                        using A = decltype(t);
+                        return t * A(1.0 - eps) + A(eps / C);
+                      });
   return detail::cross_entropy_dense(logits, q, eps, soft_target);
 }
 

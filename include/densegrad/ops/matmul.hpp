@@ -6,6 +6,7 @@
 
 #include "../backend/cpu/matmul.hpp"
 #include "../backend/ref/matmul.hpp"
+#include "dispatch.hpp"
 #include "shape.hpp"
 
 namespace dg {
@@ -21,7 +22,9 @@ Tensor<T> bmm(const Tensor<T>& a, const Tensor<T>& b) {
     ac = contiguous(a).detach();
     bc = contiguous(b).detach();
   }
-  Tensor<T> out = cpu::bmm(ac, bc);  // Eigen GEMM; ref::bmm is the oracle it is tested against
+  // cuBLAS on CUDA; Eigen GEMM on the CPU (ref::bmm is the oracle both are tested against)
+  Tensor<T> out = detail::same_device<T>("bmm", {&ac, &bc}).is_cuda() ? cuda_kernels<T>("bmm").bmm(ac, bc)
+                                                                     : cpu::bmm(ac, bc);
   // saves only the operands backward needs: dA = dout @ B^T needs B, dB = A^T @ dout needs A
   const bool need_a = a.requires_grad(), need_b = b.requires_grad();
   return autograd::record("bmm", out, {a, b}, [ac = need_b ? ac : Tensor<T>(), bc = need_a ? bc : Tensor<T>(),

@@ -38,16 +38,26 @@ Tensor<T> layer_norm(const Tensor<T>& x, const Shape& normalized_shape, const Te
            " dims are ", shape_str(normalized_shape), ", got input ", shape_str(x.shape()));
   detail::check_affine(weight, "weight", normalized_shape, "layer_norm", x);
   detail::check_affine(bias, "bias", normalized_shape, "layer_norm", x);
-  // No fast path: RDNet normalizes channels through layer_norm2d; the ref kernel serves the rest.
-  ref::LayerNormForward<T> f = ref::layer_norm_forward(x, k, weight, bias, eps);
+  // No fast CPU path: RDNet normalizes channels through layer_norm2d; the ref kernel serves the rest.
+  const bool cuda = x.device().is_cuda();
+  Tensor<T> xd = cuda ? contiguous(x.detach()) : x.detach();
+  Tensor<T> wd = detail::detach_optional(weight), bd = detail::detach_optional(bias);
+  if (cuda) {
+    if (wd.defined()) wd = contiguous(wd);
+    if (bd.defined()) bd = contiguous(bd);
+  }
+  ref::LayerNormForward<T> f = cuda ? cuda_kernels<T>("layer_norm").layer_norm_forward(xd, k, wd, bd, eps)
+                                    : ref::layer_norm_forward(x, k, weight, bias, eps);
   // Forward saves the mean and rstd of every row (llm.c: "cache the mean and rstd for the backward
   // pass later"), plus x and weight: backward then never recomputes the statistics.
   const std::array<bool, 3> need{x.requires_grad(), weight.requires_grad(), bias.requires_grad()};
   return autograd::record("layer_norm", f.y, {x, weight, bias},
-                          [x = x.detach(), w = detail::detach_optional(weight), mean = f.mean, rstd = f.rstd, k,
-                           need](const Tensor<T>& dout) {
+                          [x = xd, w = wd, mean = f.mean, rstd = f.rstd, k, need, cuda](const Tensor<T>& dout) {
                             ref::LayerNormGrads<T> g =
-                                ref::layer_norm_backward(dout, x, mean, rstd, w, k, need[0], need[1], need[2]);
+                                cuda ? cuda_kernels<T>("layer_norm backward")
+                                           .layer_norm_backward(contiguous(dout), x, mean, rstd, w, k, need[0],
+                                                                need[1], need[2])
+                                     : ref::layer_norm_backward(dout, x, mean, rstd, w, k, need[0], need[1], need[2]);
                             return std::vector<Tensor<T>>{g.dx, g.dweight, g.dbias};
                           });
 }
@@ -67,13 +77,19 @@ Tensor<T> layer_norm2d(const Tensor<T>& x, const Tensor<T>& weight = Tensor<T>()
   if (weight.defined()) wc = contiguous(weight.detach());
   if (bias.defined()) bc = contiguous(bias.detach());
   // fast path (backend/cpu/norm.hpp); ref::layer_norm2d_forward is its oracle in the tests
-  ref::LayerNormForward<T> f = cpu::layer_norm2d_forward(xc, wc, bc, eps);
+  const bool cuda = x.device().is_cuda();
+  ref::LayerNormForward<T> f = cuda ? cuda_kernels<T>("layer_norm2d").layer_norm2d_forward(xc, wc, bc, eps)
+                                    : cpu::layer_norm2d_forward(xc, wc, bc, eps);
   // saves x, weight and the (N, H, W) mean and rstd for backward (llm.c style: no recomputation)
   const std::array<bool, 3> need{x.requires_grad(), weight.requires_grad(), bias.requires_grad()};
   return autograd::record("layer_norm2d", f.y, {x, weight, bias},
-                          [xc, wc, mean = f.mean, rstd = f.rstd, need](const Tensor<T>& dout) {
-                            ref::LayerNormGrads<T> g = cpu::layer_norm2d_backward(contiguous(dout), xc, mean, rstd, wc,
-                                                                                  need[0], need[1], need[2]);
+                          [xc, wc, mean = f.mean, rstd = f.rstd, need, cuda](const Tensor<T>& dout) {
+                            ref::LayerNormGrads<T> g =
+                                cuda ? cuda_kernels<T>("layer_norm2d backward")
+                                           .layer_norm2d_backward(contiguous(dout), xc, mean, rstd, wc, need[0],
+                                                                  need[1], need[2])
+                                     : cpu::layer_norm2d_backward(contiguous(dout), xc, mean, rstd, wc, need[0],
+                                                                  need[1], need[2]);
                             return std::vector<Tensor<T>>{g.dx, g.dweight, g.dbias};
                           });
 }

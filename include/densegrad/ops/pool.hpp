@@ -25,9 +25,14 @@ Tensor<T> adaptive_avg_pool2d(const Tensor<T>& x, int64_t oh, int64_t ow) {
            shape_str(x.shape()));
   // (1, 1) is a global mean: one reduction, and its backward is a broadcast
   if (oh == 1 && ow == 1) return mean(x, {2, 3}, true);
-  Tensor<T> out = ref::adaptive_avg_pool2d(x, oh, ow);  // the ref kernel is the only path
+  const bool cuda = x.device().is_cuda();
+  Tensor<T> out = cuda ? cuda_kernels<T>("adaptive_avg_pool2d").adaptive_avg_pool2d(contiguous(x.detach()), oh, ow)
+                       : ref::adaptive_avg_pool2d(x, oh, ow);  // the CPU's only path is the ref kernel
   // saves nothing but the input's spatial size: the bins are a function of (H, W, OH, OW)
-  return autograd::record("adaptive_avg_pool2d", out, {x}, [H, W](const Tensor<T>& dout) {
+  return autograd::record("adaptive_avg_pool2d", out, {x}, [H, W, cuda](const Tensor<T>& dout) {
+    if (cuda)
+      return std::vector<Tensor<T>>{
+          cuda_kernels<T>("adaptive_avg_pool2d backward").adaptive_avg_pool2d_backward(contiguous(dout), H, W)};
     return std::vector<Tensor<T>>{ref::adaptive_avg_pool2d_backward(dout, H, W)};
   });
 }

@@ -8,6 +8,7 @@
 #include "../backend/ref/elementwise.hpp"
 #include "../backend/cpu/reduce.hpp"
 #include "../backend/ref/reduce.hpp"
+#include "dispatch.hpp"
 #include "shape.hpp"
 
 namespace dg {
@@ -38,7 +39,9 @@ Tensor<T> keepdim_view(const Tensor<T>& r, const Shape& xshape, const Shape& dim
 template <class T>
 Tensor<T> sum(const Tensor<T>& x, const Shape& dims = {}, bool keepdim = false) {
   Shape d = detail::reduce_dims(dims, x.dim(), "sum");
-  Tensor<T> k = cpu::sum_fits(x, d) ? cpu::sum(x, d) : ref::sum(x, d);  // ref::sum is the oracle
+  Tensor<T> k = x.device().is_cuda() ? cuda_kernels<T>("sum").sum(x, d)
+                : cpu::sum_fits(x, d)  ? cpu::sum(x, d)
+                                       : ref::sum(x, d);  // ref::sum is the oracle
   // out is a fresh handle on k's storage (record() refuses a tensor someone else holds)
   Shape oshape = ref::reduced_shape(x.shape(), d, keepdim);
   Tensor<T> out = Tensor<T>::from_storage(k.storage(), oshape, contiguous_strides(oshape), 0);
@@ -57,9 +60,10 @@ Tensor<T> mean(const Tensor<T>& x, const Shape& dims = {}, bool keepdim = false)
   for (int64_t i : d) count *= x.shape()[i];
   double scale = 1.0 / static_cast<double>(count);  // count 0 gives nan, like torch
   Tensor<T> s = sum(x, dims, keepdim);
-  Tensor<T> out = ref::map(s, [scale](acc_t<T> v) { return v * acc_t<T>(scale); });
-  return autograd::record("mean", out, std::vector<Tensor<T>>{s}, [scale](const Tensor<T>& dout) {
-    return std::vector<Tensor<T>>{ref::map(dout, [scale](acc_t<T> v) { return v * acc_t<T>(scale); })};
+  auto times_scale = [scale](acc_t<T> v) { return v * acc_t<T>(scale); };
+  Tensor<T> out = detail::pointwise("mean", s, UnaryFn::MulScalar, times_scale, scale);
+  return autograd::record("mean", out, std::vector<Tensor<T>>{s}, [scale, times_scale](const Tensor<T>& dout) {
+    return std::vector<Tensor<T>>{detail::pointwise("mean backward", dout, UnaryFn::MulScalar, times_scale, scale)};
   });
 }
 
@@ -69,16 +73,18 @@ Tensor<T> max(const Tensor<T>& x, const Shape& dims = {}, bool keepdim = false) 
   Shape d = detail::reduce_dims(dims, x.dim(), "max");
   DG_CHECK(x.numel() > 0, "max: cannot reduce an empty tensor of shape ", shape_str(x.shape()));
   for (int64_t i : d) DG_CHECK(x.shape()[i] > 0, "max: reduced dim ", i, " has size 0");
-  Tensor<T> k = ref::amax(x, d);
+  Tensor<T> k = x.device().is_cuda() ? cuda_kernels<T>("max").amax(x, d) : ref::amax(x, d);
   Shape oshape = ref::reduced_shape(x.shape(), d, keepdim);
   Tensor<T> out = Tensor<T>::from_storage(k.storage(), oshape, contiguous_strides(oshape), 0);
   // save x and the keepdim maxima: backward routes dout to the positions that hit the max
   return autograd::record("max", out, std::vector<Tensor<T>>{x}, [x = x.detach(), k, d](const Tensor<T>& dout) {
-    Tensor<T> hit = ref::map2(x, k, [](auto a, auto m) { return a == m ? 1 : 0; }, "max backward");
-    Tensor<T> ties = ref::sum(hit, d);
+    const char* op = "max backward";
+    Tensor<T> hit = detail::pointwise2(op, x, k, BinaryFn::Eq, [](auto a, auto m) { return a == m ? 1 : 0; });
+    Tensor<T> ties = sum(hit, d, true);
     Tensor<T> dk = detail::keepdim_view(dout.contiguous(), x.shape(), d);
-    Tensor<T> share = ref::map2(dk, ties, [](auto g, auto n) { return g / n; }, "max backward");
-    return std::vector<Tensor<T>>{ref::map2(hit, share, [](auto h, auto s) { return h * s; }, "max backward")};
+    Tensor<T> share = detail::pointwise2(op, dk, ties, BinaryFn::Div, [](auto g, auto n) { return g / n; });
+    return std::vector<Tensor<T>>{
+        detail::pointwise2(op, hit, share, BinaryFn::Mul, [](auto h, auto s) { return h * s; })};
   });
 }
 

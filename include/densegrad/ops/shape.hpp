@@ -11,6 +11,7 @@
 namespace dg {
 
 template <class T> Tensor<T> sum_to(const Tensor<T>& g, const Shape& shape);  // ops/reduce.hpp
+template <class T> Tensor<T> to_device(const Tensor<T>& x, Device device);  // below
 
 namespace detail {
 /// Resolves one -1 in `shape` so that it holds `numel` elements.
@@ -44,7 +45,7 @@ Tensor<T> make_view(const Tensor<T>& x, Shape shape, Shape strides, int64_t offs
 template <class T>
 Tensor<T> contiguous(const Tensor<T>& x) {
   if (x.is_contiguous()) return x;
-  Tensor<T> out = Tensor<T>::empty(x.shape());
+  Tensor<T> out = Tensor<T>::empty(x.shape(), x.device());
   {
     NoGradGuard g;
     out.copy_(x);
@@ -55,7 +56,7 @@ Tensor<T> contiguous(const Tensor<T>& x) {
 /// A copy that never aliases x (torch.clone).
 template <class T>
 Tensor<T> clone(const Tensor<T>& x) {
-  Tensor<T> out = Tensor<T>::empty(x.shape());
+  Tensor<T> out = Tensor<T>::empty(x.shape(), x.device());
   {
     NoGradGuard g;
     out.copy_(x);
@@ -218,9 +219,11 @@ Tensor<T> flatten(const Tensor<T>& x, int64_t start_dim = 0, int64_t end_dim = -
   return reshape(x, s);
 }
 
-/// Converts the element type (torch .to(dtype)); the gradient converts back.
+/// Converts the element type (torch .to(dtype)); the gradient converts back. A CUDA tensor is
+/// converted on the host (a round trip: meant for tests and checkpoints, not for inner loops).
 template <class U, class T>
 Tensor<U> to_dtype(const Tensor<T>& x) {
+  if (!x.device().is_cpu()) return to_device(to_dtype<U>(to_device(x, Device::cpu())), x.device());
   Tensor<U> out = Tensor<U>::empty(x.shape());
   U* o = out.data();
   const T* p = x.data();
@@ -240,9 +243,7 @@ Tensor<U> to_dtype(const Tensor<T>& x) {
 template <class T>
 Tensor<T> to_device(const Tensor<T>& x, Device device) {
   if (x.device() == device) return x;
-  Tensor<T> src = x.device().is_cpu() ? contiguous(x).detach() : x;
-  DG_CHECK(src.is_contiguous(), "to: a non-contiguous ", x.device().str(), " tensor cannot be copied to ", device.str(),
-           "; call contiguous() on its device first");
+  Tensor<T> src = contiguous(x).detach();  // on x's device
   Tensor<T> out = Tensor<T>::empty(x.shape(), device);
   copy_bytes(out.data(), device, src.data(), src.device(), static_cast<size_t>(x.numel()) * sizeof(T));
   return autograd::record("to_device", out, {x}, [from = x.device()](const Tensor<T>& dout) {

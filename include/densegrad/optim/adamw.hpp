@@ -64,6 +64,14 @@ class AdamW : public Optimizer<T> {
     const S neg_step_size = S(-(group.lr / bias_correction1)), bc2_sqrt = S(std::sqrt(bias_correction2));
     const S eps = S(eps_);
     const bool decoupled = group.weight_decay != 0;
+    if (p.device().is_cuda()) {  // one fused kernel, same formulas (backend/cuda/optim.cuh)
+      auto& b = st.buffers;
+      cuda_kernels<T>("AdamW").adamw_update(p, grad, b[0].second, b[1].second, amsgrad_ ? b[2].second : Tensor<S>(),
+                                            AdamWScalars{double(decay), double(w1), double(b2), double(w2),
+                                                         double(neg_step_size), double(bc2_sqrt), double(eps),
+                                                         decoupled});
+      return;
+    }
     T* pp = p.data();
     const T* pg = grad.data();
     S *m = st.buffer(0), *v = st.buffer(1), *vmax = amsgrad_ ? st.buffer(2) : nullptr;

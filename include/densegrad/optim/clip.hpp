@@ -23,6 +23,13 @@ void for_each_element(const Tensor<T>& t, F&& f) {
     for_each_strided<1>(t.shape(), {t.strides().data()}, {0}, [&](auto o) { f(p[o[0]]); });
   }
 }
+/// 0, 1, ..., t.dim() - 1: every dim of t.
+template <class T>
+Shape all_dims(const Tensor<T>& t) {
+  Shape d(static_cast<size_t>(t.dim()));
+  for (int64_t i = 0; i < t.dim(); ++i) d[static_cast<size_t>(i)] = i;
+  return d;
+}
 }  // namespace detail
 
 /// The norm of all gradients together, as if concatenated into one vector
@@ -37,6 +44,22 @@ double total_grad_norm(const std::vector<Tensor<T>>& params, double norm_type = 
   for (const auto& p : params) {
     if (!p.grad().defined()) continue;
     const Tensor<T> g = p.grad().contiguous();  // copies only a strided gradient
+    if (g.device().is_cuda()) {  // device reductions; one scalar comes back per parameter
+      const DeviceKernels<T>& k = cuda_kernels<T>("clip_grad_norm_");
+      if (inf || norm_type != 2.0) {
+        Tensor<T> a = k.unary(UnaryFn::Abs, g, 0, 0);
+        if (inf) {
+          const double m = double(acc_t<T>(k.amax(a, detail::all_dims(g)).item()));
+          nan = nan || std::isnan(m);
+          acc = std::max(acc, m);
+        } else {
+          acc += double(acc_t<T>(k.sum(k.unary(UnaryFn::PowScalar, a, norm_type, 0), detail::all_dims(g)).item()));
+        }
+      } else {
+        acc += k.sum_squares(g);
+      }
+      continue;
+    }
     const T* pg = g.data();
     const int64_t n = g.numel();
     double s = 0;
@@ -85,7 +108,12 @@ double clip_grad_norm_(const std::vector<Tensor<T>>& params, double max_norm, do
   const acc_t<T> c = static_cast<acc_t<T>>(coef);
   NoGradGuard no_grad;
   for (const auto& p : params)
-    if (p.grad().defined()) detail::for_each_element(p.grad(), [&](T& x) { x = T(static_cast<acc_t<T>>(x) * c); });
+    if (p.grad().defined()) {
+      if (p.grad().device().is_cuda())
+        p.grad().copy_(cuda_kernels<T>("clip_grad_norm_").unary(UnaryFn::MulScalar, p.grad(), double(c), 0));
+      else
+        detail::for_each_element(p.grad(), [&](T& x) { x = T(static_cast<acc_t<T>>(x) * c); });
+    }
   return total;
 }
 
@@ -96,6 +124,10 @@ bool grads_finite(const std::vector<Tensor<T>>& params) {
   for (const auto& p : params) {
     if (!p.grad().defined()) continue;
     const Tensor<T> g = p.grad().contiguous();  // copies only a strided gradient
+    if (g.device().is_cuda()) {  // a NaN or Inf makes the sum of squares NaN or Inf
+      if (!std::isfinite(cuda_kernels<T>("grads_finite").sum_squares(g))) return false;
+      continue;
+    }
     const T* pg = g.data();
     const int64_t n = g.numel();
     bool ok = true;

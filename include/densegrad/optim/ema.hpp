@@ -27,9 +27,10 @@ class ModelEMA {
     set_decay(decay);
     NoGradGuard no_grad;
     for (auto& [name, t] : model.state_dict()) {
+      const Tensor<T> c = t.contiguous().to(Device::cpu());  // converted on the host, kept on t's device
       Tensor<S> e = Tensor<S>::empty(t.shape());
-      const Tensor<T> c = t.contiguous();
       for (int64_t k = 0; k < c.numel(); ++k) e.data()[k] = S(c.data()[k]);
+      e = e.to(t.device());
       ema_.emplace(name, e);
     }
   }
@@ -42,6 +43,15 @@ class ModelEMA {
     const S d = S(decay_), w = S(1 - decay_);  // timm: self.decay * e + (1. - self.decay) * m
     for (auto& [name, e] : ema_) {
       const Tensor<T> m = sd.at(name).contiguous();
+      if (m.device().is_cuda()) {
+        if constexpr (std::is_same_v<S, T>) {  // e = d * e + w * m with the pointwise kernels
+          const DeviceKernels<T>& k = cuda_kernels<T>("ModelEMA");
+          e.copy_(k.binary(BinaryFn::Add, k.unary(UnaryFn::MulScalar, e, double(d), 0),
+                           k.unary(UnaryFn::MulScalar, m, double(w), 0), 0, 0));
+          continue;
+        }
+        DG_THROW("ModelEMA: ", dtype_name(dtype_of<T>()), " models on CUDA are not supported");
+      }
       const T* pm = m.data();
       S* pe = e.data();
       detail::parallel_for(e.numel(), [&](int64_t k) { pe[k] = d * pe[k] + w * S(pm[k]); });

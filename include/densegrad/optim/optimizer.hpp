@@ -88,6 +88,8 @@ class Optimizer {
         Tensor<T> grad = p.grad();
         if (!grad.defined()) continue;
         if (!grad.is_contiguous()) grad = grad.contiguous();  // update() reads it as a flat array
+        DG_CHECK(grad.device() == p.device(), name_, ": a gradient on ", grad.device().str(), " for a parameter on ",
+                 p.device().str());
         ++state_[g][i].step;
         update(groups_[g], p, grad, state_[g][i]);
       }
@@ -196,7 +198,8 @@ class Optimizer {
   };
 
   /// Takes the groups; NaN lr / weight_decay in a group become `lr` / `weight_decay`.
-  /// Every parameter must be a contiguous CPU leaf, in exactly one group.
+  /// Every parameter must be a contiguous leaf, in exactly one group. The state lives on each
+  /// parameter's device: build the optimizer after moving the model.
   Optimizer(const char* name, std::vector<ParamGroup<T>> groups, double lr, double weight_decay)
       : name_(name), groups_(std::move(groups)) {
     DG_CHECK(!groups_.empty(), name_, ": got an empty list of parameter groups");
@@ -211,9 +214,9 @@ class Optimizer {
         DG_CHECK(p.defined(), name_, ": parameter ", i, " of group ", g, " is an undefined tensor");
         DG_CHECK(p.is_leaf(), name_, ": parameter ", i, " of group ", g,
                  " is not a leaf (it was computed by an op); optimize the tensor it came from");
-        DG_CHECK(p.is_contiguous() && p.device().is_cpu(), name_, ": parameter ", i, " of group ", g,
-                 " must be a contiguous CPU tensor (shape ", shape_str(p.shape()), ", strides ",
-                 shape_str(p.strides()), ")");
+        DG_CHECK(p.is_contiguous(), name_, ": parameter ", i, " of group ", g,
+                 " must be a contiguous tensor (shape ", shape_str(p.shape()), ", strides ", shape_str(p.strides()),
+                 ")");
         DG_CHECK(seen.insert(p.impl().get()).second, name_, ": parameter ", i, " of group ", g,
                  " appears in more than one place in the parameter groups");
       }
@@ -230,7 +233,7 @@ class Optimizer {
     for (size_t g = 0; g < groups_.size(); ++g)
       for (auto& p : groups_[g].params) {
         ParamState st;
-        for (auto& n : buffer_names) st.buffers.emplace_back(n, zeros<S>(p.shape()));
+        for (auto& n : buffer_names) st.buffers.emplace_back(n, zeros<S>(p.shape(), p.device()));
         state_[g].push_back(std::move(st));
       }
   }

@@ -22,7 +22,7 @@ constexpr double kGeluTanhCubic = 0.044715;
 
 /// gelu(x) = x * Phi(x) = x/2 * (1 + erf(x / sqrt 2)); tanh form: x/2 * (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))).
 template <class A>
-A gelu_scalar(A x, bool tanh_approximation) {
+DENSEGRAD_HOST_DEVICE A gelu_scalar(A x, bool tanh_approximation) {
   if (tanh_approximation)
     return A(0.5) * x * (A(1) + std::tanh(A(kSqrt2OverPi) * (x + A(kGeluTanhCubic) * x * x * x)));
   return A(0.5) * x * (A(1) + std::erf(x * A(kSqrt1_2)));
@@ -30,7 +30,7 @@ A gelu_scalar(A x, bool tanh_approximation) {
 
 /// d gelu / dx: Phi(x) + x phi(x) for erf; the tanh form's product rule as in ATen.
 template <class A>
-A gelu_grad_scalar(A x, bool tanh_approximation) {
+DENSEGRAD_HOST_DEVICE A gelu_grad_scalar(A x, bool tanh_approximation) {
   if (tanh_approximation) {
     const A inner = A(kSqrt2OverPi) * (x + A(kGeluTanhCubic) * x * x * x), t = std::tanh(inner);
     const A left = A(0.5) * x, right = A(1) + t;

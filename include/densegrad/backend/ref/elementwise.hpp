@@ -7,9 +7,16 @@
 
 namespace dg::ref {
 
+/// The ref kernels read host memory: a device tensor reaching one is a dispatch bug of its caller.
+template <class T>
+void check_host(const Tensor<T>& t, const char* op) {
+  DG_CHECK(t.device().is_cpu(), op, ": this kernel runs on the CPU only, got a tensor on ", t.device().str());
+}
+
 /// out[i] = f(x[i]) into a fresh contiguous tensor.
 template <class T, class F>
 Tensor<T> map(const Tensor<T>& x, F f) {
+  check_host(x, "elementwise op");
   Tensor<T> out = Tensor<T>::empty(x.shape());
   T* o = out.data();
   const T* px = x.data();
@@ -26,6 +33,8 @@ Tensor<T> map(const Tensor<T>& x, F f) {
 /// out = f(a, b) with a and b broadcast to a common shape; `op` names the caller in errors.
 template <class T, class F>
 Tensor<T> map2(const Tensor<T>& a, const Tensor<T>& b, F f, const char* op) {
+  check_host(a, op);
+  check_host(b, op);
   Shape shape = broadcast_shapes(a.shape(), b.shape(), op);
   Tensor<T> out = Tensor<T>::empty(shape);
   T* o = out.data();
@@ -45,6 +54,7 @@ Tensor<T> map2(const Tensor<T>& a, const Tensor<T>& b, F f, const char* op) {
 /// out = f(a, b, c), all three broadcast together.
 template <class T, class F>
 Tensor<T> map3(const Tensor<T>& a, const Tensor<T>& b, const Tensor<T>& c, F f, const char* op) {
+  for (const Tensor<T>* t : {&a, &b, &c}) check_host(*t, op);
   Shape shape = broadcast_shapes(broadcast_shapes(a.shape(), b.shape(), op), c.shape(), op);
   Tensor<T> out = Tensor<T>::empty(shape);
   T* o = out.data();

@@ -1,0 +1,237 @@
+// densegrad/backend/cuda/common.cuh: what every CUDA kernel file shares: error checks, the
+// stream, launch sizes, device storage (a caching allocator over cudaMalloc, never managed
+// memory), host<->device copies, the cuBLAS handle, and strided indexing for kernels.
+// Compiled only by nvcc (this and every .cuh under backend/cuda).
+#pragma once
+
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+
+#include <map>
+#include <mutex>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "../../core/device_kernels.hpp"
+#include "../../core/tensor.hpp"
+
+/// Throws dg::Error naming the CUDA call and its error string.
+#define DG_CUDA_CHECK(expr)                                                                                   \
+  do {                                                                                                        \
+    cudaError_t dg_cuda_err_ = (expr);                                                                        \
+    DG_CHECK(dg_cuda_err_ == cudaSuccess, "CUDA error in ", #expr, ": ", cudaGetErrorString(dg_cuda_err_)); \
+  } while (0)
+
+/// Throws dg::Error naming the cuBLAS call and its status.
+#define DG_CUBLAS_CHECK(expr)                                                                                 \
+  do {                                                                                                        \
+    cublasStatus_t dg_cublas_st_ = (expr);                                                                    \
+    DG_CHECK(dg_cublas_st_ == CUBLAS_STATUS_SUCCESS, "cuBLAS error in ", #expr, ": ",                         \
+             cublasGetStatusString(dg_cublas_st_));                                                           \
+  } while (0)
+
+namespace dg::cuda {
+
+/// The stream every densegrad kernel and copy runs on: the legacy default stream, so work is
+/// ordered without events and the caching allocator may hand a freed block to the next kernel.
+inline cudaStream_t stream() { return 0; }
+
+/// Checks the launch just made (bad configuration shows here; faults show at the next sync).
+inline void check_launch(const char* op) {
+  cudaError_t e = cudaGetLastError();
+  DG_CHECK(e == cudaSuccess, op, ": CUDA kernel launch failed: ", cudaGetErrorString(e));
+}
+
+constexpr int kThreads = 256;
+
+/// Blocks for a grid-stride loop over n elements (capped: each thread then loops).
+inline unsigned blocks_for(int64_t n, int threads = kThreads) {
+  int64_t b = (n + threads - 1) / threads;
+  if (b < 1) b = 1;
+  return static_cast<unsigned>(b > 65535 * 8 ? 65535 * 8 : b);
+}
+
+/// Number of CUDA devices (0 when there is no driver or no GPU).
+inline int device_count() {
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess) {
+    (void)cudaGetLastError();  // clear the sticky "no device" error
+    return 0;
+  }
+  return n;
+}
+
+/// A caching allocator for device memory (PyTorch's CUDA allocator in miniature): freed blocks
+/// are kept by (device, size class) and reused, so steady-state steps never call cudaMalloc,
+/// which synchronizes the device. Blocks are freed on the stream-ordered default stream, so a
+/// reused block is never touched before the kernels that used it are done. On out-of-memory the
+/// cache is released and the allocation tried once more.
+class CachingCudaAllocator final : public Allocator {
+ public:
+  void* allocate(size_t nbytes) override {
+    int dev = 0;
+    DG_CUDA_CHECK(cudaGetDevice(&dev));
+    const size_t c = CachingCpuAllocator::size_class(nbytes);
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      auto& bucket = free_[{dev, c}];
+      if (!bucket.empty()) {
+        void* p = bucket.back();
+        bucket.pop_back();
+        cached_ -= c;
+        in_use_ += c;
+        peak_ = in_use_ > peak_ ? in_use_ : peak_;
+        return p;
+      }
+    }
+    void* p = nullptr;
+    cudaError_t e = cudaMalloc(&p, c);
+    if (e != cudaSuccess) {
+      (void)cudaGetLastError();
+      release_cached();
+      e = cudaMalloc(&p, c);
+    }
+    DG_CHECK(e == cudaSuccess, "out of memory: could not allocate ", nbytes, " bytes on cuda:", dev, " (",
+             cudaGetErrorString(e), ")");
+    std::lock_guard<std::mutex> lock(mu_);
+    device_of_[p] = dev;
+    in_use_ += c;
+    peak_ = in_use_ > peak_ ? in_use_ : peak_;
+    return p;
+  }
+  void deallocate(void* p, size_t nbytes) override {
+    const size_t c = CachingCpuAllocator::size_class(nbytes);
+    std::lock_guard<std::mutex> lock(mu_);
+    free_[{device_of_[p], c}].push_back(p);
+    cached_ += c;
+    in_use_ -= c;
+  }
+  /// cudaFree of every cached block (torch.cuda.empty_cache).
+  void release_cached() {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (auto& [key, blocks] : free_)
+      for (void* p : blocks) {
+        cudaFree(p);
+        device_of_.erase(p);
+      }
+    free_.clear();
+    cached_ = 0;
+  }
+  size_t bytes_in_use() { std::lock_guard<std::mutex> lock(mu_); return in_use_; }
+  size_t peak_bytes_in_use() { std::lock_guard<std::mutex> lock(mu_); return peak_; }
+  void reset_peak() { std::lock_guard<std::mutex> lock(mu_); peak_ = in_use_; }
+
+ private:
+  std::mutex mu_;
+  std::map<std::pair<int, size_t>, std::vector<void*>> free_;
+  std::unordered_map<void*, int> device_of_;
+  size_t cached_ = 0, in_use_ = 0, peak_ = 0;
+};
+
+/// The process's CUDA allocator (never destroyed: tensors may outlive static destruction order).
+inline CachingCudaAllocator& allocator() {
+  static CachingCudaAllocator* a = new CachingCudaAllocator;
+  return *a;
+}
+
+/// Bytes of device memory held by live tensors, and the peak since the last reset
+/// (torch.cuda.memory_allocated / max_memory_allocated, rounded to size classes).
+inline size_t memory_allocated() { return allocator().bytes_in_use(); }
+inline size_t max_memory_allocated() { return allocator().peak_bytes_in_use(); }
+inline void reset_peak_memory_stats() { allocator().reset_peak(); }
+inline void empty_cache() { allocator().release_cached(); }
+
+/// Blocks the host until the device has finished all queued work (torch.cuda.synchronize).
+inline void synchronize() { DG_CUDA_CHECK(cudaDeviceSynchronize()); }
+
+/// Host <-> device and device <-> device byte copies (the copy hook of core/storage.hpp).
+inline void copy_bytes_cuda(void* dst, Device dst_dev, const void* src, Device src_dev, size_t nbytes) {
+  if (nbytes == 0) return;
+  cudaMemcpyKind kind = dst_dev.is_cpu() ? cudaMemcpyDeviceToHost
+                        : src_dev.is_cpu() ? cudaMemcpyHostToDevice
+                                           : cudaMemcpyDeviceToDevice;
+  DG_CUDA_CHECK(cudaMemcpyAsync(dst, src, nbytes, kind, stream()));
+  if (kind == cudaMemcpyDeviceToHost) DG_CUDA_CHECK(cudaStreamSynchronize(stream()));
+}
+
+/// This thread's cuBLAS handle for the current device (cuBLAS handles are not thread-safe).
+inline cublasHandle_t cublas() {
+  thread_local std::map<int, cublasHandle_t> handles;
+  int dev = 0;
+  DG_CUDA_CHECK(cudaGetDevice(&dev));
+  auto it = handles.find(dev);
+  if (it == handles.end()) {
+    cublasHandle_t h = nullptr;
+    DG_CUBLAS_CHECK(cublasCreate(&h));
+    DG_CUBLAS_CHECK(cublasSetStream(h, stream()));
+    it = handles.emplace(dev, h).first;
+  }
+  return it->second;
+}
+
+/// Throws unless every defined tensor is on `dev`.
+template <class T>
+void check_device(const char* op, Device dev, std::initializer_list<const Tensor<T>*> ts) {
+  for (const Tensor<T>* t : ts)
+    DG_CHECK(!t->defined() || t->device() == dev, op, ": expected all tensors on ", dev.str(), ", got one on ",
+             t->device().str());
+}
+
+/// A new contiguous tensor on `dev`.
+template <class T>
+Tensor<T> empty(const Shape& shape, Device dev) { return Tensor<T>::empty(shape, dev); }
+
+/// Up to kMaxDims dims of shape + strides, passed to kernels by value: maps a linear
+/// (row-major) index to the element offsets of K tensors that share the shape.
+constexpr int kMaxDims = 8;
+template <int K>
+struct Indexer {
+  int ndim = 0;
+  int64_t size[kMaxDims];
+  int64_t stride[K][kMaxDims];
+  __host__ __device__ void offsets(int64_t i, int64_t* off) const {
+    for (int k = 0; k < K; ++k) off[k] = 0;
+    for (int d = ndim - 1; d >= 0; --d) {
+      int64_t q = i / size[d], r = i - q * size[d];
+      for (int k = 0; k < K; ++k) off[k] += r * stride[k][d];
+      i = q;
+    }
+  }
+};
+
+/// Builds an Indexer for `shape`, reading tensor k through strides[k] (0 along broadcast dims).
+/// Dims of size 1 are dropped and neighbouring dims that are contiguous in every tensor merged,
+/// so most calls index 1 to 3 dims.
+template <int K>
+Indexer<K> make_indexer(const Shape& shape, const std::array<Shape, K>& strides, const char* op) {
+  Shape s;
+  std::array<Shape, K> st;
+  for (size_t d = 0; d < shape.size(); ++d) {
+    if (shape[d] == 1) continue;
+    bool merge = !s.empty();
+    for (int k = 0; k < K && merge; ++k) merge = st[k].back() == strides[k][d] * shape[d];
+    if (merge) {
+      s.back() *= shape[d];
+      for (int k = 0; k < K; ++k) st[k].back() = strides[k][d];
+    } else {
+      s.push_back(shape[d]);
+      for (int k = 0; k < K; ++k) st[k].push_back(strides[k][d]);
+    }
+  }
+  DG_CHECK(static_cast<int>(s.size()) <= kMaxDims, op, ": CUDA kernels index at most ", kMaxDims,
+           " non-trivial dims, got shape ", shape_str(shape));
+  Indexer<K> ix;
+  ix.ndim = static_cast<int>(s.size());
+  for (int d = 0; d < ix.ndim; ++d) {
+    ix.size[d] = s[d];
+    for (int k = 0; k < K; ++k) ix.stride[k][d] = st[k][d];
+  }
+  return ix;
+}
+
+/// Strides that read t as if expanded to `target` (0 on broadcast dims, leading dims added).
+template <class T>
+Shape broadcast_strides(const Tensor<T>& t, const Shape& target) { return Tensor<T>::broadcast_strides(t, target); }
+
+}  // namespace dg::cuda

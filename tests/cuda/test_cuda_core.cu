@@ -1,0 +1,307 @@
+// The CUDA backend through the public ops: every op RDNet uses, run on the GPU and on the CPU
+// from the same inputs, outputs and gradients compared; device moves and copies; AdamW, gradient
+// clipping; and a small RDNet training step (drop path on) on both devices. Each test skips with
+// "no CUDA device" where there is no GPU; the last test checks the error a GPU-less machine gives.
+#include <catch2/catch.hpp>
+
+#include <functional>
+
+#include <densegrad/cuda.cuh>
+#include <densegrad/densegrad.hpp>
+
+#include "rdnet/rdnet.hpp"
+
+using dg::Device;
+using dg::Tensor;
+
+#define DG_REQUIRE_GPU()                     \
+  if (dg::cuda::device_count() == 0) {       \
+    WARN("no CUDA device: skipped");         \
+    return;                                  \
+  }
+
+namespace {
+
+const Device kGpu = Device::cuda(0), kCpu = Device::cpu();
+
+/// max |gpu - cpu| <= tol * max(1, max |cpu|), element by element over one shape.
+template <class T>
+void require_close(const Tensor<T>& cpu, const Tensor<T>& gpu, double tol, const std::string& what) {
+  INFO(what);
+  REQUIRE(gpu.device().is_cuda());
+  REQUIRE(cpu.shape() == gpu.shape());
+  const std::vector<T> a = cpu.to_vector(), b = gpu.to_vector();
+  double scale = 1.0, worst = 0.0;
+  for (T v : a) scale = std::max(scale, std::abs(double(v)));
+  for (size_t i = 0; i < a.size(); ++i) {
+    const double da = double(a[i]), db = double(b[i]);
+    if (std::isnan(da) || std::isnan(db)) {
+      REQUIRE(std::isnan(da) == std::isnan(db));
+      continue;
+    }
+    worst = std::max(worst, std::abs(da - db));
+  }
+  INFO("max abs diff " << worst << ", scale " << scale);
+  REQUIRE(worst <= tol * scale);
+}
+
+/// Runs f on copies of `inputs` on the CPU and on the GPU, backpropagates one random projection
+/// of the output on both, and compares the outputs and every input gradient.
+template <class T>
+void check_op(const std::string& name, const std::function<Tensor<T>(const std::vector<Tensor<T>>&)>& f,
+              const std::vector<Tensor<T>>& inputs, double tol) {
+  std::vector<Tensor<T>> on_cpu, on_gpu;
+  for (const auto& x : inputs) {
+    on_cpu.push_back(x.clone().detach().requires_grad_());
+    on_gpu.push_back(x.to(kGpu).requires_grad_());
+  }
+  Tensor<T> y_cpu = f(on_cpu), y_gpu = f(on_gpu);
+  require_close(y_cpu, y_gpu, tol, name + ": output");
+  dg::Generator gen(11);
+  Tensor<T> w = dg::randn<T>(y_cpu.shape(), gen);
+  (y_cpu * w).sum().backward();
+  (y_gpu * w.to(kGpu)).sum().backward();
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    REQUIRE(on_cpu[i].grad().defined() == on_gpu[i].grad().defined());
+    if (on_cpu[i].grad().defined())
+      require_close(on_cpu[i].grad(), on_gpu[i].grad(), tol, name + ": gradient of input " + std::to_string(i));
+  }
+}
+
+template <class T>
+Tensor<T> rnd(const dg::Shape& s, uint64_t seed, double lo = -2.0, double hi = 2.0) {
+  dg::Generator gen(seed);
+  return dg::rand<T>(s, gen, lo, hi);
+}
+
+}  // namespace
+
+TEST_CASE("cuda: tensors move to the device and back; fill, copy, views, item") {
+  DG_REQUIRE_GPU();
+  Tensor<float> x = rnd<float>({3, 4, 5}, 1);
+  Tensor<float> g = x.to(kGpu);
+  REQUIRE(g.device() == kGpu);
+  REQUIRE(g.to(kCpu).to_vector() == x.to_vector());
+  // a transposed (strided) view made contiguous on the device
+  Tensor<float> t = dg::contiguous(g.transpose(0, 2));
+  REQUIRE(t.is_contiguous());
+  REQUIRE(t.to_vector() == dg::contiguous(x.transpose(0, 2)).to_vector());
+  // fill_ and copy_ into a strided slice on the device
+  Tensor<float> z = dg::zeros<float>({4, 6}, kGpu);
+  {
+    dg::NoGradGuard ng;
+    z.slice(1, 1, 6, 2).fill_(2.5f);
+    z.narrow(0, 3, 1).copy_(dg::ones<float>({1, 6}));  // from the host, broadcast-free
+  }
+  std::vector<float> zv = z.to_vector();
+  REQUIRE(zv[1] == 2.5f);
+  REQUIRE(zv[2] == 0.0f);
+  REQUIRE(zv[3 * 6 + 2] == 1.0f);
+  REQUIRE(g.at({2, 3, 4}) == x.at({2, 3, 4}));
+  REQUIRE(dg::full<double>({}, 4.25, kGpu).item() == 4.25);
+  // dtype conversion of a device tensor stays on the device
+  Tensor<double> d = dg::to_dtype<double>(g);
+  REQUIRE(d.device() == kGpu);
+  REQUIRE(double(d.at({1, 1, 1})) == double(x.at({1, 1, 1})));
+}
+
+TEST_CASE("cuda: elementwise ops with broadcasting match the CPU, outputs and gradients") {
+  DG_REQUIRE_GPU();
+  using V = std::vector<Tensor<float>>;
+  Tensor<float> a = rnd<float>({3, 1, 5}, 2), b = rnd<float>({4, 5}, 3), pos = rnd<float>({3, 4, 5}, 4, 0.2, 3.0);
+  check_op<float>("add", [](const V& v) { return v[0] + v[1]; }, {a, b}, 1e-6);
+  check_op<float>("sub", [](const V& v) { return v[0] - v[1]; }, {a, b}, 1e-6);
+  check_op<float>("mul", [](const V& v) { return v[0] * v[1]; }, {a, b}, 1e-6);
+  check_op<float>("div", [](const V& v) { return v[0] / v[1]; }, {a, pos}, 1e-5);
+  check_op<float>("scalar ops", [](const V& v) { return (v[0] * 3.0 + 1.5) / 2.0 - v[0]; }, {a}, 1e-6);
+  check_op<float>("exp", [](const V& v) { return dg::exp(v[0]); }, {a}, 1e-6);
+  check_op<float>("log", [](const V& v) { return dg::log(v[0]); }, {pos}, 1e-6);
+  check_op<float>("sqrt", [](const V& v) { return dg::sqrt(v[0]); }, {pos}, 1e-6);
+  check_op<float>("pow scalar", [](const V& v) { return dg::pow(v[0], 2.5); }, {pos}, 1e-5);
+  check_op<float>("pow tensor", [](const V& v) { return dg::pow(v[0], v[1]); }, {pos, a}, 1e-5);
+  check_op<float>("abs", [](const V& v) { return dg::abs(v[0]); }, {a}, 1e-6);
+  check_op<float>("clamp", [](const V& v) { return dg::clamp(v[0], -0.5, 1.0); }, {a}, 1e-6);
+  Tensor<float> wide = rnd<float>({2, 3, 7, 5}, 5, -8.0, 8.0);
+  check_op<float>("gelu", [](const V& v) { return dg::gelu(v[0]); }, {wide}, 1e-6);
+  check_op<float>("gelu tanh", [](const V& v) { return dg::gelu(v[0], true); }, {wide}, 1e-6);
+  check_op<float>("hard_sigmoid", [](const V& v) { return dg::hard_sigmoid(v[0]); }, {wide}, 1e-6);
+  check_op<float>("relu", [](const V& v) { return dg::relu(v[0]); }, {wide}, 1e-6);
+  check_op<float>("relu6", [](const V& v) { return dg::relu6(v[0]); }, {wide}, 1e-6);
+  check_op<float>("sigmoid", [](const V& v) { return dg::sigmoid(v[0]); }, {wide}, 1e-6);
+  // a strided (transposed) input goes through the indexer
+  check_op<float>("mul of a transposed view", [](const V& v) { return v[0].transpose(0, 1) * v[1]; },
+                  {rnd<float>({5, 4}, 6), rnd<float>({4, 5}, 7)}, 1e-6);
+  using VD = std::vector<Tensor<double>>;
+  check_op<double>("double gelu * x", [](const VD& v) { return dg::gelu(v[0]) * v[1]; },
+                   {rnd<double>({3, 5}, 8), rnd<double>({3, 5}, 9)}, 1e-12);
+}
+
+TEST_CASE("cuda: reductions, views, concat and split match the CPU") {
+  DG_REQUIRE_GPU();
+  using V = std::vector<Tensor<float>>;
+  Tensor<float> x = rnd<float>({3, 4, 5, 6}, 10);
+  check_op<float>("sum all", [](const V& v) { return v[0].sum(); }, {x}, 1e-5);
+  check_op<float>("sum (0, 2, 3)", [](const V& v) { return v[0].sum({0, 2, 3}); }, {x}, 1e-5);
+  check_op<float>("mean (2, 3) keepdim", [](const V& v) { return v[0].mean({2, 3}, true); }, {x}, 1e-6);
+  check_op<float>("sum of a permuted view", [](const V& v) { return v[0].permute({2, 0, 3, 1}).sum({1, 3}); }, {x},
+                  1e-5);
+  check_op<float>("max over dim 1", [](const V& v) { return v[0].max({1}); }, {x}, 1e-6);
+  check_op<float>("concat dim 1", [](const V& v) { return dg::concat(std::vector<Tensor<float>>{v[0], v[1], v[0]}, 1); },
+                  {x, rnd<float>({3, 2, 5, 6}, 11)}, 1e-6);
+  check_op<float>("concat of views dim 3",
+                  [](const V& v) { return dg::concat(std::vector<Tensor<float>>{v[0].transpose(2, 3), v[1]}, 3); },
+                  {x, rnd<float>({3, 4, 6, 2}, 12)}, 1e-6);
+  check_op<float>("split", [](const V& v) { return dg::split(v[0], {1, 3}, 1)[1] * 2.0; }, {x}, 1e-6);
+  check_op<float>("reshape and expand", [](const V& v) { return v[0].reshape({12, 30}).unsqueeze(0).expand({2, 12, 30}); },
+                  {x}, 1e-6);
+}
+
+TEST_CASE("cuda: matmul, linear, conv2d, norms, softmax, pooling and losses match the CPU") {
+  DG_REQUIRE_GPU();
+  using V = std::vector<Tensor<float>>;
+  check_op<float>("matmul batched broadcast", [](const V& v) { return dg::matmul(v[0], v[1]); },
+                  {rnd<float>({2, 3, 5, 7}, 20), rnd<float>({7, 4}, 21)}, 1e-5);
+  check_op<float>("linear", [](const V& v) { return dg::linear(v[0], v[1], v[2]); },
+                  {rnd<float>({6, 9}, 22), rnd<float>({5, 9}, 23), rnd<float>({5}, 24)}, 1e-5);
+  Tensor<float> x = rnd<float>({2, 6, 9, 11}, 25);
+  check_op<float>("conv2d depthwise 7x7", [](const V& v) { return dg::conv2d(v[0], v[1], v[2], 1, 3, 1, 6); },
+                  {x, rnd<float>({6, 1, 7, 7}, 26), rnd<float>({6}, 27)}, 1e-5);
+  check_op<float>("conv2d 1x1", [](const V& v) { return dg::conv2d(v[0], v[1], v[2]); },
+                  {x, rnd<float>({10, 6, 1, 1}, 28), rnd<float>({10}, 29)}, 1e-5);
+  check_op<float>("conv2d 2x2 stride 2", [](const V& v) { return dg::conv2d(v[0], v[1], v[2], 2); },
+                  {x, rnd<float>({4, 6, 2, 2}, 30), rnd<float>({4}, 31)}, 1e-5);
+  check_op<float>("conv2d 3x3 pad 1 no bias", [](const V& v) { return dg::conv2d(v[0], v[1], Tensor<float>(), 1, 1); },
+                  {x, rnd<float>({5, 6, 3, 3}, 32)}, 1e-5);
+  check_op<float>("layer_norm2d", [](const V& v) { return dg::layer_norm2d(v[0], v[1], v[2]); },
+                  {x, rnd<float>({6}, 33), rnd<float>({6}, 34)}, 1e-5);
+  check_op<float>("layer_norm last dim", [](const V& v) { return dg::layer_norm(v[0], {11}, v[1], v[2]); },
+                  {x, rnd<float>({11}, 35), rnd<float>({11}, 36)}, 1e-5);
+  check_op<float>("softmax dim 1", [](const V& v) { return dg::softmax(v[0], 1); }, {x}, 1e-6);
+  check_op<float>("log_softmax last dim", [](const V& v) { return dg::log_softmax(v[0], -1); }, {x}, 1e-6);
+  check_op<float>("adaptive_avg_pool2d 1x1", [](const V& v) { return dg::adaptive_avg_pool2d(v[0], 1); }, {x}, 1e-6);
+  check_op<float>("adaptive_avg_pool2d 4x3", [](const V& v) { return dg::adaptive_avg_pool2d(v[0], 4, 3); }, {x},
+                  1e-6);
+  Tensor<int64_t> labels = dg::tensor<int64_t>({3, 0, 9, 9, 1, 4}).to(kGpu);
+  check_op<float>("cross_entropy labels + smoothing",
+                  [&](const V& v) {
+                    return dg::cross_entropy(v[0], v[0].device().is_cuda() ? labels : labels.to(kCpu), 0.1);
+                  },
+                  {rnd<float>({6, 10}, 37)}, 1e-6);
+  check_op<float>("cross_entropy soft targets", [](const V& v) { return dg::cross_entropy(v[0], v[1], 0.1); },
+                  {rnd<float>({6, 10}, 38), dg::softmax(rnd<float>({6, 10}, 39), 1)}, 1e-6);
+  // dropout and drop_path draw their masks on the host: the same seed gives the same mask on both
+  check_op<float>("dropout",
+                  [](const V& v) {
+                    dg::Generator gen(5);
+                    return dg::dropout(v[0], 0.3, true, gen);
+                  },
+                  {x}, 1e-6);
+  check_op<float>("drop_path",
+                  [](const V& v) {
+                    dg::Generator gen(6);
+                    return dg::drop_path(v[0], 0.5, true, gen);
+                  },
+                  {x}, 1e-6);
+}
+
+TEST_CASE("cuda: ops refuse tensors on different devices with a clear error") {
+  DG_REQUIRE_GPU();
+  Tensor<float> a = rnd<float>({2, 3}, 40), b = a.to(kGpu);
+  REQUIRE_THROWS_WITH(a + b, Catch::Contains("expected all tensors on one device"));
+  REQUIRE_THROWS_WITH(dg::conv2d(rnd<float>({1, 2, 4, 4}, 41).to(kGpu), rnd<float>({2, 2, 1, 1}, 42)),
+                      Catch::Contains("one device"));
+}
+
+TEST_CASE("cuda: AdamW steps, gradient clipping and the finite check match the CPU") {
+  DG_REQUIRE_GPU();
+  dg::Generator gen(50);
+  std::vector<Tensor<float>> cpu_params{dg::randn<float>({7, 5}, gen), dg::randn<float>({5}, gen)};
+  std::vector<Tensor<float>> gpu_params;
+  for (auto& p : cpu_params) {
+    p.requires_grad_();
+    gpu_params.push_back(p.to(kGpu).detach().requires_grad_());
+  }
+  auto opts = dg::optim::AdamWOptions().lr(1e-2).weight_decay(0.05);
+  dg::optim::AdamW<float> cpu_opt(cpu_params, opts), gpu_opt(gpu_params, opts);
+  Tensor<float> x = dg::randn<float>({4, 5}, gen), xg = x.to(kGpu);
+  for (int step = 0; step < 3; ++step) {
+    for (auto [params, in, opt] : {std::tuple{&cpu_params, &x, &cpu_opt}, std::tuple{&gpu_params, &xg, &gpu_opt}}) {
+      Tensor<float> loss =
+          dg::pow(dg::linear(*in, (*params)[0], Tensor<float>()) + (*params)[1].narrow(0, 0, 1), 2.0).mean();
+      loss.backward();
+      const double norm = dg::optim::clip_grad_norm_(*params, 0.5);
+      CHECK(norm > 0);
+      REQUIRE(dg::optim::grads_finite(*params));
+      opt->step();
+      opt->zero_grad();
+    }
+  }
+  for (size_t i = 0; i < cpu_params.size(); ++i) require_close(cpu_params[i], gpu_params[i], 1e-6, "parameter");
+  // the optimizer state lives on the parameters' device and round-trips through the host
+  auto sd = gpu_opt.state_dict();
+  REQUIRE(sd.at("state.0.0.exp_avg").device() == kGpu);
+  dg::optim::AdamW<float> again(gpu_params, opts);
+  again.load_state_dict(sd);
+  REQUIRE(again.state_dict().at("state.0.0.exp_avg_sq").to_vector() == sd.at("state.0.0.exp_avg_sq").to_vector());
+}
+
+TEST_CASE("cuda: a small RDNet trains the same on the GPU as on the CPU (logits, loss, grads, AdamW)") {
+  DG_REQUIRE_GPU();
+  rdnet::RDNetConfig c;
+  c.in_chans = 3;
+  c.num_classes = 7;
+  c.growth_rates = {8, 16, 16};
+  c.num_blocks_list = {2, 2, 1};
+  c.block_type = {"Block", "BlockESE", "BlockESE"};
+  c.is_downsample_block = {false, true, false};
+  c.num_init_features = 16;
+  c.patch_size = 4;
+  c.drop_path_rate = 0.2;
+  dg::Generator init(60);
+  rdnet::RDNet<float> cpu_model(c, init), gpu_model(c, init);
+  {
+    dg::NoGradGuard ng;  // same weights on both, with layer scale far from its 1e-6 init
+    dg::Generator gen(61);
+    auto cp = cpu_model.parameters(), gp = gpu_model.parameters();
+    for (size_t i = 0; i < cp.size(); ++i) {
+      cp[i].copy_(dg::randn<float>(cp[i].shape(), gen, 0.0, 0.3));
+      gp[i].copy_(cp[i]);
+    }
+  }
+  gpu_model.to(kGpu);
+  auto opts = dg::optim::AdamWOptions().lr(1e-3).weight_decay(0.05);
+  dg::optim::AdamW<float> cpu_opt(dg::optim::timm_param_groups(cpu_model, 0.05), opts);
+  dg::optim::AdamW<float> gpu_opt(dg::optim::timm_param_groups(gpu_model, 0.05), opts);
+  dg::Generator data(62);
+  Tensor<float> x = dg::randn<float>({4, 3, 32, 32}, data);
+  Tensor<int64_t> y = dg::tensor<int64_t>({0, 3, 6, 2});
+  for (int step = 0; step < 2; ++step) {
+    dg::manual_seed(100 + step);  // drop path draws from the default generator: same masks on both
+    Tensor<float> lc = cpu_model.forward(x);
+    dg::manual_seed(100 + step);
+    Tensor<float> lg = gpu_model.forward(x.to(kGpu));
+    require_close(lc, lg, 1e-4, "logits at step " + std::to_string(step));
+    Tensor<float> loss_c = dg::cross_entropy(lc, y, 0.1), loss_g = dg::cross_entropy(lg, y.to(kGpu), 0.1);
+    REQUIRE(loss_g.device() == kGpu);
+    REQUIRE(std::abs(loss_c.item() - loss_g.item()) <= 1e-5 * std::max(1.0f, std::abs(loss_c.item())));
+    loss_c.backward();
+    loss_g.backward();
+    auto nc = cpu_model.named_parameters(), ng = gpu_model.named_parameters();
+    for (size_t i = 0; i < nc.size(); ++i) require_close(nc[i].second.grad(), ng[i].second.grad(), 1e-4, nc[i].first);
+    cpu_opt.step();
+    gpu_opt.step();
+    cpu_opt.zero_grad();
+    gpu_opt.zero_grad();
+  }
+  auto pc = cpu_model.parameters(), pg = gpu_model.parameters();
+  for (size_t i = 0; i < pc.size(); ++i) require_close(pc[i], pg[i], 1e-4, "parameter after 2 AdamW steps");
+  // and the model comes back to the host with its state dict
+  gpu_model.to(kCpu);
+  REQUIRE(gpu_model.parameters()[0].device() == kCpu);
+}
+
+TEST_CASE("cuda: without a GPU, moving a tensor to cuda fails with a clear error") {
+  if (dg::cuda::device_count() > 0) return;  // the GPU tests above cover machines with one
+  Tensor<float> x = dg::ones<float>({2, 2});
+  REQUIRE_THROWS_WITH(x.to(kGpu), Catch::Contains("cuda:0"));
+}
