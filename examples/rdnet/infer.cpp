@@ -12,7 +12,7 @@
 
 int main(int argc, char** argv) {
   CLI::App app{"rdnet_infer: RDNet logits for a batch of images (.npy in, .npy out)"};
-  std::string model_name = "tiny", weights, input, output;
+  std::string model_name = "tiny", weights, input, output, device = "cpu";
   int64_t num_classes = 1000, in_chans = 3, batch = 16;
   app.add_option("--model", model_name, "tiny, small, base, large or nano")->capture_default_str();
   app.add_option("--weights", weights, "timm state dict (.safetensors)")->required();
@@ -21,6 +21,9 @@ int main(int argc, char** argv) {
   app.add_option("--num-classes", num_classes, "classifier outputs")->capture_default_str();
   app.add_option("--in-chans", in_chans, "input channels")->capture_default_str();
   app.add_option("--batch", batch, "images per forward pass")->capture_default_str()->check(CLI::PositiveNumber);
+  app.add_option("--device", device, "cpu or cuda (the first GPU; needs a CUDA build)")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"cpu", "cuda"}));
   CLI11_PARSE(app, argc, argv);
 
   try {
@@ -39,6 +42,10 @@ int main(int argc, char** argv) {
     if (is_checkpoint) model.load_state_dict(from_checkpoint);
     else model.load_timm(weights);
     model.eval();
+    const dg::Device dev = device == "cuda" ? dg::Device::cuda(0) : dg::Device::cpu();
+    DG_CHECK(dev.is_cpu() || dg::has_cuda_kernels<float>(),
+             "--device cuda: this rdnet_infer was built without CUDA (configure with nvcc present)");
+    model.to(dev);
 
     dg::Tensor<float> x = dg::io::load_npy<float>(input);
     DG_CHECK(x.dim() == 4 && x.size(1) == in_chans, "rdnet_infer: ", input, " holds shape ", dg::shape_str(x.shape()),
@@ -46,7 +53,7 @@ int main(int argc, char** argv) {
     dg::NoGradGuard no_grad;
     std::vector<dg::Tensor<float>> chunks;
     for (int64_t i = 0; i < x.size(0); i += batch)
-      chunks.push_back(model.forward(x.narrow(0, i, std::min(batch, x.size(0) - i))));
+      chunks.push_back(model.forward(x.narrow(0, i, std::min(batch, x.size(0) - i)).to(dev)).to(dg::Device::cpu()));
     dg::Tensor<float> logits = chunks.empty() ? dg::zeros<float>({0, num_classes}) : dg::concat(chunks, 0);
     dg::io::save_npy(output, logits);
     std::printf("rdnet_infer: %s, %lld images -> %s (%lld x %lld logits)\n", model_name.c_str(),

@@ -34,7 +34,7 @@ using Clock = std::chrono::steady_clock;
 /// Everything the command line sets. A checkpoint stores these (as "--name=value" lines), and
 /// --resume starts from them: what is given on the command line wins.
 struct Args {
-  std::string data = "fashion-mnist", data_dir, model = "nano", out, resume, nan_policy = "stop";
+  std::string data = "fashion-mnist", data_dir, model = "nano", out, resume, nan_policy = "stop", device = "cpu";
   int64_t epochs = 10, batch_size = 128, accum_steps = 1, limit_train = 0, limit_test = 0, eval_every = 1;
   int64_t stop_after = 0, crop_pad = -1;
   double lr = 2e-3, min_lr = 1e-5, weight_decay = 0.05, warmup_epochs = 1, label_smoothing = 0.1;
@@ -66,6 +66,8 @@ void add_options(CLI::App& app, Args& a) {
   app.add_option("--reprob", a.reprob, "random erasing probability")->check(CLI::Range(0.0, 1.0));
   app.add_option("--seed", a.seed, "seeds the weights, the data order, augmentation and drop path");
   app.add_option("--threads", a.threads, "OpenMP threads")->check(CLI::PositiveNumber);
+  app.add_option("--device", a.device, "where the model trains (cuda: the first GPU; needs a CUDA build)")
+      ->check(CLI::IsMember({"cpu", "cuda"}));
   app.add_option("--workers", a.workers, "data loader threads (0: load in the training thread)")->check(CLI::NonNegativeNumber);
   app.add_option("--out", a.out, "output directory (default: runs/<model>-<data>)");
   app.add_option("--resume", a.resume, "continue from a checkpoint (its settings are the defaults)");
@@ -89,15 +91,15 @@ std::string settings_text(const CLI::App& app) {
 }
 
 /// Test loss (no smoothing) and top-1 accuracy in percent, in eval mode without recording.
-std::pair<double, double> evaluate(rdnet::RDNet<float>& model, dg::data::DataLoader& loader) {
+std::pair<double, double> evaluate(rdnet::RDNet<float>& model, dg::data::DataLoader& loader, dg::Device dev) {
   dg::NoGradGuard no_grad;
   model.eval();
   double loss_sum = 0;
   int64_t correct = 0, seen = 0;
   for (dg::data::Batch& b : loader) {
-    Tensor<float> logits = model.forward(b.images);  // (B, K)
-    loss_sum += static_cast<double>(dg::cross_entropy(logits, b.labels).item()) * static_cast<double>(b.size());
-    const Tensor<float> l = logits.contiguous();
+    Tensor<float> logits = model.forward(b.images.to(dev));  // (B, K)
+    loss_sum += static_cast<double>(dg::cross_entropy(logits, b.labels.to(dev)).item()) * static_cast<double>(b.size());
+    const Tensor<float> l = logits.to(dg::Device::cpu()).contiguous();
     const int64_t K = l.size(1);
     for (int64_t i = 0; i < b.size(); ++i) {
       const float* row = l.data() + i * K;
@@ -212,6 +214,11 @@ int main(int argc, char** argv) {
     cfg.drop_path_rate = a.drop_path;
     dg::Generator init_gen(a.seed);
     rdnet::RDNet<float> model(cfg, init_gen);
+    // ---- device: the model moves before the optimizer is made (its state lives beside the weights)
+    const dg::Device dev = a.device == "cuda" ? dg::Device::cuda(0) : dg::Device::cpu();
+    DG_CHECK(dev.is_cpu() || dg::has_cuda_kernels<float>(),
+             "--device cuda: this rdnet_train was built without CUDA (configure with nvcc present)");
+    model.to(dev);
     dg::manual_seed(a.seed ^ 0x6472'6f70'7061'7468ull);  // "droppath": a stream apart from the weights'
     dg::optim::AdamW<float> opt(dg::optim::timm_param_groups(model, a.weight_decay),
                                 dg::optim::AdamWOptions().lr(a.lr).weight_decay(a.weight_decay));
@@ -224,6 +231,7 @@ int main(int argc, char** argv) {
       ema = std::make_unique<dg::optim::ModelEMA<float>>(model, a.ema);
       dg::Generator unused(0);
       ema_model = std::make_unique<rdnet::RDNet<float>>(cfg, unused);
+      ema_model->to(dev);
     }
 
     // ---- resume: weights, optimizer moments, schedule, RNG, position, history
@@ -278,11 +286,11 @@ int main(int argc, char** argv) {
                 static_cast<long long>(train_set.height()), static_cast<long long>(train_set.width()),
                 static_cast<long long>(train_set.num_classes()));
     std::printf("rdnet_train: %lld parameters, %.1f MMACs per image; %lld epochs x %lld steps of %lld images, "
-                "AdamW lr %g wd %g, threads %d -> %s\n",
+                "AdamW lr %g wd %g, threads %d, %s -> %s\n",
                 static_cast<long long>(model.num_parameters()),
                 static_cast<double>(rdnet::count_macs(cfg, train_set.height(), train_set.width())) / 1e6,
                 static_cast<long long>(a.epochs), static_cast<long long>(steps_per_epoch),
-                static_cast<long long>(a.batch_size * a.accum_steps), a.lr, a.weight_decay, a.threads, a.out.c_str());
+                static_cast<long long>(a.batch_size * a.accum_steps), a.lr, a.weight_decay, a.threads, dev.str().c_str(), a.out.c_str());
     std::fflush(stdout);
 
     // ---- the loop
@@ -303,8 +311,9 @@ int main(int argc, char** argv) {
         // each loss is divided by the group's size so the summed gradient is the group's mean.
         const int64_t group = std::min(a.accum_steps, micro_batches - k / a.accum_steps * a.accum_steps);
         const int64_t step_in_epoch = k / a.accum_steps + 1;
-        Tensor<float> logits = model.forward(b.images);  // (B, K)
-        Tensor<float> loss = mix ? dg::cross_entropy(logits, b.soft_targets) : dg::cross_entropy(logits, b.labels, a.label_smoothing);
+        Tensor<float> logits = model.forward(b.images.to(dev));  // (B, K)
+        Tensor<float> loss = mix ? dg::cross_entropy(logits, b.soft_targets.to(dev))
+                                 : dg::cross_entropy(logits, b.labels.to(dev), a.label_smoothing);
         const double loss_value = loss.item();
         if (std::isfinite(loss_value)) {
           (loss * (1.0 / static_cast<double>(group))).backward();  // gradients add up over the group
@@ -361,12 +370,12 @@ int main(int argc, char** argv) {
       std::string line = "epoch " + std::to_string(epoch + 1) + "/" + std::to_string(a.epochs) + ": train loss " +
                          train_util::detail::fmt("%.4f", rec.train_loss);
       if ((epoch + 1) % a.eval_every == 0 || epoch + 1 == a.epochs) {
-        std::tie(rec.test_loss, rec.test_acc) = evaluate(model, test_loader);
+        std::tie(rec.test_loss, rec.test_acc) = evaluate(model, test_loader, dev);
         line += " | test loss " + train_util::detail::fmt("%.4f", rec.test_loss) + " acc " +
                 train_util::detail::fmt("%.2f%%", rec.test_acc);
         if (ema) {  // as timm's train.py: with EMA, the averaged weights' numbers are the ones recorded
           ema->copy_to(*ema_model);
-          std::tie(rec.test_loss, rec.test_acc) = evaluate(*ema_model, test_loader);
+          std::tie(rec.test_loss, rec.test_acc) = evaluate(*ema_model, test_loader, dev);
           line += " | ema loss " + train_util::detail::fmt("%.4f", rec.test_loss) + " acc " +
                   train_util::detail::fmt("%.2f%%", rec.test_acc);
         }

@@ -123,7 +123,8 @@ TEST_CASE("cuda: elementwise ops with broadcasting match the CPU, outputs and gr
   check_op<float>("clamp", [](const V& v) { return dg::clamp(v[0], -0.5, 1.0); }, {a}, 1e-6);
   Tensor<float> wide = rnd<float>({2, 3, 7, 5}, 5, -8.0, 8.0);
   check_op<float>("gelu", [](const V& v) { return dg::gelu(v[0]); }, {wide}, 1e-6);
-  check_op<float>("gelu tanh", [](const V& v) { return dg::gelu(v[0], true); }, {wide}, 1e-6);
+  // tanhf on the GPU is within 2 ulp, not correctly rounded: the tanh form's gradient gets 5e-6
+  check_op<float>("gelu tanh", [](const V& v) { return dg::gelu(v[0], true); }, {wide}, 5e-6);
   check_op<float>("hard_sigmoid", [](const V& v) { return dg::hard_sigmoid(v[0]); }, {wide}, 1e-6);
   check_op<float>("relu", [](const V& v) { return dg::relu(v[0]); }, {wide}, 1e-6);
   check_op<float>("relu6", [](const V& v) { return dg::relu6(v[0]); }, {wide}, 1e-6);
@@ -303,5 +304,6 @@ TEST_CASE("cuda: a small RDNet trains the same on the GPU as on the CPU (logits,
 TEST_CASE("cuda: without a GPU, moving a tensor to cuda fails with a clear error") {
   if (dg::cuda::device_count() > 0) return;  // the GPU tests above cover machines with one
   Tensor<float> x = dg::ones<float>({2, 2});
-  REQUIRE_THROWS_WITH(x.to(kGpu), Catch::Contains("cuda:0"));
+  REQUIRE_THROWS_WITH(x.to(kGpu), Catch::Contains("no CUDA device available"));
+  REQUIRE_THROWS_WITH(dg::zeros<float>({3}, kGpu), Catch::Contains("no CUDA device available"));
 }

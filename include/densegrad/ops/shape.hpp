@@ -126,7 +126,7 @@ Tensor<T> slice(const Tensor<T>& x, int64_t dim, int64_t start, int64_t end, int
   Tensor<T> out = detail::make_view(x, s, st, x.offset() + start * x.strides()[d]);
   return autograd::record("slice", out, {x}, [xs = x.shape(), d, start, end, step](const Tensor<T>& dout) {
     // the slice's gradient lands in its window of a zero gradient for the whole input
-    Tensor<T> dx = zeros<T>(xs);
+    Tensor<T> dx = zeros<T>(xs, dout.device());
     slice(dx, d, start, end, step).copy_(dout);
     return std::vector<Tensor<T>>{dx};
   });

@@ -52,13 +52,16 @@ inline unsigned blocks_for(int64_t n, int threads = kThreads) {
   return static_cast<unsigned>(b > 65535 * 8 ? 65535 * 8 : b);
 }
 
-/// Number of CUDA devices (0 when there is no driver or no GPU).
-inline int device_count() {
+/// Number of CUDA devices (0 when there is no driver or no GPU); `why` gets the driver's reason.
+inline int device_count(std::string* why = nullptr) {
   int n = 0;
-  if (cudaGetDeviceCount(&n) != cudaSuccess) {
-    (void)cudaGetLastError();  // clear the sticky "no device" error
+  cudaError_t e = cudaGetDeviceCount(&n);
+  if (e != cudaSuccess) {
+    if (why) *why = cudaGetErrorString(e);
+    (void)cudaGetLastError();  // clear the error
     return 0;
   }
+  if (why && n == 0) *why = "no GPU found";
   return n;
 }
 
@@ -70,6 +73,9 @@ inline int device_count() {
 class CachingCudaAllocator final : public Allocator {
  public:
   void* allocate(size_t nbytes) override {
+    static std::string why;
+    static const int count = device_count(&why);  // asked once: the answer does not change
+    DG_CHECK(count > 0, "no CUDA device available for a tensor on cuda (", why, ")");
     int dev = 0;
     DG_CUDA_CHECK(cudaGetDevice(&dev));
     const size_t c = CachingCpuAllocator::size_class(nbytes);
@@ -192,11 +198,13 @@ struct Indexer {
   int64_t stride[K][kMaxDims];
   __host__ __device__ void offsets(int64_t i, int64_t* off) const {
     for (int k = 0; k < K; ++k) off[k] = 0;
-    for (int d = ndim - 1; d >= 0; --d) {
+    for (int d = ndim - 1; d >= 1; --d) {  // inner dims: one division each
       int64_t q = i / size[d], r = i - q * size[d];
       for (int k = 0; k < K; ++k) off[k] += r * stride[k][d];
       i = q;
     }
+    if (ndim > 0)  // the outermost dim needs none (i < size[0]): a contiguous tensor costs no division
+      for (int k = 0; k < K; ++k) off[k] += i * stride[k][0];
   }
 };
 

@@ -1,0 +1,199 @@
+// rdnet_bench: throughput and peak memory of one RDNet training step (forward, cross entropy,
+// backward, AdamW) or one inference forward, on random images, on the CPU or a CUDA device.
+// Not a training run: the data is random and the loss is not looked at until the end.
+//   rdnet_bench --model tiny --batch 8 --res 224 --mode train --threads 2
+//   rdnet_bench --model tiny --batch 64 --mode infer --device cuda --tf32
+// The last line is machine-readable (bench/compare and bench/gpu_compare.sh parse it):
+//   RESULT model=tiny mode=train batch=8 res=224 device=cpu img_per_s=X peak_rss_mb=Y peak_gpu_mb=Z
+//
+// This file builds with g++ (CPU only) and, included by rdnet_bench_cuda.cu, with nvcc, where
+// <densegrad/cuda.cuh> brings the CUDA backend in; __CUDACC__ tells the two builds apart.
+#include <CLI/CLI.hpp>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <numeric>
+#include <string>
+#include <vector>
+
+#include <sys/resource.h>
+
+#ifdef DENSEGRAD_WITH_OPENMP
+#include <omp.h>
+#endif
+
+#include <densegrad/densegrad.hpp>
+#include <densegrad/optim/optim.hpp>
+
+#include "rdnet/rdnet.hpp"
+
+using dg::Tensor;
+using Clock = std::chrono::steady_clock;
+
+/// What the command line sets.
+struct BenchArgs {
+  std::string model = "tiny", mode = "train", device = "cpu";
+  int64_t batch = 8, res = 224, iters = 10, warmup = 3;
+  int threads = 0;  // 0: OpenMP's default
+  bool tf32 = false;
+  uint64_t seed = 0;
+};
+
+/// Waits for the device's queued work, so a clock read after it sees that work done.
+void synchronize(bool cuda) {
+#ifdef __CUDACC__
+  if (cuda) dg::cuda::synchronize();
+#else
+  (void)cuda;
+#endif
+}
+
+/// The process's peak resident set in MiB (getrusage's ru_maxrss is in KiB on Linux).
+double peak_rss_mb() {
+  struct rusage ru {};
+  getrusage(RUSAGE_SELF, &ru);
+  return static_cast<double>(ru.ru_maxrss) / 1024.0;
+}
+
+/// The device allocator's peak since the last reset, in MiB; 0 on the CPU.
+double peak_gpu_mb(bool cuda) {
+#ifdef __CUDACC__
+  if (cuda) return static_cast<double>(dg::cuda::max_memory_allocated()) / (1024.0 * 1024.0);
+#else
+  (void)cuda;
+#endif
+  return 0.0;
+}
+
+int main(int argc, char** argv) {
+  BenchArgs a;
+  CLI::App app{"rdnet_bench: RDNet training-step or inference throughput on random images"};
+  app.option_defaults()->always_capture_default();
+  app.add_option("--model", a.model, "RDNet preset")->check(CLI::IsMember({"tiny", "small", "base", "large", "nano"}));
+  app.add_option("--batch", a.batch, "images per iteration")->check(CLI::Range(int64_t{1}, int64_t{1} << 16));
+  app.add_option("--res", a.res, "image height and width in pixels (nano: 28-32)")
+      ->check(CLI::Range(int64_t{1}, int64_t{1} << 14));
+  app.add_option("--mode", a.mode, "train: forward + backward + AdamW step; infer: eval-mode forward, no grad")
+      ->check(CLI::IsMember({"train", "infer"}));
+  app.add_option("--iters", a.iters, "timed iterations")->check(CLI::Range(int64_t{1}, int64_t{1} << 20));
+  app.add_option("--warmup", a.warmup, "untimed iterations first")->check(CLI::Range(int64_t{0}, int64_t{1} << 20));
+  app.add_option("--threads", a.threads, "OpenMP threads (0: the OpenMP default)")->check(CLI::Range(0, 1024));
+  app.add_option("--device", a.device, "where the model and data live")->check(CLI::IsMember({"cpu", "cuda"}));
+  app.add_flag("--tf32", a.tf32, "let CUDA matrix products use TF32 tensor cores (--device cuda only)");
+  app.add_option("--seed", a.seed, "seeds the weights and the random data");
+  CLI11_PARSE(app, argc, argv);
+
+  const bool cuda = a.device == "cuda";
+#ifndef __CUDACC__
+  if (cuda) {
+    std::fprintf(stderr, "rdnet_bench: error: rdnet_bench was built without CUDA (configure on a machine with "
+                         "nvcc and cuBLAS to get rdnet_bench_cuda.cu built instead)\n");
+    return 1;
+  }
+#endif
+  if (a.tf32 && !cuda) {
+    std::fprintf(stderr, "rdnet_bench: error: --tf32 needs --device cuda (the CPU computes in fp32)\n");
+    return 1;
+  }
+
+#ifdef DENSEGRAD_WITH_OPENMP
+  if (a.threads > 0) omp_set_num_threads(a.threads);
+  const int threads = omp_get_max_threads();
+#else
+  if (a.threads > 1) std::printf("rdnet_bench: built without OpenMP, --threads %d has no effect\n", a.threads);
+  const int threads = 1;
+#endif
+
+  try {
+    dg::Device device = dg::Device::cpu();
+#ifdef __CUDACC__
+    if (cuda) {
+      DG_CHECK(dg::cuda::device_count() > 0, "--device cuda: no CUDA device found");
+      device = dg::Device::cuda(0);
+      dg::cuda::allow_tf32() = a.tf32;
+      dg::cuda::reset_peak_memory_stats();
+    }
+#endif
+
+    // ---- model and optimizer (timm's param groups: no weight decay on 1-D params)
+    rdnet::RDNetConfig cfg = rdnet::RDNetConfig::by_name(a.model);
+    dg::Generator gen(a.seed);
+    rdnet::RDNet<float> model(cfg, gen);
+    model.to(device);
+    const bool train = a.mode == "train";
+    dg::optim::AdamW<float> opt(dg::optim::timm_param_groups(model, 0.05),
+                                dg::optim::AdamWOptions().lr(1e-3).weight_decay(0.05));
+    if (train) model.train();
+    else model.eval();
+
+    // ---- one batch of random data, moved once: the loop measures the model, not the copies
+    Tensor<float> x = dg::randn<float>({a.batch, cfg.in_chans, a.res, a.res}, gen).to(device);  // (N, C, H, W)
+    std::vector<int64_t> label_values(static_cast<size_t>(a.batch));
+    for (int64_t& l : label_values) l = static_cast<int64_t>(gen.uniform() * static_cast<double>(cfg.num_classes));
+    Tensor<int64_t> labels = dg::tensor<int64_t>(label_values).to(device);  // (N,)
+
+    std::printf("rdnet_bench: %s (%lld parameters, %.2f GMACs per image), %s, batch %lld of %lldx%lldx%lld, "
+                "device %s%s, threads %d, %lld warmup + %lld timed iterations\n",
+                a.model.c_str(), static_cast<long long>(model.num_parameters()),
+                static_cast<double>(rdnet::count_macs(cfg, a.res, a.res)) / 1e9, a.mode.c_str(),
+                static_cast<long long>(a.batch), static_cast<long long>(cfg.in_chans), static_cast<long long>(a.res),
+                static_cast<long long>(a.res), device.str().c_str(), a.tf32 ? " (tf32)" : "", threads,
+                static_cast<long long>(a.warmup), static_cast<long long>(a.iters));
+    std::fflush(stdout);
+
+    // ---- one iteration: what is timed
+    Tensor<float> last;  // the last loss (train) or logits (infer), looked at after the timing
+    auto step = [&]() {
+      if (train) {
+        Tensor<float> logits = model.forward(x);  // (N, num_classes)
+        Tensor<float> loss = dg::cross_entropy(logits, labels, 0.1);
+        loss.backward();
+        opt.step();
+        opt.zero_grad();
+        last = loss.detach();
+      } else {
+        dg::NoGradGuard no_grad;
+        last = model.forward(x);
+      }
+    };
+
+    for (int64_t i = 0; i < a.warmup; ++i) step();
+    synchronize(cuda);
+    std::vector<double> ms;
+    for (int64_t i = 0; i < a.iters; ++i) {
+      const auto t0 = Clock::now();
+      step();
+      synchronize(cuda);
+      ms.push_back(std::chrono::duration<double, std::milli>(Clock::now() - t0).count());
+    }
+
+    // ---- report: per-iteration times, a sanity check of the numbers, the RESULT line
+    std::vector<double> sorted = ms;
+    std::sort(sorted.begin(), sorted.end());
+    const size_t n = sorted.size();
+    const double median = n % 2 ? sorted[n / 2] : 0.5 * (sorted[n / 2 - 1] + sorted[n / 2]);
+    const double total = std::accumulate(ms.begin(), ms.end(), 0.0);
+    const double mean = total / static_cast<double>(n);
+    std::printf("rdnet_bench: per iteration: median %.2f ms, mean %.2f ms, min %.2f ms, max %.2f ms\n", median, mean,
+                sorted.front(), sorted.back());
+    const Tensor<float> check = last.to(dg::Device::cpu()).contiguous();
+    double sum = 0;
+    for (int64_t i = 0; i < check.numel(); ++i) sum += static_cast<double>(check.data()[i]);
+    if (!std::isfinite(sum))
+      std::printf("rdnet_bench: warning: the last %s is not finite\n", train ? "loss" : "output");
+    else if (train)
+      std::printf("rdnet_bench: last loss %.4f\n", sum);
+
+    const double img_per_s = static_cast<double>(a.batch) * static_cast<double>(n) / (total / 1000.0);
+    std::printf("RESULT model=%s mode=%s batch=%lld res=%lld device=%s img_per_s=%.2f peak_rss_mb=%.1f "
+                "peak_gpu_mb=%.1f\n",
+                a.model.c_str(), a.mode.c_str(), static_cast<long long>(a.batch), static_cast<long long>(a.res),
+                a.device.c_str(), img_per_s, peak_rss_mb(), peak_gpu_mb(cuda));
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "rdnet_bench: error: %s\n", e.what());
+    return 1;
+  }
+  return 0;
+}

@@ -1,0 +1,707 @@
+// densegrad/backend/cuda/conv.cuh: CUDA conv2d kernels (forward, grad input, grad weight, grad
+// bias) for any stride, padding, dilation and groups. Three paths:
+//   depthwise (groups == C_in == C_out): tiled direct kernels, one block per output tile of one
+//     (image, channel) plane with the input patch and the channel's taps staged in shared memory;
+//     grad input is the same gather with the taps transposed; grad weight is a per-channel
+//     reduction, deterministic (partial sums per block, then summed in a fixed order).
+//   pointwise (1x1, stride 1, no padding): the image is its own column matrix, so forward and
+//     grad input are strided-batched cuBLAS GEMMs straight on the tensors.
+//   everything else (dense k x k, strided, grouped): im2col + cuBLAS GEMM, col2im for grad input.
+//   Grad weight of both GEMM paths puts chunks of images side by side (one deep GEMM per chunk).
+// No atomics anywhere: every output element has one writer, so results are reproducible. Not
+// cuDNN, not Winograd/FFT. Arithmetic in acc_t<T> (float for float, double for double).
+// Shape legend: as in backend/ref/conv.hpp; K = Cg*kH*kW (one column of im2col), P = Ho*Wo.
+#pragma once
+
+#include <algorithm>
+#include <climits>
+#include <type_traits>
+
+#include "../ref/conv.hpp"  // Conv2dGeometry
+#include "common.cuh"
+#include "matmul.cuh"
+
+namespace dg::cuda {
+
+namespace conv_detail {
+
+/// Elements of scratch memory (im2col columns, gathered images) one GEMM conv may hold at once;
+/// images are processed in chunks that fit. A variable so tests can force several chunks.
+inline int64_t& workspace_limit() {
+  static int64_t elems = int64_t(1) << 24;
+  return elems;
+}
+
+/// Shared memory a tiled depthwise kernel may use per block (the default limit, no opt-in).
+constexpr size_t kMaxSmem = 48 * 1024;
+
+/// True for groups == C_in == C_out: each channel convolved with its own kH x kW filter.
+inline bool is_depthwise(const Conv2dGeometry& g) { return g.groups == g.C_in && g.C_out == g.C_in; }
+/// True when the image is its own im2col matrix (C_in, H*W): 1x1 kernel, stride 1, no padding.
+inline bool is_pointwise(const Conv2dGeometry& g) {
+  return g.kH == 1 && g.kW == 1 && g.sH == 1 && g.sW == 1 && g.pH == 0 && g.pW == 0;
+}
+
+/// floor(a / b) for b > 0 and any sign of a (C++ '/' truncates toward zero).
+__host__ __device__ inline int floor_div(int a, int b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
+
+/// The smallest power of two >= v (v >= 1), capped at cap.
+inline int pow2_at_least(int64_t v, int cap) {
+  int p = 1;
+  while (p < v && p < cap) p *= 2;
+  return p;
+}
+
+/// Streaming multiprocessors of the current device (sizes grids that must fill the GPU).
+inline int sm_count() {
+  int dev = 0, n = 0;
+  DG_CUDA_CHECK(cudaGetDevice(&dev));
+  DG_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev));
+  return n > 0 ? n : 1;
+}
+
+/// Runs f(I{}) with I = int when every index of a kernel stays below 2^30 (32-bit division is
+/// several times cheaper on the GPU; the margin keeps grid-stride steps from overflowing), else
+/// with I = int64_t.
+template <class F>
+void with_index_type(int64_t max_index, F&& f) {
+  if (max_index < (int64_t(1) << 30)) f(int{});
+  else f(int64_t{});
+}
+
+// ---------------------------------------------------------------- kernels: im2col / col2im / GEMM helpers
+
+/// Column matrix of gn images, one thread per element col[i]. Row r = (c*kH + kh)*kW + kw holds,
+/// for every output position p, the input tap (kh, kw) of channel c sees there (0 in the padding).
+/// narrow layout: (gn, C_in*kH*kW, P), each image's columns apart (the GEMM per image/group);
+/// wide layout: (C_in*kH*kW, gn*P), the images side by side (one GEMM sums over all of them).
+template <class T, class I>
+__global__ void im2col_kernel(const T* __restrict__ x, T* __restrict__ col, Conv2dGeometry g, I gn, bool wide,
+                              I total) {
+  const I P = I(g.Ho * g.Wo), R = I(g.C_in * g.kH * g.kW);
+  for (I i = I(blockIdx.x) * I(blockDim.x) + I(threadIdx.x); i < total; i += I(gridDim.x) * I(blockDim.x)) {
+    const I p = i % P, q = i / P;
+    const I row = wide ? q / gn : q % R, n = wide ? q % gn : q / R;
+    const I kw = row % I(g.kW), t = row / I(g.kW), kh = t % I(g.kH), c = t / I(g.kH);
+    const I oh = p / I(g.Wo), ow = p - oh * I(g.Wo);
+    const I ih = oh * I(g.sH) - I(g.pH) + kh * I(g.dH), iw = ow * I(g.sW) - I(g.pW) + kw * I(g.dW);
+    col[i] = (ih >= 0 && ih < I(g.H) && iw >= 0 && iw < I(g.W)) ? x[((n * I(g.C_in) + c) * I(g.H) + ih) * I(g.W) + iw]
+                                                                 : T(0);
+  }
+}
+
+/// The adjoint of im2col (narrow layout), gather form: one thread per element of dx (gn, C_in,
+/// H, W) sums the column entries copied from it, i.e. the taps (kh, kw) and output positions
+/// (oh, ow) with oh*s - p + kh*d == ih (and likewise for w). Each dx element has one writer.
+template <class T, class I>
+__global__ void col2im_kernel(const T* __restrict__ dcol, T* __restrict__ dx, Conv2dGeometry g, I total) {
+  using A = acc_t<T>;
+  const I P = I(g.Ho * g.Wo), taps = I(g.kH * g.kW);
+  for (I i = I(blockIdx.x) * I(blockDim.x) + I(threadIdx.x); i < total; i += I(gridDim.x) * I(blockDim.x)) {
+    const I iw = i % I(g.W), q = i / I(g.W), ih = q % I(g.H), nc = q / I(g.H);  // nc = n*C_in + c
+    const T* rows = dcol + nc * taps * P;
+    A acc = A(0);
+    for (I kh = 0; kh < I(g.kH); ++kh) {
+      const I th = ih + I(g.pH) - kh * I(g.dH);
+      if (th < 0 || th % I(g.sH) != 0) continue;
+      const I oh = th / I(g.sH);
+      if (oh >= I(g.Ho)) continue;
+      for (I kw = 0; kw < I(g.kW); ++kw) {
+        const I tw = iw + I(g.pW) - kw * I(g.dW);
+        if (tw < 0 || tw % I(g.sW) != 0) continue;
+        const I ow = tw / I(g.sW);
+        if (ow >= I(g.Wo)) continue;
+        acc += A(rows[(kh * I(g.kW) + kw) * P + oh * I(g.Wo) + ow]);
+      }
+    }
+    dx[i] = T(acc);
+  }
+}
+
+/// dst (R, gn*P) <- src (gn, R, P): gn images' planes side by side (the wide layout).
+template <class T, class I>
+__global__ void gather_wide_kernel(const T* __restrict__ src, T* __restrict__ dst, I R, I P, I gn, I total) {
+  for (I i = I(blockIdx.x) * I(blockDim.x) + I(threadIdx.x); i < total; i += I(gridDim.x) * I(blockDim.x)) {
+    const I p = i % P, q = i / P, n = q % gn, r = q / gn;
+    dst[i] = src[(n * R + r) * P + p];
+  }
+}
+
+/// y[n, c, p] += bias[c]; y: (N, C, P) contiguous, bias read with stride bs.
+template <class T, class I>
+__global__ void add_bias_kernel(T* __restrict__ y, const T* __restrict__ b, int64_t bs, I C, I P, I total) {
+  for (I i = I(blockIdx.x) * I(blockDim.x) + I(threadIdx.x); i < total; i += I(gridDim.x) * I(blockDim.x))
+    y[i] = T(acc_t<T>(y[i]) + acc_t<T>(b[((i / P) % C) * bs]));
+}
+
+/// Sum of v over the block (blockDim.x a multiple of 32, at most 1024); valid in thread 0.
+/// Fixed shuffle tree and warp order: the same inputs give the same bits.
+template <class A>
+__device__ A block_sum(A v, A* warp_part) {
+  for (int off = 16; off > 0; off /= 2) v += __shfl_down_sync(0xffffffffu, v, off);
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, nwarps = blockDim.x / 32;
+  if (lane == 0) warp_part[warp] = v;
+  __syncthreads();
+  if (warp == 0) {
+    v = lane < nwarps ? warp_part[lane] : A(0);
+    for (int off = 16; off > 0; off /= 2) v += __shfl_down_sync(0xffffffffu, v, off);
+  }
+  return v;
+}
+
+/// dbias, stage 1: block (chunk k, channel c) sums dout[n, c, :] over the images [k*per,
+/// (k+1)*per) into part[k*C + c]; threads stride along each contiguous plane of P elements.
+template <class T>
+__global__ void bias_grad_kernel(const T* __restrict__ dout, T* __restrict__ part, int64_t N, int64_t C, int64_t P,
+                                 int64_t chunks, int64_t per) {
+  using A = acc_t<T>;
+  __shared__ A warp_part[32];
+  const int64_t k = blockIdx.x % chunks, c = blockIdx.x / chunks;
+  const int64_t n_hi = min(N, (k + 1) * per);
+  A acc = A(0);
+  for (int64_t n = k * per; n < n_hi; ++n) {
+    const T* plane = dout + (n * C + c) * P;
+    for (int64_t p = threadIdx.x; p < P; p += blockDim.x) acc += A(plane[p]);
+  }
+  acc = block_sum(acc, warp_part);
+  if (threadIdx.x == 0) part[k * C + c] = T(acc);
+}
+
+// ---------------------------------------------------------------- kernels: depthwise, tiled direct
+// Blocks are numbered (plane, tile row, tile column) with plane = n*C + c in one grid dimension
+// (x, up to 2^31 - 1 blocks). Shared memory holds the channel's kH*kW taps first, then the
+// staged patch; both of type T, so the patch is aligned too. Planes hold fewer than 2^31
+// elements (checked on the host), so in-plane indices are int.
+
+extern __shared__ __align__(16) unsigned char conv_smem[];
+
+/// Sizes of one depthwise launch, passed by value.
+struct DwParams {
+  int C, H, W, Ho, Wo, kH, kW, sH, sW, pH, pW, dH, dW;
+  int tiles_h, tiles_w;  // tiles per plane
+  int patch_h, patch_w;  // the staged patch
+};
+
+/// Forward: block (by, bx) computes a by x bx tile of y[n, c]. The input patch it reads,
+/// ((by-1)*sH + (kH-1)*dH + 1) x ((bx-1)*sW + (kW-1)*dW + 1) with zeros for the padding, is
+/// staged once; each thread then sums its kH*kW taps from shared memory (bias first, then the
+/// taps in (kh, kw) order, as the ref kernel).
+template <class T>
+__global__ void depthwise_forward_kernel(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ b,
+                                         int64_t bs, T* __restrict__ y, DwParams d) {
+  using A = acc_t<T>;
+  T* s_w = reinterpret_cast<T*>(conv_smem);
+  T* s_x = s_w + d.kH * d.kW;
+  const int64_t blk = blockIdx.x;
+  const int tw = static_cast<int>(blk % d.tiles_w);
+  const int th = static_cast<int>((blk / d.tiles_w) % d.tiles_h);
+  const int64_t plane = blk / (int64_t(d.tiles_w) * d.tiles_h);
+  const int c = static_cast<int>(plane % d.C);
+  const int oh0 = th * blockDim.y, ow0 = tw * blockDim.x;
+  const int ih0 = oh0 * d.sH - d.pH, iw0 = ow0 * d.sW - d.pW;
+  const int tid = threadIdx.y * blockDim.x + threadIdx.x, nt = blockDim.x * blockDim.y;
+  const T* xp = x + plane * d.H * d.W;
+  for (int i = tid; i < d.kH * d.kW; i += nt) s_w[i] = w[c * d.kH * d.kW + i];
+  for (int i = tid; i < d.patch_h * d.patch_w; i += nt) {
+    const int r = i / d.patch_w, ih = ih0 + r, iw = iw0 + (i - r * d.patch_w);
+    s_x[i] = (ih >= 0 && ih < d.H && iw >= 0 && iw < d.W) ? xp[ih * d.W + iw] : T(0);
+  }
+  __syncthreads();
+  const int oh = oh0 + threadIdx.y, ow = ow0 + threadIdx.x;
+  if (oh >= d.Ho || ow >= d.Wo) return;
+  A acc = b ? A(b[c * bs]) : A(0);
+  const T* sx = s_x + threadIdx.y * d.sH * d.patch_w + threadIdx.x * d.sW;  // tap (0, 0) of this output
+  for (int kh = 0; kh < d.kH; ++kh) {
+    const T* xr = sx + kh * d.dH * d.patch_w;
+    const T* wr = s_w + kh * d.kW;
+    for (int kw = 0; kw < d.kW; ++kw) acc += A(wr[kw]) * A(xr[kw * d.dW]);
+  }
+  y[plane * d.Ho * d.Wo + oh * d.Wo + ow] = T(acc);
+}
+
+/// Grad input, gather form: block (by, bx) computes a by x bx tile of dx[n, c]. Input row ih
+/// received dout row oh through tap kh when oh*sH - pH + kh*dH == ih, so it gathers
+/// dout[(ih + pH - kh*dH) / sH] for the taps where that division is exact. The dout rows the
+/// tile needs start at oh_base = floor((ih0 + pH - (kH-1)*dH) / sH) and span at most
+/// patch_h = (by - 1 + (kH-1)*dH) / sH + 2 rows (likewise columns); they are staged with zeros
+/// outside the plane, so the sum needs no bounds checks, only the divisibility test (none for
+/// kUnit, stride 1 both ways, where every tap contributes).
+template <class T, bool kUnit>
+__global__ void depthwise_backward_input_kernel(const T* __restrict__ dout, const T* __restrict__ w,
+                                                T* __restrict__ dx, DwParams d) {
+  using A = acc_t<T>;
+  T* s_w = reinterpret_cast<T*>(conv_smem);
+  T* s_d = s_w + d.kH * d.kW;
+  const int64_t blk = blockIdx.x;
+  const int tw = static_cast<int>(blk % d.tiles_w);
+  const int th = static_cast<int>((blk / d.tiles_w) % d.tiles_h);
+  const int64_t plane = blk / (int64_t(d.tiles_w) * d.tiles_h);
+  const int c = static_cast<int>(plane % d.C);
+  const int ih0 = th * blockDim.y, iw0 = tw * blockDim.x;
+  const int oh_base = floor_div(ih0 + d.pH - (d.kH - 1) * d.dH, d.sH);
+  const int ow_base = floor_div(iw0 + d.pW - (d.kW - 1) * d.dW, d.sW);
+  const int tid = threadIdx.y * blockDim.x + threadIdx.x, nt = blockDim.x * blockDim.y;
+  const T* dp = dout + plane * d.Ho * d.Wo;
+  for (int i = tid; i < d.kH * d.kW; i += nt) s_w[i] = w[c * d.kH * d.kW + i];
+  for (int i = tid; i < d.patch_h * d.patch_w; i += nt) {
+    const int r = i / d.patch_w, oh = oh_base + r, ow = ow_base + (i - r * d.patch_w);
+    s_d[i] = (oh >= 0 && oh < d.Ho && ow >= 0 && ow < d.Wo) ? dp[oh * d.Wo + ow] : T(0);
+  }
+  __syncthreads();
+  const int ih = ih0 + threadIdx.y, iw = iw0 + threadIdx.x;
+  if (ih >= d.H || iw >= d.W) return;
+  A acc = A(0);
+  for (int kh = 0; kh < d.kH; ++kh) {
+    const int u = ih + d.pH - kh * d.dH - oh_base * d.sH;  // >= 0 by the choice of oh_base
+    if (!kUnit && u % d.sH != 0) continue;
+    const T* dr = s_d + (kUnit ? u : u / d.sH) * d.patch_w;
+    for (int kw = 0; kw < d.kW; ++kw) {
+      const int v = iw + d.pW - kw * d.dW - ow_base * d.sW;
+      if (!kUnit && v % d.sW != 0) continue;
+      acc += A(s_w[kh * d.kW + kw]) * A(dr[kUnit ? v : v / d.sW]);
+    }
+  }
+  dx[plane * d.H * d.W + ih * d.W + iw] = T(acc);
+}
+
+/// Grad weight, stage 1: block (chunk k, channel c) sums, for every tap of channel c, dout * x
+/// over the images [n_lo, n_hi) of chunk k, into part[(k*C + c)*taps + tap]. Output tiles of
+/// tile_h x tile_w positions are staged (dout tile and the input patch under it); thread tid
+/// owns tap tid % taps and every lanes-th position of the tile, keeping one running sum in a
+/// register; at the end the lanes of each tap are added in lane order. Taps beyond the block
+/// size are done in further passes of tap groups.
+template <class T>
+__global__ void depthwise_backward_weight_kernel(const T* __restrict__ dout, const T* __restrict__ x,
+                                                 T* __restrict__ part, DwParams d, int N, int chunks,
+                                                 int per, int tile_h, int tile_w) {
+  using A = acc_t<T>;
+  T* s_d = reinterpret_cast<T*>(conv_smem);
+  T* s_x = s_d + tile_h * tile_w;
+  A* s_red = reinterpret_cast<A*>(s_x + d.patch_h * d.patch_w);  // T == A: alignment holds
+  const int k = blockIdx.x % chunks, c = blockIdx.x / chunks;
+  const int n_lo = k * per, n_hi = min(N, n_lo + per);
+  const int taps = d.kH * d.kW, tid = threadIdx.x, nt = blockDim.x;
+  for (int g0 = 0; g0 < taps; g0 += nt) {
+    const int taps_g = min(taps - g0, nt), lanes = nt / taps_g;
+    const bool active = tid < lanes * taps_g;
+    const int tap = g0 + tid % taps_g, lane = tid / taps_g;
+    const int kh = tap / d.kW, kw = tap - kh * d.kW;
+    const int tap_off = kh * d.dH * d.patch_w + kw * d.dW;  // tap's offset in the patch
+    A acc = A(0);
+    for (int n = n_lo; n < n_hi; ++n) {
+      const int64_t plane = int64_t(n) * d.C + c;
+      const T* dp = dout + plane * d.Ho * d.Wo;
+      const T* xp = x + plane * d.H * d.W;
+      for (int oh0 = 0; oh0 < d.Ho; oh0 += tile_h)
+        for (int ow0 = 0; ow0 < d.Wo; ow0 += tile_w) {
+          const int th = min(tile_h, d.Ho - oh0), tw = min(tile_w, d.Wo - ow0), npos = th * tw;
+          const int ih0 = oh0 * d.sH - d.pH, iw0 = ow0 * d.sW - d.pW;
+          __syncthreads();  // the previous tile is no longer read
+          for (int i = tid; i < npos; i += nt) {
+            const int r = i / tw;
+            s_d[i] = dp[(oh0 + r) * d.Wo + ow0 + (i - r * tw)];
+          }
+          for (int i = tid; i < d.patch_h * d.patch_w; i += nt) {
+            const int r = i / d.patch_w, ih = ih0 + r, iw = iw0 + (i - r * d.patch_w);
+            s_x[i] = (ih >= 0 && ih < d.H && iw >= 0 && iw < d.W) ? xp[ih * d.W + iw] : T(0);
+          }
+          __syncthreads();
+          if (active)
+            for (int pos = lane; pos < npos; pos += lanes) {
+              const int r = pos / tw, q = pos - r * tw;
+              acc += A(s_d[pos]) * A(s_x[r * d.sH * d.patch_w + q * d.sW + tap_off]);
+            }
+        }
+    }
+    s_red[tid] = acc;  // inactive threads hold 0 and are never read
+    __syncthreads();
+    if (tid < taps_g) {
+      A s = A(0);
+      for (int l = 0; l < lanes; ++l) s += s_red[l * taps_g + tid];
+      part[(int64_t(k) * d.C + c) * taps + g0 + tid] = T(s);
+    }
+    __syncthreads();  // s_red is reused by the next tap group
+  }
+}
+
+/// Stage 2 of the reductions split over image chunks (grad weight of depthwise convs, grad
+/// bias): out[i] = sum over chunks k, in order, of part[k*n + i].
+template <class T>
+__global__ void sum_chunks_kernel(const T* __restrict__ part, T* __restrict__ out, int64_t n, int chunks) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
+    acc_t<T> s = 0;
+    for (int k = 0; k < chunks; ++k) s += acc_t<T>(part[k * n + i]);
+    out[i] = T(s);
+  }
+}
+
+// ---------------------------------------------------------------- launchers: shared pieces
+
+/// Checks what every conv entry point trusts: CUDA tensors on one device, contiguous, with the
+/// geometry's shapes. Returns the device.
+template <class T>
+Device check_inputs(const char* op, std::initializer_list<std::pair<const Tensor<T>*, Shape>> ts) {
+  static_assert(std::is_same_v<T, float> || std::is_same_v<T, double>, "CUDA conv2d: float and double only");
+  const Device dev = ts.begin()->first->device();
+  DG_CHECK(dev.is_cuda(), op, ": expected CUDA tensors, got one on ", dev.str());
+  for (const auto& [t, shape] : ts) {
+    if (!t->defined()) continue;
+    DG_CHECK(t->device() == dev, op, ": expected all tensors on ", dev.str(), ", got one on ", t->device().str());
+    DG_CHECK(t->shape() == shape, op, ": expected a tensor of shape ", shape_str(shape), " for this geometry, got ",
+             shape_str(t->shape()));
+    DG_CHECK(t->is_contiguous() || t->dim() == 1, op, ": the CUDA kernel expects contiguous tensors, got strides ",
+             shape_str(t->strides()), " for shape ", shape_str(t->shape()));
+  }
+  return dev;
+}
+
+/// Splits N >= 1 images into chunks of `units` blocks each, so that about 4 blocks per
+/// multiprocessor run; sets per (images per chunk) and returns the number of chunks, none empty.
+inline int64_t image_chunks(int64_t units, int64_t N, int64_t& per) {
+  const int64_t want = std::clamp<int64_t>((4 * int64_t(sm_count()) + units - 1) / units, 1, N);
+  per = (N + want - 1) / want;
+  return (N + per - 1) / per;
+}
+
+/// Sets n elements at p to zero (0.0 is all-zero bytes for float and double).
+template <class T>
+void zero(T* p, int64_t n) {
+  if (n > 0) DG_CUDA_CHECK(cudaMemsetAsync(p, 0, static_cast<size_t>(n) * sizeof(T), stream()));
+}
+
+/// im2col of gn images starting at x (their first element), into col (narrow or wide layout).
+template <class T>
+void im2col(const T* x, T* col, const Conv2dGeometry& g, int64_t gn, bool wide) {
+  const int64_t total = gn * g.C_in * g.kH * g.kW * g.Ho * g.Wo;
+  with_index_type(std::max(total, gn * g.C_in * g.H * g.W), [&](auto zero_i) {
+    using I = decltype(zero_i);
+    im2col_kernel<T, I><<<blocks_for(total), kThreads, 0, stream()>>>(x, col, g, I(gn), wide, I(total));
+  });
+  check_launch("conv2d (im2col)");
+}
+
+/// dst (R, gn*P) from gn images src (gn, R, P).
+template <class T>
+void gather_wide(const T* src, T* dst, int64_t R, int64_t P, int64_t gn) {
+  const int64_t total = gn * R * P;
+  with_index_type(total, [&](auto zero_i) {
+    using I = decltype(zero_i);
+    gather_wide_kernel<T, I><<<blocks_for(total), kThreads, 0, stream()>>>(src, dst, I(R), I(P), I(gn), I(total));
+  });
+  check_launch("conv2d (gather images)");
+}
+
+/// Y[n][gi] (OCg, P) = W[gi] (OCg, K) @ col[n][gi] (K, P) for gn images and every group: col's
+/// image stride is col_img (its groups K*P apart), y's C_out*P (groups OCg*P apart). One
+/// strided-batched GEMM per image over the groups, or per group over the images, whichever
+/// makes fewer calls (a stride-0 batch reuses the group's weight for every image).
+template <class T>
+void gemm_conv_forward(const T* w, const T* col, int64_t col_img, T* y, const Conv2dGeometry& g, int64_t gn) {
+  const int64_t OCg = g.cout_g(), K = g.cin_g() * g.kH * g.kW, P = g.Ho * g.Wo;
+  if (gn <= g.groups) {
+    for (int64_t i = 0; i < gn; ++i)
+      gemm<T>(false, false, OCg, P, K, T(1), w, K, OCg * K, col + i * col_img, P, K * P, T(0), y + i * g.C_out * P, P,
+              OCg * P, g.groups);
+  } else {
+    for (int64_t gi = 0; gi < g.groups; ++gi)
+      gemm<T>(false, false, OCg, P, K, T(1), w + gi * OCg * K, K, 0, col + gi * K * P, P, col_img, T(0),
+              y + gi * OCg * P, P, g.C_out * P, gn);
+  }
+}
+
+/// dcol[n][gi] (K, P) = W[gi]^T (K, OCg) @ dout[n][gi] (OCg, P), batched as above.
+template <class T>
+void gemm_conv_backward_input(const T* w, const T* dy, T* dcol, int64_t col_img, const Conv2dGeometry& g, int64_t gn) {
+  const int64_t OCg = g.cout_g(), K = g.cin_g() * g.kH * g.kW, P = g.Ho * g.Wo;
+  if (gn <= g.groups) {
+    for (int64_t i = 0; i < gn; ++i)
+      gemm<T>(true, false, K, P, OCg, T(1), w, K, OCg * K, dy + i * g.C_out * P, P, OCg * P, T(0),
+              dcol + i * col_img, P, K * P, g.groups);
+  } else {
+    for (int64_t gi = 0; gi < g.groups; ++gi)
+      gemm<T>(true, false, K, P, OCg, T(1), w + gi * OCg * K, K, 0, dy + gi * OCg * P, P, g.C_out * P, T(0),
+              dcol + gi * K * P, P, col_img, gn);
+  }
+}
+
+// ---------------------------------------------------------------- launchers: GEMM path
+
+/// y = conv(x, w) + b by (im2col +) GEMM, in chunks of images whose columns fit the workspace.
+template <class T>
+void gemm_path_forward(const T* x, const T* w, const T* b, int64_t bs, T* y, const Conv2dGeometry& g, Device dev) {
+  const int64_t P = g.Ho * g.Wo, col_img = g.C_in * g.kH * g.kW * P;
+  const bool pointwise = is_pointwise(g);  // the images are the columns: no copy
+  const int64_t G = pointwise ? g.N : std::clamp<int64_t>(workspace_limit() / std::max<int64_t>(col_img, 1), 1, g.N);
+  Tensor<T> col = pointwise ? Tensor<T>() : empty<T>({G * col_img}, dev);
+  for (int64_t n0 = 0; n0 < g.N; n0 += G) {
+    const int64_t gn = std::min(G, g.N - n0);
+    const T* xc = x + n0 * g.C_in * g.H * g.W;
+    if (!pointwise) im2col(xc, col.data(), g, gn, false);
+    gemm_conv_forward(w, pointwise ? xc : col.data(), col_img, y + n0 * g.C_out * P, g, gn);
+  }
+  if (b) {
+    const int64_t total = g.N * g.C_out * P;
+    with_index_type(total, [&](auto zero_i) {
+      using I = decltype(zero_i);
+      add_bias_kernel<T, I><<<blocks_for(total), kThreads, 0, stream()>>>(y, b, bs, I(g.C_out), I(P), I(total));
+    });
+    check_launch("conv2d (bias)");
+  }
+}
+
+/// dx = W^T dout by GEMM, then col2im (a pointwise conv writes the GEMM straight into dx).
+template <class T>
+void gemm_path_backward_input(const T* dy, const T* w, T* dx, const Conv2dGeometry& g, Device dev) {
+  const int64_t P = g.Ho * g.Wo, col_img = g.C_in * g.kH * g.kW * P;
+  const bool pointwise = is_pointwise(g);
+  const int64_t G = pointwise ? g.N : std::clamp<int64_t>(workspace_limit() / std::max<int64_t>(col_img, 1), 1, g.N);
+  Tensor<T> col = pointwise ? Tensor<T>() : empty<T>({G * col_img}, dev);
+  for (int64_t n0 = 0; n0 < g.N; n0 += G) {
+    const int64_t gn = std::min(G, g.N - n0);
+    T* dxc = dx + n0 * g.C_in * g.H * g.W;
+    gemm_conv_backward_input(w, dy + n0 * g.C_out * P, pointwise ? dxc : col.data(), col_img, g, gn);
+    if (pointwise) continue;
+    const int64_t total = gn * g.C_in * g.H * g.W;
+    with_index_type(std::max(total, gn * col_img), [&](auto zero_i) {
+      using I = decltype(zero_i);
+      col2im_kernel<T, I><<<blocks_for(total), kThreads, 0, stream()>>>(col.data(), dxc, g, I(total));
+    });
+    check_launch("conv2d_backward_input (col2im)");
+  }
+}
+
+/// dW[gi] (OCg, K) = sum over images of dout[n][gi] (OCg, P) @ col[n][gi]^T (P, K). Images go
+/// side by side (the wide layout: dout and columns as (rows, gn*P)), so one GEMM of depth gn*P
+/// per chunk sums them, and the chunks accumulate with beta = 1. A chunk of one image needs no
+/// gathering (wide == per-image layout), nor columns for a pointwise conv; maps of 4096+
+/// positions already give deep GEMMs, so they go one image at a time without copies.
+template <class T>
+void gemm_path_backward_weight(const T* dy, const T* x, T* dw, const Conv2dGeometry& g, Device dev) {
+  const int64_t OCg = g.cout_g(), K = g.cin_g() * g.kH * g.kW, P = g.Ho * g.Wo;
+  const bool pointwise = is_pointwise(g);
+  const int64_t col_rows = g.C_in * g.kH * g.kW;
+  const int64_t per_image = (col_rows + g.C_out) * P;
+  const int64_t G = P >= 4096 ? 1 : std::clamp<int64_t>(workspace_limit() / std::max<int64_t>(per_image, 1), 1, g.N);
+  const bool need_col = !pointwise || G > 1, need_dy = G > 1;
+  Tensor<T> col = need_col ? empty<T>({G * col_rows * P}, dev) : Tensor<T>();
+  Tensor<T> dyw = need_dy ? empty<T>({G * g.C_out * P}, dev) : Tensor<T>();
+  for (int64_t n0 = 0; n0 < g.N; n0 += G) {
+    const int64_t gn = std::min(G, g.N - n0), GP = gn * P;
+    const T* xc = x + n0 * g.C_in * g.H * g.W;
+    const T* dyc = dy + n0 * g.C_out * P;
+    const T* cols = xc;  // pointwise, one image: the image is its column matrix
+    if (!pointwise) {
+      im2col(xc, col.data(), g, gn, true);
+      cols = col.data();
+    } else if (gn > 1) {
+      gather_wide(xc, col.data(), g.C_in, P, gn);
+      cols = col.data();
+    }
+    if (gn > 1) {
+      gather_wide(dyc, dyw.data(), g.C_out, P, gn);
+      dyc = dyw.data();
+    }
+    gemm<T>(false, true, OCg, K, GP, T(1), dyc, GP, OCg * GP, cols, GP, K * GP, n0 == 0 ? T(0) : T(1), dw, K, OCg * K,
+            g.groups);
+  }
+}
+
+// ---------------------------------------------------------------- launchers: depthwise
+
+/// Fills the sizes every depthwise kernel shares; false when a size does not fit the int
+/// indices of the kernels (then the GEMM path runs instead).
+inline bool dw_params(const Conv2dGeometry& g, DwParams& d) {
+  const int64_t big = int64_t(1) << 30;
+  if (g.H * g.W >= big || g.Ho * g.Wo >= big || g.C_in >= big || g.N * g.C_in >= big) return false;
+  d = DwParams{};
+  d.C = int(g.C_in), d.H = int(g.H), d.W = int(g.W), d.Ho = int(g.Ho), d.Wo = int(g.Wo);
+  d.kH = int(g.kH), d.kW = int(g.kW), d.sH = int(g.sH), d.sW = int(g.sW);
+  d.pH = int(g.pH), d.pW = int(g.pW), d.dH = int(g.dH), d.dW = int(g.dW);
+  return d.kH * int64_t(d.dH) < big && d.kW * int64_t(d.dW) < big && d.pH < big / 2 && d.pW < big / 2;
+}
+
+/// A thread block (by, bx) for a tile over a rows x cols plane whose staged patch (from
+/// patch(by, bx)) fits kMaxSmem next to `extra` elements: up to 32 x 8 threads, halved while
+/// it does not fit. False when not even one thread's patch fits.
+template <class T, class Patch>
+bool pick_block(int64_t rows, int64_t cols, int64_t extra, Patch patch, int& by, int& bx, int& ph, int& pw) {
+  bx = pow2_at_least(cols, 32);
+  by = pow2_at_least(rows, kThreads / bx);
+  for (;;) {
+    patch(by, bx, ph, pw);
+    if ((int64_t(ph) * pw + extra) * int64_t(sizeof(T)) <= int64_t(kMaxSmem)) return true;
+    if (by == 1 && bx == 1) return false;
+    if (by >= bx) by /= 2;
+    else bx /= 2;
+  }
+}
+
+/// Launches the tiled depthwise forward; false when it does not apply (then use the GEMM path).
+template <class T>
+bool depthwise_forward(const T* x, const T* w, const T* b, int64_t bs, T* y, const Conv2dGeometry& g) {
+  DwParams d;
+  if (!dw_params(g, d)) return false;
+  int by, bx;
+  auto patch = [&](int by_, int bx_, int& ph, int& pw) {
+    ph = (by_ - 1) * d.sH + (d.kH - 1) * d.dH + 1;
+    pw = (bx_ - 1) * d.sW + (d.kW - 1) * d.dW + 1;
+  };
+  if (!pick_block<T>(g.Ho, g.Wo, g.kH * g.kW, patch, by, bx, d.patch_h, d.patch_w)) return false;
+  d.tiles_h = int((g.Ho + by - 1) / by), d.tiles_w = int((g.Wo + bx - 1) / bx);
+  const int64_t blocks = g.N * g.C_in * d.tiles_h * d.tiles_w;
+  if (blocks >= INT_MAX) return false;
+  const size_t smem = (size_t(d.patch_h) * d.patch_w + g.kH * g.kW) * sizeof(T);
+  depthwise_forward_kernel<T><<<unsigned(blocks), dim3(bx, by), smem, stream()>>>(x, w, b, bs, y, d);
+  check_launch("conv2d (depthwise)");
+  return true;
+}
+
+/// Launches the tiled depthwise grad input; false when it does not apply.
+template <class T>
+bool depthwise_backward_input(const T* dy, const T* w, T* dx, const Conv2dGeometry& g) {
+  DwParams d;
+  if (!dw_params(g, d)) return false;
+  int by, bx;
+  auto patch = [&](int by_, int bx_, int& ph, int& pw) {  // dout rows/cols under a tile (see the kernel)
+    ph = (by_ - 1 + (d.kH - 1) * d.dH) / d.sH + 2;
+    pw = (bx_ - 1 + (d.kW - 1) * d.dW) / d.sW + 2;
+  };
+  if (!pick_block<T>(g.H, g.W, g.kH * g.kW, patch, by, bx, d.patch_h, d.patch_w)) return false;
+  d.tiles_h = int((g.H + by - 1) / by), d.tiles_w = int((g.W + bx - 1) / bx);
+  const int64_t blocks = g.N * g.C_in * d.tiles_h * d.tiles_w;
+  if (blocks >= INT_MAX) return false;
+  const size_t smem = (size_t(d.patch_h) * d.patch_w + g.kH * g.kW) * sizeof(T);
+  if (d.sH == 1 && d.sW == 1)
+    depthwise_backward_input_kernel<T, true><<<unsigned(blocks), dim3(bx, by), smem, stream()>>>(dy, w, dx, d);
+  else
+    depthwise_backward_input_kernel<T, false><<<unsigned(blocks), dim3(bx, by), smem, stream()>>>(dy, w, dx, d);
+  check_launch("conv2d_backward_input (depthwise)");
+  return true;
+}
+
+/// Launches the depthwise grad weight (two stages when images are split over blocks); false when
+/// it does not apply.
+template <class T>
+bool depthwise_backward_weight(const T* dy, const T* x, T* dw, const Conv2dGeometry& g, Device dev) {
+  DwParams d;
+  if (!dw_params(g, d) || g.N >= INT_MAX) return false;
+  const int nt = kThreads;
+  // tiles of up to 32 x 32 output positions, halved while the tile + patch + reduction buffer
+  // do not fit
+  int tile_w = pow2_at_least(g.Wo, 32), tile_h = pow2_at_least(g.Ho, 1024 / tile_w);
+  auto smem_of = [&](int th, int tw) {
+    d.patch_h = (th - 1) * d.sH + (d.kH - 1) * d.dH + 1;
+    d.patch_w = (tw - 1) * d.sW + (d.kW - 1) * d.dW + 1;
+    return (int64_t(th) * tw + int64_t(d.patch_h) * d.patch_w + nt) * int64_t(sizeof(T));
+  };
+  while (smem_of(tile_h, tile_w) > int64_t(kMaxSmem)) {
+    if (tile_h == 1 && tile_w == 1) return false;
+    if (tile_h >= tile_w) tile_h /= 2;
+    else tile_w /= 2;
+  }
+  const size_t smem = static_cast<size_t>(smem_of(tile_h, tile_w));
+  int64_t per = 0;
+  const int64_t chunks = image_chunks(g.C_in, g.N, per);
+  if (chunks * g.C_in >= INT_MAX) return false;
+  const int64_t wsize = g.C_in * g.kH * g.kW;
+  Tensor<T> part = chunks > 1 ? empty<T>({chunks * wsize}, dev) : Tensor<T>();
+  depthwise_backward_weight_kernel<T><<<unsigned(chunks * g.C_in), nt, smem, stream()>>>(
+      dy, x, chunks > 1 ? part.data() : dw, d, int(g.N), int(chunks), int(per), tile_h, tile_w);
+  check_launch("conv2d_backward_weight (depthwise)");
+  if (chunks > 1) {
+    sum_chunks_kernel<T><<<blocks_for(wsize), kThreads, 0, stream()>>>(part.data(), dw, wsize, int(chunks));
+    check_launch("conv2d_backward_weight (depthwise sum)");
+  }
+  return true;
+}
+
+}  // namespace conv_detail
+
+// ---------------------------------------------------------------- the table's entries
+
+/// out = conv2d(x, w, b) (torch.nn.functional.conv2d); x: (N, C_in, H, W), w: (C_out,
+/// C_in/groups, kH, kW), b: (C_out) or undefined; out: (N, C_out, Ho, Wo) on x's device.
+/// Example: `auto y = dg::cuda::conv2d_forward(x, w, b, dg::conv2d_geometry(...));`
+template <class T>
+Tensor<T> conv2d_forward(const Tensor<T>& x, const Tensor<T>& w, const Tensor<T>& b, const Conv2dGeometry& g) {
+  using namespace conv_detail;
+  const Device dev = check_inputs<T>("conv2d", {{&x, g.x_shape()}, {&w, g.w_shape()}, {&b, Shape{g.C_out}}});
+  Tensor<T> y = empty<T>(g.out_shape(), dev);
+  if (y.numel() == 0) return y;
+  const T* pb = b.defined() ? b.data() : nullptr;
+  const int64_t bs = b.defined() ? b.strides()[0] : 0;
+  if (is_depthwise(g) && depthwise_forward(x.data(), w.data(), pb, bs, y.data(), g)) return y;
+  gemm_path_forward(x.data(), w.data(), pb, bs, y.data(), g, dev);
+  return y;
+}
+
+/// dx of conv2d: dout (N, C_out, Ho, Wo), w (C_out, C_in/groups, kH, kW) -> dx (N, C_in, H, W).
+template <class T>
+Tensor<T> conv2d_backward_input(const Tensor<T>& dout, const Tensor<T>& w, const Conv2dGeometry& g) {
+  using namespace conv_detail;
+  const Device dev = check_inputs<T>("conv2d_backward_input", {{&dout, g.out_shape()}, {&w, g.w_shape()}});
+  Tensor<T> dx = empty<T>(g.x_shape(), dev);
+  if (dx.numel() == 0) return dx;
+  if (dout.numel() == 0) {  // no output read any input
+    zero(dx.data(), dx.numel());
+    return dx;
+  }
+  if (is_depthwise(g) && depthwise_backward_input(dout.data(), w.data(), dx.data(), g)) return dx;
+  gemm_path_backward_input(dout.data(), w.data(), dx.data(), g, dev);
+  return dx;
+}
+
+/// dweight of conv2d: dout (N, C_out, Ho, Wo), x (N, C_in, H, W) -> dw (C_out, C_in/groups, kH, kW).
+template <class T>
+Tensor<T> conv2d_backward_weight(const Tensor<T>& dout, const Tensor<T>& x, const Conv2dGeometry& g) {
+  using namespace conv_detail;
+  const Device dev = check_inputs<T>("conv2d_backward_weight", {{&dout, g.out_shape()}, {&x, g.x_shape()}});
+  Tensor<T> dw = empty<T>(g.w_shape(), dev);
+  if (dw.numel() == 0) return dw;
+  if (dout.numel() == 0) {  // an empty sum
+    zero(dw.data(), dw.numel());
+    return dw;
+  }
+  if (is_depthwise(g) && depthwise_backward_weight(dout.data(), x.data(), dw.data(), g, dev)) return dw;
+  gemm_path_backward_weight(dout.data(), x.data(), dw.data(), g, dev);
+  return dw;
+}
+
+/// dbias of conv2d: dout (N, C_out, Ho, Wo) -> (C_out), the sum over (n, oh, ow).
+template <class T>
+Tensor<T> conv2d_backward_bias(const Tensor<T>& dout, const Conv2dGeometry& g) {
+  using namespace conv_detail;
+  const Device dev = check_inputs<T>("conv2d_backward_bias", {{&dout, g.out_shape()}});
+  Tensor<T> db = empty<T>({g.C_out}, dev);
+  if (db.numel() == 0) return db;
+  if (dout.numel() == 0) {  // an empty sum
+    zero(db.data(), db.numel());
+    return db;
+  }
+  // per-channel sums over chunks of images (enough blocks to fill the GPU when C_out is
+  // small), then the chunks added in order: deterministic
+  int64_t per = 0;
+  const int64_t chunks = image_chunks(g.C_out, g.N, per);
+  DG_CHECK(chunks * g.C_out < INT_MAX, "conv2d_backward_bias: C_out = ", g.C_out, " is too large");
+  Tensor<T> part = chunks > 1 ? empty<T>({chunks * g.C_out}, dev) : Tensor<T>();
+  bias_grad_kernel<T><<<unsigned(chunks * g.C_out), kThreads, 0, stream()>>>(
+      dout.data(), chunks > 1 ? part.data() : db.data(), g.N, g.C_out, g.Ho * g.Wo, chunks, per);
+  check_launch("conv2d_backward_bias");
+  if (chunks > 1) {
+    sum_chunks_kernel<T><<<blocks_for(g.C_out), kThreads, 0, stream()>>>(part.data(), db.data(), g.C_out,
+                                                                          int(chunks));
+    check_launch("conv2d_backward_bias (sum)");
+  }
+  return db;
+}
+
+/// Installs the four conv2d kernels in the table.
+template <class T>
+void register_conv(DeviceKernels<T>& k) {
+  k.conv2d_forward = &conv2d_forward<T>;
+  k.conv2d_backward_input = &conv2d_backward_input<T>;
+  k.conv2d_backward_weight = &conv2d_backward_weight<T>;
+  k.conv2d_backward_bias = &conv2d_backward_bias<T>;
+}
+
+}  // namespace dg::cuda

@@ -1,0 +1,217 @@
+// tests/cuda/test_cuda_conv.cu: the CUDA conv2d kernels (tiled depthwise, pointwise GEMM,
+// im2col + GEMM, grouped, the GEMM fallback of depthwise convs too large for shared memory, and
+// the GEMM path split into several image chunks) and bmm: forward and every gradient against the
+// ref kernels on the CPU, in float and double, on odd shapes. Each test is skipped without a GPU.
+#include <catch2/catch.hpp>
+#include <densegrad/densegrad.hpp>
+#include <densegrad/cuda.cuh>
+
+#include <algorithm>
+#include <cmath>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+using namespace dg;
+
+namespace {
+
+/// Allowed max |got - ref|, relative to max |ref|.
+template <class T>
+double tolerance() {
+  return std::is_same_v<T, float> ? 1e-5 : 1e-12;
+}
+
+/// Checks that a CUDA result matches the CPU reference: same shape and
+/// max |got - ref| <= rel * max |ref| (NaN fails).
+template <class T>
+void require_matches(const Tensor<T>& got_dev, const Tensor<T>& want, const std::string& what,
+                     double rel = tolerance<T>()) {
+  INFO(what);
+  REQUIRE(got_dev.device().is_cuda());
+  const Tensor<T> got = got_dev.to(Device::cpu());
+  REQUIRE(shape_str(got.shape()) == shape_str(want.shape()));
+  const std::vector<T> a = got.to_vector(), b = want.to_vector();
+  double scale = 0, worst = 0;
+  for (T v : b) scale = std::max(scale, std::abs(double(v)));
+  for (size_t i = 0; i < a.size(); ++i) {
+    double e = std::abs(double(a[i]) - double(b[i]));
+    worst = std::max(worst, std::isnan(e) ? INFINITY : e);
+  }
+  INFO("max |got - ref| = " << worst << ", max |ref| = " << scale);
+  REQUIRE(worst <= rel * scale);
+}
+
+/// One conv2d call's arguments.
+struct Case {
+  Shape x, w;
+  Pair2 stride = 1, padding = 0, dilation = 1;
+  int64_t groups = 1;
+  bool bias = true;
+};
+
+/// Forward, grad input, grad weight and grad bias on the GPU vs dg::ref on the CPU.
+template <class T>
+void check_conv(const Case& c, uint64_t seed) {
+  INFO((std::is_same_v<T, float> ? "float" : "double") << ", x " << shape_str(c.x) << ", weight " << shape_str(c.w));
+  Generator gen(seed);
+  const Tensor<T> x = randn<T>(c.x, gen), w = randn<T>(c.w, gen);
+  const Tensor<T> b = c.bias ? randn<T>({c.w[0]}, gen) : Tensor<T>();
+  const Shape bshape{c.w[0]};
+  const Conv2dGeometry g =
+      conv2d_geometry(c.x, c.w, c.bias ? &bshape : nullptr, c.stride, c.padding, c.dilation, c.groups);
+  const Tensor<T> dout = randn<T>(g.out_shape(), gen);
+  const Device gpu = Device::cuda();
+  const Tensor<T> xd = x.to(gpu), wd = w.to(gpu), dd = dout.to(gpu);
+  const Tensor<T> bd = c.bias ? b.to(gpu) : Tensor<T>();
+  require_matches(cuda::conv2d_forward(xd, wd, bd, g), ref::conv2d_forward(x, w, b, g), "forward");
+  require_matches(cuda::conv2d_backward_input(dd, wd, g), ref::conv2d_backward_input(dout, w, g), "grad input");
+  require_matches(cuda::conv2d_backward_weight(dd, xd, g), ref::conv2d_backward_weight(dout, x, g), "grad weight");
+  require_matches(cuda::conv2d_backward_bias(dd, g), ref::conv2d_backward_bias(dout, g), "grad bias");
+}
+
+template <class T>
+void check_bmm(int64_t B, int64_t M, int64_t K, int64_t N, uint64_t seed, double rel = tolerance<T>()) {
+  Generator gen(seed);
+  const Tensor<T> a = randn<T>({B, M, K}, gen), c = randn<T>({B, K, N}, gen);
+  require_matches(cuda::bmm(a.to(Device::cuda()), c.to(Device::cuda())), ref::bmm(a, c), "bmm", rel);
+}
+
+/// Caps the GEMM path's scratch memory for one scope, so that it splits the batch into chunks.
+struct WorkspaceLimit {
+  int64_t saved = cuda::conv_detail::workspace_limit();
+  explicit WorkspaceLimit(int64_t elems) { cuda::conv_detail::workspace_limit() = elems; }
+  ~WorkspaceLimit() { cuda::conv_detail::workspace_limit() = saved; }
+};
+
+}  // namespace
+
+// ---------------------------------------------------------------- depthwise: tiled direct kernels
+
+TEST_CASE("cuda conv2d depthwise 7x7 pad 3 vs ref", "[cuda]") {
+  if (dg::cuda::device_count() == 0) { WARN("no CUDA device: skipped"); return; }
+  const Case c{{2, 5, 9, 11}, {5, 1, 7, 7}, 1, 3, 1, 5};
+  check_conv<float>(c, 1);
+  check_conv<double>(c, 2);
+}
+
+TEST_CASE("cuda conv2d depthwise 3x3 stride 2 dilation 2 (several tiles per plane) vs ref", "[cuda]") {
+  if (dg::cuda::device_count() == 0) { WARN("no CUDA device: skipped"); return; }
+  const Case c{{2, 3, 37, 70}, {3, 1, 3, 3}, 2, 1, 2, 3};
+  check_conv<float>(c, 3);
+  check_conv<double>(c, 4);
+}
+
+TEST_CASE("cuda conv2d depthwise 5x5 pad 2 on 40x45 (tiles of the weight reduction) vs ref", "[cuda]") {
+  if (dg::cuda::device_count() == 0) { WARN("no CUDA device: skipped"); return; }
+  const Case c{{3, 4, 40, 45}, {4, 1, 5, 5}, 1, 2, 1, 4};
+  check_conv<float>(c, 5);
+  check_conv<double>(c, 6);
+}
+
+TEST_CASE("cuda conv2d depthwise 3x5 stride (2, 1) pad (0, 2) dilation (1, 2) without bias vs ref", "[cuda]") {
+  if (dg::cuda::device_count() == 0) { WARN("no CUDA device: skipped"); return; }
+  const Case c{{2, 3, 20, 41}, {3, 1, 3, 5}, Pair2(2, 1), Pair2(0, 2), Pair2(1, 2), 3, false};
+  check_conv<float>(c, 7);
+  check_conv<double>(c, 8);
+}
+
+TEST_CASE("cuda conv2d depthwise 3x3 dilation 60 (patch too large for shared memory: GEMM path) vs ref",
+          "[cuda]") {
+  if (dg::cuda::device_count() == 0) { WARN("no CUDA device: skipped"); return; }
+  const Case c{{1, 2, 125, 125}, {2, 1, 3, 3}, 1, 0, 60, 2};
+  check_conv<float>(c, 9);
+  check_conv<double>(c, 10);
+}
+
+// ---------------------------------------------------------------- pointwise and im2col + GEMM
+
+TEST_CASE("cuda conv2d 1x1 (N=3, 7->5 channels, 6x5) vs ref", "[cuda]") {
+  if (dg::cuda::device_count() == 0) { WARN("no CUDA device: skipped"); return; }
+  const Case c{{3, 7, 6, 5}, {5, 7, 1, 1}};
+  check_conv<float>(c, 11);
+  check_conv<double>(c, 12);
+}
+
+TEST_CASE("cuda conv2d stem-like 4x4 stride 4 (3->8, 12x16) vs ref", "[cuda]") {
+  if (dg::cuda::device_count() == 0) { WARN("no CUDA device: skipped"); return; }
+  const Case c{{3, 3, 12, 16}, {8, 3, 4, 4}, 4};
+  check_conv<float>(c, 13);
+  check_conv<double>(c, 14);
+}
+
+TEST_CASE("cuda conv2d 2x2 stride 2 (6->4, odd map drops its last row and column) vs ref", "[cuda]") {
+  if (dg::cuda::device_count() == 0) { WARN("no CUDA device: skipped"); return; }
+  const Case c{{2, 6, 9, 7}, {4, 6, 2, 2}, 2};
+  check_conv<float>(c, 15);
+  check_conv<double>(c, 16);
+}
+
+TEST_CASE("cuda conv2d grouped 3x3 groups 2 pad 1 without bias vs ref", "[cuda]") {
+  if (dg::cuda::device_count() == 0) { WARN("no CUDA device: skipped"); return; }
+  const Case c{{2, 6, 7, 9}, {4, 3, 3, 3}, 1, 1, 1, 2, false};
+  check_conv<float>(c, 17);
+  check_conv<double>(c, 18);
+}
+
+TEST_CASE("cuda conv2d grouped 1x1 groups 3 and 3x3 groups 3 on 4 images vs ref", "[cuda]") {
+  if (dg::cuda::device_count() == 0) { WARN("no CUDA device: skipped"); return; }
+  // 4 images > 3 groups: the GEMMs batch over images, one call per group
+  check_conv<float>({{4, 6, 5, 7}, {9, 2, 1, 1}, 1, 0, 1, 3}, 19);
+  check_conv<double>({{4, 6, 5, 7}, {9, 2, 1, 1}, 1, 0, 1, 3}, 20);
+  check_conv<float>({{4, 6, 5, 7}, {3, 2, 3, 3}, 2, 1, 1, 3}, 21);
+  check_conv<double>({{4, 6, 5, 7}, {3, 2, 3, 3}, 2, 1, 1, 3}, 22);
+}
+
+TEST_CASE("cuda conv2d GEMM path in chunks of 2 images (N=3) vs ref", "[cuda]") {
+  if (dg::cuda::device_count() == 0) { WARN("no CUDA device: skipped"); return; }
+  {
+    // stem: 48 column rows x 12 positions per image; grad weight adds 8 dout rows
+    WorkspaceLimit limit(2 * (48 + 8) * 12);
+    const Case c{{3, 3, 12, 16}, {8, 3, 4, 4}, 4};
+    check_conv<float>(c, 23);
+    check_conv<double>(c, 24);
+  }
+  {
+    // pointwise: grad weight gathers 7 input + 5 dout rows x 30 positions per image
+    WorkspaceLimit limit(2 * (7 + 5) * 30);
+    const Case c{{3, 7, 6, 5}, {5, 7, 1, 1}};
+    check_conv<float>(c, 25);
+    check_conv<double>(c, 26);
+  }
+}
+
+// ---------------------------------------------------------------- bmm and the kernel table
+
+TEST_CASE("cuda bmm (B=3, M=5, K=7, N=9) vs ref", "[cuda]") {
+  if (dg::cuda::device_count() == 0) { WARN("no CUDA device: skipped"); return; }
+  check_bmm<float>(3, 5, 7, 9, 27);
+  check_bmm<double>(3, 5, 7, 9, 28);
+  check_bmm<float>(2, 3, 0, 4, 29);  // K = 0: zeros
+}
+
+TEST_CASE("cuda bmm with TF32 allowed stays close to ref", "[cuda]") {
+  if (dg::cuda::device_count() == 0) { WARN("no CUDA device: skipped"); return; }
+  struct Tf32On {  // restores the default even when a check fails
+    Tf32On() { cuda::allow_tf32() = true; }
+    ~Tf32On() { cuda::allow_tf32() = false; }
+  } on;
+  check_bmm<float>(2, 33, 65, 17, 30, 1e-2);  // TF32 keeps 10 mantissa bits
+  check_bmm<double>(2, 33, 65, 17, 31);        // double never uses TF32
+}
+
+TEST_CASE("cuda conv2d and bmm are in the kernel table", "[cuda]") {
+  if (dg::cuda::device_count() == 0) { WARN("no CUDA device: skipped"); return; }
+  const DeviceKernels<float>& kf = cuda_kernels<float>("test");
+  const DeviceKernels<double>& kd = cuda_kernels<double>("test");
+  CHECK(kf.bmm != nullptr);
+  CHECK(kf.conv2d_forward != nullptr);
+  CHECK(kf.conv2d_backward_input != nullptr);
+  CHECK(kf.conv2d_backward_weight != nullptr);
+  CHECK(kf.conv2d_backward_bias != nullptr);
+  CHECK(kd.bmm != nullptr);
+  CHECK(kd.conv2d_forward != nullptr);
+  CHECK(kd.conv2d_backward_input != nullptr);
+  CHECK(kd.conv2d_backward_weight != nullptr);
+  CHECK(kd.conv2d_backward_bias != nullptr);
+}
