@@ -6,8 +6,8 @@
 // The last line is machine-readable (bench/compare and bench/gpu_compare.sh parse it):
 //   RESULT model=tiny mode=train batch=8 res=224 device=cpu img_per_s=X peak_rss_mb=Y peak_gpu_mb=Z
 //
-// This file builds with g++ (CPU only) and, included by rdnet_bench_cuda.cu, with nvcc, where
-// <densegrad/cuda.cuh> brings the CUDA backend in; __CUDACC__ tells the two builds apart.
+// Plain C++: in a build with CUDA, the CUDA backend comes from one more object file linked in
+// (examples/cuda_backend.cu), and dg::cuda_* (core/device_kernels.hpp) reach it from here.
 #include <CLI/CLI.hpp>
 
 #include <algorithm>
@@ -43,11 +43,7 @@ struct BenchArgs {
 
 /// Waits for the device's queued work, so a clock read after it sees that work done.
 void synchronize(bool cuda) {
-#ifdef __CUDACC__
-  if (cuda) dg::cuda::synchronize();
-#else
-  (void)cuda;
-#endif
+  if (cuda) dg::cuda_synchronize();
 }
 
 /// The process's peak resident set in MiB (getrusage's ru_maxrss is in KiB on Linux).
@@ -59,12 +55,7 @@ double peak_rss_mb() {
 
 /// The device allocator's peak since the last reset, in MiB; 0 on the CPU.
 double peak_gpu_mb(bool cuda) {
-#ifdef __CUDACC__
-  if (cuda) return static_cast<double>(dg::cuda::max_memory_allocated()) / (1024.0 * 1024.0);
-#else
-  (void)cuda;
-#endif
-  return 0.0;
+  return cuda ? static_cast<double>(dg::cuda_max_memory_allocated()) / (1024.0 * 1024.0) : 0.0;
 }
 
 int main(int argc, char** argv) {
@@ -86,13 +77,11 @@ int main(int argc, char** argv) {
   CLI11_PARSE(app, argc, argv);
 
   const bool cuda = a.device == "cuda";
-#ifndef __CUDACC__
-  if (cuda) {
+  if (cuda && !dg::has_cuda_kernels<float>()) {
     std::fprintf(stderr, "rdnet_bench: error: rdnet_bench was built without CUDA (configure on a machine with "
-                         "nvcc and cuBLAS to get rdnet_bench_cuda.cu built instead)\n");
+                         "nvcc and cuBLAS)\n");
     return 1;
   }
-#endif
   if (a.tf32 && !cuda) {
     std::fprintf(stderr, "rdnet_bench: error: --tf32 needs --device cuda (the CPU computes in fp32)\n");
     return 1;
@@ -108,14 +97,12 @@ int main(int argc, char** argv) {
 
   try {
     dg::Device device = dg::Device::cpu();
-#ifdef __CUDACC__
     if (cuda) {
-      DG_CHECK(dg::cuda::device_count() > 0, "--device cuda: no CUDA device found");
+      DG_CHECK(dg::cuda_is_available(), "--device cuda: no CUDA device found");
       device = dg::Device::cuda(0);
-      dg::cuda::allow_tf32() = a.tf32;
-      dg::cuda::reset_peak_memory_stats();
+      dg::cuda_set_allow_tf32(a.tf32);
+      dg::cuda_reset_peak_memory_stats();
     }
-#endif
 
     // ---- model and optimizer (timm's param groups: no weight decay on 1-D params)
     rdnet::RDNetConfig cfg = rdnet::RDNetConfig::by_name(a.model);

@@ -38,6 +38,15 @@ DeviceKernels<T>* make_kernels() {
 
 /// Installs the backend (runs once, at program start, from the variable below).
 inline bool install() {
+  static CudaRuntime runtime;
+  runtime.device_count = [] { return device_count(); };
+  runtime.synchronize = &synchronize;
+  runtime.memory_allocated = &memory_allocated;
+  runtime.max_memory_allocated = &max_memory_allocated;
+  runtime.reset_peak_memory_stats = &reset_peak_memory_stats;
+  runtime.empty_cache = &empty_cache;
+  runtime.set_allow_tf32 = [](bool on) { allow_tf32() = on; };
+  set_cuda_runtime(&runtime);
   set_allocator(Device::Kind::CUDA, &allocator());
   set_device_copy(Device::Kind::CUDA, &copy_bytes_cuda);
   set_cuda_kernels<float>(make_kernels<float>());

@@ -76,7 +76,7 @@ Tensor<T> rnd(const dg::Shape& s, uint64_t seed, double lo = -2.0, double hi = 2
 
 }  // namespace
 
-TEST_CASE("cuda: tensors move to the device and back; fill, copy, views, item") {
+TEST_CASE("cuda: tensors move to the device and back (fill, copy, views, item)") {
   DG_REQUIRE_GPU();
   Tensor<float> x = rnd<float>({3, 4, 5}, 1);
   Tensor<float> g = x.to(kGpu);

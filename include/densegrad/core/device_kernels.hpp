@@ -119,7 +119,22 @@ struct DeviceKernels {
                        const Tensor<A>& vmax, const AdamWScalars& s) = nullptr;
 };
 
+/// Device-wide controls of the CUDA backend (torch.cuda.*), registered with the kernels.
+struct CudaRuntime {
+  int (*device_count)() = nullptr;
+  void (*synchronize)() = nullptr;
+  size_t (*memory_allocated)() = nullptr;
+  size_t (*max_memory_allocated)() = nullptr;
+  void (*reset_peak_memory_stats)() = nullptr;
+  void (*empty_cache)() = nullptr;
+  void (*set_allow_tf32)(bool) = nullptr;
+};
+
 namespace detail {
+inline CudaRuntime*& cuda_runtime_table() {
+  static CudaRuntime* table = nullptr;
+  return table;
+}
 template <class T>
 DeviceKernels<T>*& cuda_kernel_table() {
   static DeviceKernels<T>* table = nullptr;
@@ -142,6 +157,43 @@ const DeviceKernels<T>& cuda_kernels(const char* op) {
   DG_CHECK(k != nullptr, op, ": the tensor is on a CUDA device, but this program has no CUDA kernels for ",
            dtype_name(dtype_of<T>()), " (include <densegrad/cuda.cuh> in a .cu file built by nvcc)");
   return *k;
+}
+
+/// Installs the CUDA runtime controls (done by <densegrad/cuda.cuh>).
+inline void set_cuda_runtime(CudaRuntime* r) { detail::cuda_runtime_table() = r; }
+
+// ---- torch.cuda.* for any translation unit; without the CUDA backend: no devices, zero bytes.
+
+/// True when the program has the CUDA backend and a GPU (torch.cuda.is_available).
+inline bool cuda_is_available() {
+  const CudaRuntime* r = detail::cuda_runtime_table();
+  return r && r->device_count() > 0;
+}
+/// Waits for all queued GPU work (torch.cuda.synchronize); nothing to wait for without CUDA.
+inline void cuda_synchronize() {
+  if (const CudaRuntime* r = detail::cuda_runtime_table()) r->synchronize();
+}
+/// Bytes of GPU memory held by tensors now, and the peak since the last reset.
+inline size_t cuda_memory_allocated() {
+  const CudaRuntime* r = detail::cuda_runtime_table();
+  return r ? r->memory_allocated() : 0;
+}
+inline size_t cuda_max_memory_allocated() {
+  const CudaRuntime* r = detail::cuda_runtime_table();
+  return r ? r->max_memory_allocated() : 0;
+}
+inline void cuda_reset_peak_memory_stats() {
+  if (const CudaRuntime* r = detail::cuda_runtime_table()) r->reset_peak_memory_stats();
+}
+/// Frees the GPU blocks the caching allocator keeps for reuse (torch.cuda.empty_cache).
+inline void cuda_empty_cache() {
+  if (const CudaRuntime* r = detail::cuda_runtime_table()) r->empty_cache();
+}
+/// Lets float matrix products use TF32 tensor cores (torch.backends.cuda.matmul.allow_tf32).
+inline void cuda_set_allow_tf32(bool on) {
+  const CudaRuntime* r = detail::cuda_runtime_table();
+  DG_CHECK(r != nullptr || !on, "cuda_set_allow_tf32: this program has no CUDA backend");
+  if (r) r->set_allow_tf32(on);
 }
 
 }  // namespace dg
