@@ -49,12 +49,6 @@ void store(const GeluChunk& v, T* p) {
   }
 }
 
-// GCC 12 flags the deliberately undefined register that AVX-512 intrinsics start from inside
-// Eigen's packet math (-Wmaybe-uninitialized in avx512fintrin.h): a false positive.
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#endif
 /// Phi(x) = (1 + erf(x / sqrt 2)) / 2 and phi(x) = exp(-x^2 / 2) / sqrt(2 pi) for a chunk.
 /// erf(z) = sign(z) (1 - t (a1 + t (a2 + ... + t a5)) exp(-z^2)), t = 1 / (1 + p |z|), z = x / sqrt 2,
 /// so exp(-z^2) = exp(-x^2 / 2) serves the density too: one exp per element.
@@ -76,9 +70,6 @@ inline GeluChunk gelu_tanh_sigmoid(const GeluChunk& x) {
   const GeluChunk u = float(ref::kSqrt2OverPi) * (x + float(ref::kGeluTanhCubic) * x * x * x);
   return (1.0f + (-2.0f * u).exp()).inverse();
 }
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic pop
-#endif
 }  // namespace detail
 
 /// torch.nn.functional.gelu on a contiguous x (= ref::gelu up to the erf approximation for float).
