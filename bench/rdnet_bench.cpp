@@ -3,6 +3,7 @@
 // Not a training run: the data is random and the loss is not looked at until the end.
 //   rdnet_bench --model tiny --batch 8 --res 224 --mode train --threads 2
 //   rdnet_bench --model tiny --batch 64 --mode infer --device cuda --tf32
+//   rdnet_bench --model tiny --batch 16 --iters 1 --warmup 0 --naive-concat   (peak RSS per dense path)
 // The last line is machine-readable (bench/compare and bench/gpu_compare.sh parse it):
 //   RESULT model=tiny mode=train batch=8 res=224 device=cpu img_per_s=X peak_rss_mb=Y peak_gpu_mb=Z
 //
@@ -38,6 +39,7 @@ struct BenchArgs {
   int64_t batch = 8, res = 224, iters = 10, warmup = 3;
   int threads = 0;  // 0: OpenMP's default
   bool tf32 = false;
+  bool naive_concat = false, memory_efficient = false;  // RDNetConfig::dense_buffer = !naive_concat, memory_efficient
   uint64_t seed = 0;
 };
 
@@ -74,6 +76,10 @@ int main(int argc, char** argv) {
   app.add_option("--device", a.device, "where the model and data live")->check(CLI::IsMember({"cpu", "cuda"}));
   app.add_flag("--tf32", a.tf32, "let CUDA matrix products use TF32 tensor cores (--device cuda only)");
   app.add_option("--seed", a.seed, "seeds the weights and the random data");
+  app.add_flag("--naive-concat", a.naive_concat,
+               "dense stages concat all features for every block (the naive path) instead of filling one buffer");
+  app.add_flag("--memory-efficient", a.memory_efficient,
+               "recompute each dense block in backward instead of keeping its activations");
   CLI11_PARSE(app, argc, argv);
 
   const bool cuda = a.device == "cuda";
@@ -106,6 +112,8 @@ int main(int argc, char** argv) {
 
     // ---- model and optimizer (timm's param groups: no weight decay on 1-D params)
     rdnet::RDNetConfig cfg = rdnet::RDNetConfig::by_name(a.model);
+    cfg.dense_buffer = !a.naive_concat;
+    cfg.memory_efficient = a.memory_efficient;
     dg::Generator gen(a.seed);
     rdnet::RDNet<float> model(cfg, gen);
     model.to(device);
@@ -121,10 +129,11 @@ int main(int argc, char** argv) {
     for (int64_t& l : label_values) l = static_cast<int64_t>(gen.uniform() * static_cast<double>(cfg.num_classes));
     Tensor<int64_t> labels = dg::tensor<int64_t>(label_values).to(device);  // (N,)
 
-    std::printf("rdnet_bench: %s (%lld parameters, %.2f GMACs per image), %s, batch %lld of %lldx%lldx%lld, "
-                "device %s%s, threads %d, %lld warmup + %lld timed iterations\n",
+    std::printf("rdnet_bench: %s (%lld parameters, %.2f GMACs per image), %s, dense path %s%s, batch %lld of "
+                "%lldx%lldx%lld, device %s%s, threads %d, %lld warmup + %lld timed iterations\n",
                 a.model.c_str(), static_cast<long long>(model.num_parameters()),
                 static_cast<double>(rdnet::count_macs(cfg, a.res, a.res)) / 1e9, a.mode.c_str(),
+                cfg.dense_buffer ? "buffer" : "naive concat", cfg.memory_efficient ? " + recompute" : "",
                 static_cast<long long>(a.batch), static_cast<long long>(cfg.in_chans), static_cast<long long>(a.res),
                 static_cast<long long>(a.res), device.str().c_str(), a.tf32 ? " (tf32)" : "", threads,
                 static_cast<long long>(a.warmup), static_cast<long long>(a.iters));

@@ -1,6 +1,10 @@
 // examples/rdnet/rdnet.hpp: RDNet, "DenseNets Reloaded" (Kim, Heo, Han, ECCV 2024), written to
 // read like timm's rdnet.py, with the same parameter names, so timm checkpoints load as they are.
 // Each dense block's output is CONCATENATED to the stage's features (no additive shortcut).
+// Two ways to do that, side by side in DenseStage::forward: the naive one, a fresh concat of all
+// features for every block (memory quadratic in depth), and the default, one shared buffer per
+// stage whose prefix views the blocks read (dg::DenseBuffer: linear, no copies). Optionally each
+// block's activations are recomputed in backward instead of kept (dg::checkpoint).
 // Not part of the library: it is user code built from densegrad's nn layers.
 //
 // Shape legend: N batch, C channels, H x W spatial; features are NCHW like PyTorch.
@@ -35,6 +39,11 @@ struct RDNetConfig {
   double proj_drop_rate = 0.0;  // dropout after each dense block
   double drop_path_rate = 0.0;  // stochastic depth, linear over all blocks
   double norm_eps = 1e-6;       // timm's LayerNorm2d default
+  // How dense stages connect; outputs and gradients are the same either way (tests/test_dense.cpp).
+  bool dense_buffer = true;       // one shared feature buffer per stage, blocks read prefix views;
+                                  // false: the naive path, a fresh concat of all features per block
+  bool memory_efficient = false;  // keep no activations inside dense blocks: backward recomputes
+                                  // each block (Pleiss et al. 2017), one more forward of the blocks
 
   static RDNetConfig tiny() { return {}; }
   static RDNetConfig small() {
@@ -155,17 +164,32 @@ template <class T = float>
 class DenseBlock : public nn::Module<T> {
  public:
   DenseBlock(int64_t num_input_features, int64_t growth_rate, double bottleneck_width_ratio, double drop_path_rate,
-             double drop_rate, bool ese, double ls_init_value, double eps)
-      : drop_rate(drop_rate) {
+             double drop_rate, bool ese, double ls_init_value, double eps, bool memory_efficient = false)
+      : drop_rate(drop_rate), memory_efficient(memory_efficient) {
     if (ls_init_value > 0) gamma = this->register_parameter("gamma", dg::full<T>({growth_rate}, T(ls_init_value)));
     // the bottleneck width rounds down to a multiple of 8, as in timm
     int64_t inter_chs = static_cast<int64_t>(static_cast<double>(num_input_features) * bottleneck_width_ratio / 8) * 8;
     drop_path = this->register_module("drop_path", std::make_shared<nn::DropPath<T>>(drop_path_rate));
     layers = this->register_module("layers", std::make_shared<Block<T>>(num_input_features, inter_chs, growth_rate, ese, eps));
   }
-  /// features: the stage's feature maps so far, each (N, C_i, H, W) -> (N, growth_rate, H, W)
-  Tensor<T> forward(const std::vector<Tensor<T>>& features) {
-    Tensor<T> x = layers->forward(dg::concat(features, 1));  // dense connectivity: see everything
+  /// features: all the stage's feature maps so far, concatenated: (N, C, H, W) -> (N, growth_rate, H, W).
+  /// memory_efficient: keeps only `features` for backward, which runs body() again to recompute the
+  /// rest (the same drop-path draws: dg::checkpoint replays the random generator); the block must
+  /// then outlive that backward.
+  Tensor<T> forward(const Tensor<T>& features) {
+    if (!memory_efficient) return body(features);
+    const bool training = this->is_training();
+    return dg::checkpoint(
+        [this, training](const std::vector<Tensor<T>>& in) {
+          DG_CHECK(this->is_training() == training, "DenseBlock: train/eval mode changed between the forward and "
+                   "the backward of a memory_efficient block (backward recomputes the block in the mode it ran in)");
+          return body(in[0]);
+        },
+        {features});
+  }
+  /// The block's computation: Block, layer scale, drop path, dropout.
+  Tensor<T> body(const Tensor<T>& features) {
+    Tensor<T> x = layers->forward(features);                    // dense connectivity: see everything
     if (gamma.defined()) x = x * gamma.reshape({1, -1, 1, 1});  // layer scale
     x = drop_path->forward(x);
     if (drop_rate > 0) x = dg::dropout(x, drop_rate, this->is_training(), dg::default_generator());
@@ -175,6 +199,7 @@ class DenseBlock : public nn::Module<T> {
   std::shared_ptr<nn::DropPath<T>> drop_path;
   std::shared_ptr<Block<T>> layers;
   double drop_rate;
+  bool memory_efficient;
 };
 
 /// A dense stage: blocks named "dense_block<i>"; the output is the concatenation of the
@@ -184,23 +209,33 @@ class DenseStage : public nn::Layer<T> {
  public:
   DenseStage(int64_t num_block, int64_t num_input_features, const std::vector<double>& drop_path_rates,
              int64_t growth_rate, double bottleneck_width_ratio, double drop_rate, bool ese, double ls_init_value,
-             double eps) {
+             double eps, bool dense_buffer = true, bool memory_efficient = false)
+      : dense_buffer(dense_buffer) {
     for (int64_t i = 0; i < num_block; ++i) {
       blocks.push_back(this->register_module(
           "dense_block" + std::to_string(i),
           std::make_shared<DenseBlock<T>>(num_input_features, growth_rate, bottleneck_width_ratio, drop_path_rates[i],
-                                          drop_rate, ese, ls_init_value, eps)));
+                                          drop_rate, ese, ls_init_value, eps, memory_efficient)));
       num_input_features += growth_rate;
     }
     num_out_features = num_input_features;
   }
   Tensor<T> forward(const Tensor<T>& init_feature) override {
-    std::vector<Tensor<T>> features{init_feature};
-    for (auto& block : blocks) features.push_back(block->forward(features));
-    return dg::concat(features, 1);
+    if (!dense_buffer) {  // naive: every block reads a fresh concat of ALL features so far
+      std::vector<Tensor<T>> features{init_feature};
+      for (auto& block : blocks) features.push_back(block->forward(dg::concat(features, 1)));
+      return dg::concat(features, 1);
+    }
+    // zero copy: one buffer for all num_out_features channels; each block's new channels are
+    // copied into their slice once, and "all features so far" is a view of the filled prefix
+    dg::DenseBuffer<T> features(init_feature, num_out_features);
+    Tensor<T> all = features.append(init_feature);
+    for (auto& block : blocks) all = features.append(block->forward(all));
+    return all;  // the whole buffer
   }
   std::vector<std::shared_ptr<DenseBlock<T>>> blocks;
   int64_t num_out_features = 0;
+  bool dense_buffer;
 };
 
 /// timm's NormMlpClassifierHead without hidden layer: global avg pool -> LayerNorm2d ->
@@ -259,7 +294,8 @@ class RDNet : public nn::Layer<T> {
                cfg.block_type[i], "' (expected Block or BlockESE)");
       auto dense = stage->push_back(std::make_shared<DenseStage<T>>(
           cfg.num_blocks_list[i], num_features, dpr, cfg.growth_rates[i], cfg.bottleneck_width_ratio,
-          cfg.proj_drop_rate, cfg.block_type[i] == "BlockESE", cfg.ls_init_value, cfg.norm_eps));
+          cfg.proj_drop_rate, cfg.block_type[i] == "BlockESE", cfg.ls_init_value, cfg.norm_eps, cfg.dense_buffer,
+          cfg.memory_efficient));
       num_features = dense->num_out_features;
       dense_stages->push_back(stage);
       // a feature map is "final" for its resolution when the next stage downsamples

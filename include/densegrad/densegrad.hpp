@@ -12,10 +12,12 @@
 
 #include "autograd/grad_mode.hpp"
 #include "autograd/tape.hpp"
+#include "autograd/checkpoint.hpp"
 
 #include "ops/activation.hpp"
 #include "ops/concat.hpp"
 #include "ops/conv.hpp"
+#include "ops/dense.hpp"
 #include "ops/dropout.hpp"
 #include "ops/elementwise.hpp"
 #include "ops/linear.hpp"

@@ -1,6 +1,6 @@
 // densegrad/ops/concat.hpp: concat (torch.cat) and split (torch.split), the naive copy path
 // of dense connectivity: each block's input is a fresh concatenation of all earlier features.
-// The zero-copy alternative (one preallocated buffer, prefix views) is in nn/, beside it.
+// The zero-copy alternative (one preallocated buffer, prefix views) is ops/dense.hpp.
 // Shape legend: xs[i]: (..., D_i, ...) along dim -> (..., sum_i D_i, ...).
 #pragma once
 

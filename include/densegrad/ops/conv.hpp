@@ -72,13 +72,16 @@ Tensor<T> conv2d(const Tensor<T>& x, const Tensor<T>& weight, const Tensor<T>& b
            "conv2d: expected x, weight and bias on one device, got x on ", x.device().str(), ", weight on ",
            weight.device().str(), bias.defined() ? ", bias on " + bias.device().str() : std::string());
   // Dispatch, once: the CUDA kernels or the fast CPU kernels. backend/ref/conv.hpp holds the
-  // plain-loop kernels that the tests use as the oracle for both.
+  // plain-loop kernels that the tests use as the oracle for both. The CPU kernels read x (and, in
+  // backward, dout) in place when contiguous or batch-strided, as a dense stage's prefix view is
+  // (ops/dense.hpp); the CUDA kernels get contiguous copies of such views.
   const bool cuda = x.device().is_cuda();
   Tensor<T> out = cuda ? cuda_kernels<T>("conv2d").conv2d_forward(x.contiguous().detach(), weight.contiguous().detach(),
                                                                    bias.defined() ? bias.contiguous().detach() : bias, g)
                        : cpu::conv2d_forward(x, weight, bias, g);
   // Saves x only when weight needs a gradient (dweight = dout * x) and the weight only when x
-  // does (dx = dout * weight); bias's gradient needs neither.
+  // does (dx = dout * weight); bias's gradient needs neither. x is saved as the view it is: for a
+  // dense stage's prefix that is the stage's shared buffer, not a copy.
   const bool need_x = x.requires_grad(), need_w = weight.requires_grad(), need_b = bias.requires_grad();
   Tensor<T> xs = need_w ? x.detach() : Tensor<T>(), ws = need_x ? weight.detach() : Tensor<T>();
   return autograd::record("conv2d", out, {x, weight, bias}, [xs, ws, g, need_x, need_w, need_b,

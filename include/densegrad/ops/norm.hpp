@@ -1,6 +1,7 @@
 // densegrad/ops/norm.hpp: layer_norm (torch.nn.functional.layer_norm) and layer_norm2d (timm's
 // LayerNorm2d, the norm of RDNet), each with shape checks, forward, and backward side by side.
-// Not batch/group norm. layer_norm runs the ref kernel; layer_norm2d runs the fast NCHW path.
+// Not batch/group norm. layer_norm runs the ref kernel; layer_norm2d runs the fast NCHW path,
+// which reads contiguous and batch-strided inputs (strides (S_n, H*W, W, 1)) without a copy.
 // Shape legend: x: (*, *normalized_shape) for layer_norm, (N, C, H, W) for layer_norm2d;
 // weight, bias: normalized_shape resp. (C), or undefined tensors for "no affine".
 #pragma once
@@ -72,23 +73,26 @@ Tensor<T> layer_norm2d(const Tensor<T>& x, const Tensor<T>& weight = Tensor<T>()
            shape_str(x.shape()));
   detail::check_affine(weight, "weight", {x.size(1)}, "layer_norm2d", x);
   detail::check_affine(bias, "bias", {x.size(1)}, "layer_norm2d", x);
-  // Contiguous NCHW (no copy when x already is); the fast path reduces over C at stride H*W.
-  Tensor<T> xc = contiguous(x.detach()), wc, bc;
+  // The fast path reduces over C at stride H*W: it reads contiguous NCHW and batch-strided views
+  // (a dense stage's prefix) in place; other layouts, and every CUDA input, are copied contiguous.
+  const bool cuda = x.device().is_cuda();
+  auto in_place = [cuda](const Tensor<T>& t) { return !cuda && cpu::batch_stride(t) >= 0 ? t : contiguous(t); };
+  Tensor<T> xc = in_place(x.detach()), wc, bc;
   if (weight.defined()) wc = contiguous(weight.detach());
   if (bias.defined()) bc = contiguous(bias.detach());
   // fast path (backend/cpu/norm.hpp); ref::layer_norm2d_forward is its oracle in the tests
-  const bool cuda = x.device().is_cuda();
   ref::LayerNormForward<T> f = cuda ? cuda_kernels<T>("layer_norm2d").layer_norm2d_forward(xc, wc, bc, eps)
                                     : cpu::layer_norm2d_forward(xc, wc, bc, eps);
-  // saves x, weight and the (N, H, W) mean and rstd for backward (llm.c style: no recomputation)
+  // saves x, weight and the (N, H, W) mean and rstd for backward (llm.c style: no recomputation);
+  // a batch-strided x is saved as the view it is, not copied
   const std::array<bool, 3> need{x.requires_grad(), weight.requires_grad(), bias.requires_grad()};
   return autograd::record("layer_norm2d", f.y, {x, weight, bias},
-                          [xc, wc, mean = f.mean, rstd = f.rstd, need, cuda](const Tensor<T>& dout) {
+                          [xc, wc, mean = f.mean, rstd = f.rstd, need, cuda, in_place](const Tensor<T>& dout) {
                             ref::LayerNormGrads<T> g =
                                 cuda ? cuda_kernels<T>("layer_norm2d backward")
                                            .layer_norm2d_backward(contiguous(dout), xc, mean, rstd, wc, need[0],
                                                                   need[1], need[2])
-                                     : cpu::layer_norm2d_backward(contiguous(dout), xc, mean, rstd, wc, need[0],
+                                     : cpu::layer_norm2d_backward(in_place(dout), xc, mean, rstd, wc, need[0],
                                                                   need[1], need[2]);
                             return std::vector<Tensor<T>>{g.dx, g.dweight, g.dbias};
                           });

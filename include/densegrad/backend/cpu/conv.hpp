@@ -4,6 +4,8 @@
 // stride-1 depthwise convs sweep zero-padded planes with register-blocked vector loops, other
 // depthwise convs are direct loops over output rows. OpenMP splits images and channels. Not
 // oneDNN, not Winograd/FFT; bfloat16 is widened to float, computed in float and rounded once.
+// x and dout may be batch-strided views (cpu::batch_stride: a dense stage's prefix), read in
+// place: every kernel finds image n at n * (its image stride), never at n * C * H * W.
 // Tested against backend/ref/conv.hpp.
 // Shape legend: as in backend/ref/conv.hpp; K = Cg*kH*kW (one column of im2col), P = Ho*Wo.
 #pragma once
@@ -13,6 +15,7 @@
 #include <vector>
 
 
+#include "norm.hpp"  // batch_stride
 #include "parallel.hpp"
 #include "../ref/conv.hpp"
 
@@ -32,6 +35,7 @@ template <class A>
 struct DenseArray {
   const A* borrowed = nullptr;
   std::vector<A> own;
+  int64_t image = 0;  // for images(): elements from image n to image n + 1
   const A* data() const { return borrowed ? borrowed : own.data(); }
 };
 template <class A, class T>
@@ -48,6 +52,34 @@ DenseArray<A> dense(const Tensor<T>& t) {
   for_each_strided<1>(t.shape(), {t.strides().data()}, {0}, [&](auto o) { d.own.push_back(A(p[o[0]])); });
   return d;
 }
+
+/// (N, C, H, W) planes as N dense images: image n at data() + n * image. Borrows a contiguous or
+/// batch-strided tensor's memory (a dense stage's prefix: no copy); copies any other layout, and
+/// bfloat16, into a contiguous array (image = C*H*W).
+template <class A, class T>
+DenseArray<A> images(const Tensor<T>& t) {
+  if constexpr (std::is_same_v<A, T>) {
+    if (const int64_t s = batch_stride(t); s >= 0) {
+      DenseArray<A> d;
+      d.borrowed = t.data();
+      d.image = s;
+      return d;
+    }
+  }
+  DenseArray<A> d = dense<A>(t);
+  d.image = t.size(1) * t.size(2) * t.size(3);
+  return d;
+}
+
+/// Read-only NCHW planes: image n starts at p + n * image, its channel c at + c * (plane size).
+template <class A>
+struct Planes {
+  const A* p;
+  int64_t image;
+  const A* at(int64_t n) const { return p + n * image; }
+};
+template <class A>
+Planes<A> planes(const DenseArray<A>& d) { return {d.data(), d.image}; }
 
 /// The result as T: a no-op unless T is bfloat16, which rounds each float once here.
 template <class T, class A>
@@ -139,7 +171,7 @@ void col2im(const A* col, A* dx, const Conv2dGeometry& g) {
 
 /// y[n, group] (OCg, P) = W_group (OCg, K) @ col (K, P) + bias.
 template <class A>
-void gemm_forward(const A* x, const A* w, const A* b, A* y, const Conv2dGeometry& g) {
+void gemm_forward(Planes<A> x, const A* w, const A* b, A* y, const Conv2dGeometry& g) {
   const int64_t Cg = g.cin_g(), OCg = g.cout_g(), K = Cg * g.kH * g.kW, P = g.Ho * g.Wo, jobs = g.N * g.groups;
   const bool pointwise = is_pointwise(g);
   DENSEGRAD_OMP(parallel if (jobs > 1 && jobs * OCg * K * P >= kParallelMinMacs)) {
@@ -147,7 +179,7 @@ void gemm_forward(const A* x, const A* w, const A* b, A* y, const Conv2dGeometry
     DENSEGRAD_OMP(for)
     for (int64_t j = 0; j < jobs; ++j) {
       const int64_t n = j / g.groups, gi = j % g.groups;
-      const A* xg = x + (n * g.C_in + gi * Cg) * g.H * g.W;
+      const A* xg = x.at(n) + gi * Cg * g.H * g.W;
       if (!pointwise) im2col(xg, col.data(), g);
       MatMap<A> Y(y + (n * g.C_out + gi * OCg) * P, OCg, P);
       // the bias first, then the product added to it: one pass over Y fewer than = then +=
@@ -161,7 +193,7 @@ void gemm_forward(const A* x, const A* w, const A* b, A* y, const Conv2dGeometry
 /// dx[n, group]: dcol (K, P) = W_group^T @ dout[n, group], then col2im; a pointwise conv
 /// writes W^T @ dout straight into dx.
 template <class A>
-void gemm_backward_input(const A* dout, const A* w, A* dx, const Conv2dGeometry& g) {
+void gemm_backward_input(Planes<A> dout, const A* w, A* dx, const Conv2dGeometry& g) {
   const int64_t Cg = g.cin_g(), OCg = g.cout_g(), K = Cg * g.kH * g.kW, P = g.Ho * g.Wo, jobs = g.N * g.groups;
   const bool pointwise = is_pointwise(g);
   DENSEGRAD_OMP(parallel if (jobs > 1 && jobs * OCg * K * P >= kParallelMinMacs)) {
@@ -172,7 +204,7 @@ void gemm_backward_input(const A* dout, const A* w, A* dx, const Conv2dGeometry&
       A* dxg = dx + (n * g.C_in + gi * Cg) * g.H * g.W;
       MatMap<A> dcol(pointwise ? dxg : col.data(), K, P);
       dcol.noalias() = ConstMatMap<A>(w + gi * OCg * K, OCg, K).transpose() *
-                       ConstMatMap<A>(dout + (n * g.C_out + gi * OCg) * P, OCg, P);
+                       ConstMatMap<A>(dout.at(n) + gi * OCg * P, OCg, P);
       if (!pointwise) col2im(col.data(), dxg, g);
     }
   }
@@ -182,7 +214,7 @@ void gemm_backward_input(const A* dout, const A* w, A* dx, const Conv2dGeometry&
 /// sums its images into a private copy of dweight (one weight-sized buffer per thread: weights
 /// are small next to activations), then the copies are added: no two threads share an element.
 template <class A>
-void gemm_backward_weight(const A* dout, const A* x, A* dw, const Conv2dGeometry& g) {
+void gemm_backward_weight(Planes<A> dout, Planes<A> x, A* dw, const Conv2dGeometry& g) {
   const int64_t Cg = g.cin_g(), OCg = g.cout_g(), K = Cg * g.kH * g.kW, P = g.Ho * g.Wo, jobs = g.N * g.groups;
   const bool pointwise = is_pointwise(g);
   const int64_t wsize = g.C_out * K, copies = std::max<int64_t>(1, std::min<int64_t>(max_threads(), jobs));
@@ -193,10 +225,10 @@ void gemm_backward_weight(const A* dout, const A* x, A* dw, const Conv2dGeometry
     DENSEGRAD_OMP(for)
     for (int64_t j = 0; j < jobs; ++j) {
       const int64_t n = j / g.groups, gi = j % g.groups;
-      const A* xg = x + (n * g.C_in + gi * Cg) * g.H * g.W;
+      const A* xg = x.at(n) + gi * Cg * g.H * g.W;
       if (!pointwise) im2col(xg, col.data(), g);
       MatMap<A>(mine + gi * OCg * K, OCg, K).noalias() +=
-          ConstMatMap<A>(dout + (n * g.C_out + gi * OCg) * P, OCg, P) *
+          ConstMatMap<A>(dout.at(n) + gi * OCg * P, OCg, P) *
           ConstMatMap<A>(pointwise ? xg : col.data(), K, P).transpose();
     }
   }
@@ -224,11 +256,14 @@ inline int64_t images_per_gemm(const Conv2dGeometry& g) {
   return std::max<int64_t>(1, (g.N + chunks - 1) / chunks);
 }
 
-/// dst (R, G*P) <- G consecutive images of src, each (R, P): image i fills columns [i*P, (i+1)*P).
+/// dst (R, G*P) <- images n0 .. n0+G-1 of src, each (R, P): image i fills columns [i*P, (i+1)*P).
 template <class A>
-void gather_images(const A* src, int64_t R, int64_t P, int64_t G, A* dst) {
+void gather_images(Planes<A> src, int64_t n0, int64_t R, int64_t P, int64_t G, A* dst) {
   for (int64_t r = 0; r < R; ++r)
-    for (int64_t i = 0; i < G; ++i) std::copy(src + (i * R + r) * P, src + (i * R + r + 1) * P, dst + (r * G + i) * P);
+    for (int64_t i = 0; i < G; ++i) {
+      const A* row = src.at(n0 + i) + r * P;
+      std::copy(row, row + P, dst + (r * G + i) * P);
+    }
 }
 /// The inverse: G images of dst, each (R, P), from src (R, G*P).
 template <class A>
@@ -239,14 +274,14 @@ void scatter_images(const A* src, int64_t R, int64_t P, int64_t G, A* dst) {
 
 /// y = W @ x + bias for G images at a time (see above).
 template <class A>
-void folded_forward(const A* x, const A* w, const A* b, A* y, const Conv2dGeometry& g, int64_t G) {
+void folded_forward(Planes<A> x, const A* w, const A* b, A* y, const Conv2dGeometry& g, int64_t G) {
   const int64_t C = g.C_in, OC = g.C_out, P = g.Ho * g.Wo, chunks = (g.N + G - 1) / G;
   DENSEGRAD_OMP(parallel if (chunks > 1)) {
     std::vector<A> xs(static_cast<size_t>(C * G * P)), ys(static_cast<size_t>(OC * G * P));
     DENSEGRAD_OMP(for)
     for (int64_t ch = 0; ch < chunks; ++ch) {
       const int64_t n0 = ch * G, gn = std::min(G, g.N - n0);
-      gather_images(x + n0 * C * P, C, P, gn, xs.data());
+      gather_images(x, n0, C, P, gn, xs.data());
       MatMap<A> Y(ys.data(), OC, gn * P);
       if (b) Y.colwise() = ConstVecMap<A>(b, OC);
       else Y.setZero();
@@ -258,14 +293,14 @@ void folded_forward(const A* x, const A* w, const A* b, A* y, const Conv2dGeomet
 
 /// dx = W^T @ dout for G images at a time.
 template <class A>
-void folded_backward_input(const A* dout, const A* w, A* dx, const Conv2dGeometry& g, int64_t G) {
+void folded_backward_input(Planes<A> dout, const A* w, A* dx, const Conv2dGeometry& g, int64_t G) {
   const int64_t C = g.C_in, OC = g.C_out, P = g.Ho * g.Wo, chunks = (g.N + G - 1) / G;
   DENSEGRAD_OMP(parallel if (chunks > 1)) {
     std::vector<A> ds(static_cast<size_t>(OC * G * P)), xs(static_cast<size_t>(C * G * P));
     DENSEGRAD_OMP(for)
     for (int64_t ch = 0; ch < chunks; ++ch) {
       const int64_t n0 = ch * G, gn = std::min(G, g.N - n0);
-      gather_images(dout + n0 * OC * P, OC, P, gn, ds.data());
+      gather_images(dout, n0, OC, P, gn, ds.data());
       MatMap<A>(xs.data(), C, gn * P).noalias() =
           ConstMatMap<A>(w, OC, C).transpose() * ConstMatMap<A>(ds.data(), OC, gn * P);
       scatter_images(xs.data(), C, P, gn, dx + n0 * C * P);
@@ -282,12 +317,12 @@ void folded_backward_input(const A* dout, const A* w, A* dx, const Conv2dGeometr
 
 /// y[n, c] = bias[c] + sum over taps of weight[c, kh, kw] * shifted x[n, c].
 template <int64_t SW, class A>
-void depthwise_forward(const A* x, const A* w, const A* b, A* y, const Conv2dGeometry& g) {
+void depthwise_forward(Planes<A> x, const A* w, const A* b, A* y, const Conv2dGeometry& g) {
   const int64_t C = g.C_in, jobs = g.N * C;
   DENSEGRAD_OMP(parallel for if (jobs > 1))
   for (int64_t j = 0; j < jobs; ++j) {
     const int64_t c = j % C;
-    const A* xp = x + j * g.H * g.W;
+    const A* xp = x.at(j / C) + c * g.H * g.W;
     A* yp = y + j * g.Ho * g.Wo;
     std::fill(yp, yp + g.Ho * g.Wo, b ? b[c] : A(0));
     for (int64_t kh = 0; kh < g.kH; ++kh)
@@ -310,12 +345,12 @@ void depthwise_forward(const A* x, const A* w, const A* b, A* y, const Conv2dGeo
 
 /// dx[n, c] = sum over taps of weight[c, kh, kw] * dout[n, c] shifted back (+= : taps overlap).
 template <int64_t SW, class A>
-void depthwise_backward_input(const A* dout, const A* w, A* dx, const Conv2dGeometry& g) {
+void depthwise_backward_input(Planes<A> dout, const A* w, A* dx, const Conv2dGeometry& g) {
   const int64_t C = g.C_in, jobs = g.N * C;
   DENSEGRAD_OMP(parallel for if (jobs > 1))
   for (int64_t j = 0; j < jobs; ++j) {
     const int64_t c = j % C;
-    const A* dp = dout + j * g.Ho * g.Wo;
+    const A* dp = dout.at(j / C) + c * g.Ho * g.Wo;
     A* dxp = dx + j * g.H * g.W;
     std::fill(dxp, dxp + g.H * g.W, A(0));
     for (int64_t kh = 0; kh < g.kH; ++kh)
@@ -341,14 +376,14 @@ void depthwise_backward_input(const A* dout, const A* w, A* dx, const Conv2dGeom
 /// sum per output column, so the inner loop is elementwise (vectorizes) and the horizontal
 /// sum happens once per tap at the end.
 template <int64_t SW, class A>
-void depthwise_backward_weight(const A* dout, const A* x, A* dw, const Conv2dGeometry& g) {
+void depthwise_backward_weight(Planes<A> dout, Planes<A> x, A* dw, const Conv2dGeometry& g) {
   const int64_t C = g.C_in, taps = g.kH * g.kW;
   DENSEGRAD_OMP(parallel for if (C > 1))
   for (int64_t c = 0; c < C; ++c) {
     std::vector<A> acc(static_cast<size_t>(taps * g.Wo), A(0));  // acc[tap][ow]
     for (int64_t n = 0; n < g.N; ++n) {
-      const A* xp = x + (n * C + c) * g.H * g.W;
-      const A* dp = dout + (n * C + c) * g.Ho * g.Wo;
+      const A* xp = x.at(n) + c * g.H * g.W;
+      const A* dp = dout.at(n) + c * g.Ho * g.Wo;
       for (int64_t kh = 0; kh < g.kH; ++kh)
         for (int64_t kw = 0; kw < g.kW; ++kw) {
           A* row = acc.data() + (kh * g.kW + kw) * g.Wo;
@@ -447,7 +482,7 @@ void sweep_block(const A* buf, const int64_t* off, const A* wv, int64_t nt, A in
 /// out (ho, wo) planes = init + sum over taps of w[tap] * the padded in (h, wd) plane shifted by
 /// the tap, for every (image, channel) plane; w holds each channel's taps.
 template <class A>
-void plane_correlate(const A* in, const A* w, const A* bias, A* out, const Conv2dGeometry& g, int64_t h, int64_t wd,
+void plane_correlate(Planes<A> in, const A* w, const A* bias, A* out, const Conv2dGeometry& g, int64_t h, int64_t wd,
                      int64_t ph, int64_t pw, int64_t ho, int64_t wo, bool flip) {
   const int64_t C = g.C_in, jobs = g.N * C, taps = g.kH * g.kW;
   const PlaneSweep sw(g, ph, pw, h, wd, ho, wo, flip);
@@ -457,7 +492,7 @@ void plane_correlate(const A* in, const A* w, const A* bias, A* out, const Conv2
     DENSEGRAD_OMP(for)
     for (int64_t j = 0; j < jobs; ++j) {
       const int64_t c = j % C;
-      copy_plane(in + j * h * wd, h, wd, buf.data(), sw.Wp, ph, pw);
+      copy_plane(in.at(j / C) + c * h * wd, h, wd, buf.data(), sw.Wp, ph, pw);
       for (int64_t t = 0; t < nt; ++t) wv[t] = w[c * taps + sw.taps[t]];
       const A init = bias ? bias[c] : A(0);
       int64_t p = 0;
@@ -479,7 +514,7 @@ void plane_correlate(const A* in, const A* w, const A* bias, A* out, const Conv2
 /// job: no two jobs share a weight, so nothing needs a reduction across threads. Four taps at
 /// a time share each load of dout.
 template <class A>
-void plane_backward_weight(const A* dout, const A* x, A* dw, const Conv2dGeometry& g) {
+void plane_backward_weight(Planes<A> dout, Planes<A> x, A* dw, const Conv2dGeometry& g) {
   using P = Packet<A>;
   const int64_t C = g.C_in, taps = g.kH * g.kW;
   const PlaneSweep sw(g, g.pH, g.pW, g.H, g.W, g.Ho, g.Wo, false);
@@ -492,8 +527,8 @@ void plane_backward_weight(const A* dout, const A* x, A* dw, const Conv2dGeometr
     for (int64_t c = 0; c < C; ++c) {
       std::fill(acc.begin(), acc.end(), P::Zero());
       for (int64_t n = 0; n < g.N; ++n) {
-        copy_plane(x + (n * C + c) * g.H * g.W, g.H, g.W, buf.data(), sw.Wp, g.pH, g.pW);
-        copy_plane(dout + (n * C + c) * g.Ho * g.Wo, g.Ho, g.Wo, d.data(), sw.Wp, 0, 0);
+        copy_plane(x.at(n) + c * g.H * g.W, g.H, g.W, buf.data(), sw.Wp, g.pH, g.pW);
+        copy_plane(dout.at(n) + c * g.Ho * g.Wo, g.Ho, g.Wo, d.data(), sw.Wp, 0, 0);
         int64_t t = 0;
         for (; t + 4 <= nt; t += 4) {
           const A *s0 = buf.data() + sw.off[t], *s1 = buf.data() + sw.off[t + 1], *s2 = buf.data() + sw.off[t + 2],
@@ -522,9 +557,24 @@ void plane_backward_weight(const A* dout, const A* x, A* dw, const Conv2dGeometr
   }
 }
 
+/// p[0] + ... + p[n-1] in 16 lanes, then the lanes, then the tail: the same order wherever p
+/// lies in memory (Eigen's sum of a Map starts at the first aligned element, so its order, and
+/// its last bits, would follow the address: a batch-strided view would not sum like its copy).
+template <class A>
+A plane_sum(const A* p, int64_t n) {
+  Packet<A> lanes = Packet<A>::Zero();
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) lanes += packet(p + i);
+  A s = lanes.sum();
+  for (; i < n; ++i) s += p[i];
+  return s;
+}
+
 }  // namespace conv_detail
 
 // ---------------------------------------------------------------- entry points (any strides)
+// Contiguous and batch-strided x and dout are read in place; other layouts are copied first.
+// Results are always contiguous.
 
 /// Forward: out (N, C_out, Ho, Wo); bias may be undefined.
 template <class T>
@@ -532,16 +582,17 @@ Tensor<T> conv2d_forward(const Tensor<T>& x, const Tensor<T>& weight, const Tens
                          const Conv2dGeometry& g) {
   using A = acc_t<T>;
   using namespace conv_detail;
-  auto px = dense<A>(x), pw = dense<A>(weight);
+  auto px = images<A>(x), pw = dense<A>(weight);
   DenseArray<A> pb;
   if (bias.defined()) pb = dense<A>(bias);
   const A* b = bias.defined() ? pb.data() : nullptr;
   Tensor<A> out = Tensor<A>::empty(g.out_shape());
-  if (plane_sweep_ok(g)) plane_correlate(px.data(), pw.data(), b, out.data(), g, g.H, g.W, g.pH, g.pW, g.Ho, g.Wo, false);
-  else if (is_depthwise(g) && g.sW == 1) depthwise_forward<1>(px.data(), pw.data(), b, out.data(), g);
-  else if (is_depthwise(g)) depthwise_forward<0>(px.data(), pw.data(), b, out.data(), g);
-  else if (images_per_gemm(g) > 1) folded_forward(px.data(), pw.data(), b, out.data(), g, images_per_gemm(g));
-  else gemm_forward(px.data(), pw.data(), b, out.data(), g);
+  const Planes<A> xp = planes(px);
+  if (plane_sweep_ok(g)) plane_correlate(xp, pw.data(), b, out.data(), g, g.H, g.W, g.pH, g.pW, g.Ho, g.Wo, false);
+  else if (is_depthwise(g) && g.sW == 1) depthwise_forward<1>(xp, pw.data(), b, out.data(), g);
+  else if (is_depthwise(g)) depthwise_forward<0>(xp, pw.data(), b, out.data(), g);
+  else if (images_per_gemm(g) > 1) folded_forward(xp, pw.data(), b, out.data(), g, images_per_gemm(g));
+  else gemm_forward(xp, pw.data(), b, out.data(), g);
   return rounded<T>(out);
 }
 
@@ -550,15 +601,16 @@ template <class T>
 Tensor<T> conv2d_backward_input(const Tensor<T>& dout, const Tensor<T>& weight, const Conv2dGeometry& g) {
   using A = acc_t<T>;
   using namespace conv_detail;
-  auto pd = dense<A>(dout), pw = dense<A>(weight);
+  auto pd = images<A>(dout), pw = dense<A>(weight);
   Tensor<A> dx = Tensor<A>::empty(g.x_shape());
+  const Planes<A> dp = planes(pd);
   if (plane_sweep_ok(g))  // dx = dout padded by (k-1)*d - p, correlated with the flipped taps
-    plane_correlate(pd.data(), pw.data(), static_cast<const A*>(nullptr), dx.data(), g, g.Ho, g.Wo,
+    plane_correlate(dp, pw.data(), static_cast<const A*>(nullptr), dx.data(), g, g.Ho, g.Wo,
                     (g.kH - 1) * g.dH - g.pH, (g.kW - 1) * g.dW - g.pW, g.H, g.W, true);
-  else if (is_depthwise(g) && g.sW == 1) depthwise_backward_input<1>(pd.data(), pw.data(), dx.data(), g);
-  else if (is_depthwise(g)) depthwise_backward_input<0>(pd.data(), pw.data(), dx.data(), g);
-  else if (images_per_gemm(g) > 1) folded_backward_input(pd.data(), pw.data(), dx.data(), g, images_per_gemm(g));
-  else gemm_backward_input(pd.data(), pw.data(), dx.data(), g);
+  else if (is_depthwise(g) && g.sW == 1) depthwise_backward_input<1>(dp, pw.data(), dx.data(), g);
+  else if (is_depthwise(g)) depthwise_backward_input<0>(dp, pw.data(), dx.data(), g);
+  else if (images_per_gemm(g) > 1) folded_backward_input(dp, pw.data(), dx.data(), g, images_per_gemm(g));
+  else gemm_backward_input(dp, pw.data(), dx.data(), g);
   return rounded<T>(dx);
 }
 
@@ -567,12 +619,13 @@ template <class T>
 Tensor<T> conv2d_backward_weight(const Tensor<T>& dout, const Tensor<T>& x, const Conv2dGeometry& g) {
   using A = acc_t<T>;
   using namespace conv_detail;
-  auto pd = dense<A>(dout), px = dense<A>(x);
+  auto pd = images<A>(dout), px = images<A>(x);
   Tensor<A> dw = Tensor<A>::empty(g.w_shape());
-  if (plane_sweep_ok(g)) plane_backward_weight(pd.data(), px.data(), dw.data(), g);
-  else if (is_depthwise(g) && g.sW == 1) depthwise_backward_weight<1>(pd.data(), px.data(), dw.data(), g);
-  else if (is_depthwise(g)) depthwise_backward_weight<0>(pd.data(), px.data(), dw.data(), g);
-  else gemm_backward_weight(pd.data(), px.data(), dw.data(), g);
+  const Planes<A> dp = planes(pd), xp = planes(px);
+  if (plane_sweep_ok(g)) plane_backward_weight(dp, xp, dw.data(), g);
+  else if (is_depthwise(g) && g.sW == 1) depthwise_backward_weight<1>(dp, xp, dw.data(), g);
+  else if (is_depthwise(g)) depthwise_backward_weight<0>(dp, xp, dw.data(), g);
+  else gemm_backward_weight(dp, xp, dw.data(), g);
   return rounded<T>(dw);
 }
 
@@ -581,11 +634,11 @@ template <class T>
 Tensor<T> conv2d_backward_bias(const Tensor<T>& dout, const Conv2dGeometry& g) {
   using A = acc_t<T>;
   using namespace conv_detail;
-  auto pd = dense<A>(dout);
+  auto pd = images<A>(dout);
   const int64_t P = g.Ho * g.Wo;
   Tensor<A> db = Tensor<A>::empty({g.C_out});
   A* o = db.data();
-  const A* d = pd.data();
+  const Planes<A> d = planes(pd);
   std::fill(o, o + g.C_out, A(0));
   // blocks of 16 channels, images inside: each image's block is one contiguous read
   const int64_t blocks = (g.C_out + 15) / 16;
@@ -593,7 +646,7 @@ Tensor<T> conv2d_backward_bias(const Tensor<T>& dout, const Conv2dGeometry& g) {
   for (int64_t ob = 0; ob < blocks; ++ob)
     for (int64_t n = 0; n < g.N; ++n)
       for (int64_t oc = ob * 16; oc < std::min(g.C_out, ob * 16 + 16); ++oc)
-        o[oc] += ConstVecMap<A>(d + (n * g.C_out + oc) * P, P).sum();
+        o[oc] += plane_sum(d.at(n) + oc * P, P);
   return rounded<T>(db);
 }
 

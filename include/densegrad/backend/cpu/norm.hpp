@@ -1,9 +1,11 @@
 // densegrad/backend/cpu/norm.hpp: fast timm LayerNorm2d, forward and backward, straight on
-// contiguous NCHW: the statistics over C of each pixel are read at channel stride H*W, so every
-// inner loop runs over contiguous pixels and vectorizes (OpenMP simd) — no permute, no copy.
-// Not a general layer norm (ref::layer_norm_forward serves that); ref::layer_norm2d_* is its oracle.
-// Shape legend: x, y, dy, dx: (N, C, H, W) contiguous, P = H * W pixels per image;
-// weight, bias: (C) contiguous or undefined; mean, rstd: (N, H, W) in acc_t<T>.
+// NCHW: the statistics over C of each pixel are read at channel stride H*W, so every inner loop
+// runs over contiguous pixels and vectorizes (OpenMP simd) — no permute, no copy. x and dy may be
+// batch-strided views (see batch_stride below), read in place. Also batch_stride itself, which
+// the conv2d kernels share. Not a general layer norm (ref::layer_norm_forward serves that);
+// ref::layer_norm2d_* is its oracle.
+// Shape legend: x, dy: (N, C, H, W) batch-strided; y, dx: (N, C, H, W) contiguous, P = H * W
+// pixels per image; weight, bias: (C) contiguous or undefined; mean, rstd: (N, H, W) in acc_t<T>.
 #pragma once
 
 #include "parallel.hpp"
@@ -17,6 +19,24 @@
 
 namespace dg::cpu {
 
+/// The distance in elements from image n to image n + 1 of an (N, C, H, W) tensor that is
+/// "batch-strided": its C, H, W dims laid out densely (strides (S_n, H*W, W, 1), size-1 dims
+/// aside) and its images at least C*H*W apart. A contiguous tensor is one (S_n = C*H*W); so is
+/// a window of channels of one, such as a dense stage's prefix view (S_n = C_total*H*W), which
+/// the CPU kernels of conv2d and layer_norm2d then read in place. -1 for any other layout.
+template <class T>
+int64_t batch_stride(const Tensor<T>& t) {
+  if (t.dim() != 4) return -1;
+  const Shape &s = t.shape(), &st = t.strides();
+  int64_t image = 1;  // C*H*W once the loop is done
+  for (int64_t i = 3; i >= 1; --i) {
+    if (s[i] != 1 && st[i] != image) return -1;
+    image *= s[i];
+  }
+  if (s[0] <= 1 || image == 0) return image;  // one image (or none): its distance to the next is moot
+  return st[0] >= image ? st[0] : -1;
+}
+
 namespace detail {
 /// Pixels per task: a tile of all C channels stays in L2 (C * 256 * 4 bytes = 64 KB at C = 64).
 constexpr int64_t kNormTile = 256;
@@ -26,13 +46,14 @@ constexpr int64_t kNormParallelMin = int64_t(1) << 15;
 
 /// timm LayerNorm2d forward on NCHW (= ref::layer_norm2d_forward). Each task takes one image
 /// and a tile of up to 256 pixels and makes three passes over its channels: mean, variance
-/// (two-pass: no cancellation), output.
+/// (two-pass: no cancellation), output. x: batch-strided; y comes back contiguous.
 template <class T>
 ref::LayerNormForward<T> layer_norm2d_forward(const Tensor<T>& x, const Tensor<T>& weight, const Tensor<T>& bias,
                                               double eps) {
   using A = acc_t<T>;
-  DG_CHECK(x.dim() == 4 && x.is_contiguous(), "cpu::layer_norm2d_forward: expected a contiguous (N, C, H, W) input, got ",
-           shape_str(x.shape()));
+  const int64_t xs = batch_stride(x);  // image n of x starts at n * xs
+  DG_CHECK(xs >= 0, "cpu::layer_norm2d_forward: expected a contiguous or batch-strided (N, C, H, W) input, got shape ",
+           shape_str(x.shape()), " strides ", shape_str(x.strides()));
   const int64_t N = x.size(0), C = x.size(1), P = x.size(2) * x.size(3), tiles = (P + detail::kNormTile - 1) / detail::kNormTile;
   ref::LayerNormForward<T> r{Tensor<T>::empty(x.shape()), Tensor<A>::empty({N, x.size(2), x.size(3)}),
                              Tensor<A>::empty({N, x.size(2), x.size(3)})};
@@ -43,7 +64,7 @@ ref::LayerNormForward<T> layer_norm2d_forward(const Tensor<T>& x, const Tensor<T
   DENSEGRAD_OMP(parallel for schedule(static) if (N * C * P >= detail::kNormParallelMin))
   for (int64_t task = 0; task < N * tiles; ++task) {
     const int64_t n = task / tiles, p0 = (task % tiles) * detail::kNormTile, len = std::min(detail::kNormTile, P - p0);
-    const T* xt = px + n * C * P + p0;  // channel c of this tile: xt + c * P
+    const T* xt = px + n * xs + p0;  // channel c of this tile: xt + c * P
     T* yt = py + n * C * P + p0;
     A *mean = pmean + n * P + p0, *rstd = prstd + n * P + p0;
     for (int64_t p = 0; p < len; ++p) mean[p] = rstd[p] = A(0);
@@ -76,16 +97,18 @@ ref::LayerNormForward<T> layer_norm2d_forward(const Tensor<T>& x, const Tensor<T
 ///   dweight[c] = sum over (n, pixels) of dy * xhat, dbias[c] = sum of dy.
 /// dweight/dbias are summed per task first (each task owns a row of partial sums, so no two
 /// threads write one slot), then over tasks in order: the same bits for any thread count.
+/// dy and x: batch-strided (each with its own image stride); dx comes back contiguous.
 template <class T>
 ref::LayerNormGrads<T> layer_norm2d_backward(const Tensor<T>& dy, const Tensor<T>& x, const Tensor<acc_t<T>>& mean,
                                              const Tensor<acc_t<T>>& rstd, const Tensor<T>& weight, bool need_dx,
                                              bool need_dweight, bool need_dbias) {
   using A = acc_t<T>;
-  DG_CHECK(x.dim() == 4 && x.is_contiguous() && dy.is_contiguous() && dy.shape() == x.shape() &&
-               mean.is_contiguous() && rstd.is_contiguous() && mean.numel() == x.size(0) * x.size(2) * x.size(3),
-           "cpu::layer_norm2d_backward: expected contiguous dy and x of one (N, C, H, W) shape and the saved "
-           "(N, H, W) statistics, got dy ", shape_str(dy.shape()), ", x ", shape_str(x.shape()), ", mean ",
-           shape_str(mean.shape()));
+  const int64_t xs = batch_stride(x), ds = batch_stride(dy);  // image n of x at n * xs, of dy at n * ds
+  DG_CHECK(xs >= 0 && ds >= 0 && dy.shape() == x.shape() && mean.is_contiguous() && rstd.is_contiguous() &&
+               mean.numel() == x.size(0) * x.size(2) * x.size(3),
+           "cpu::layer_norm2d_backward: expected contiguous or batch-strided dy and x of one (N, C, H, W) shape and "
+           "the saved (N, H, W) statistics, got dy ", shape_str(dy.shape()), " strides ", shape_str(dy.strides()),
+           ", x ", shape_str(x.shape()), " strides ", shape_str(x.strides()), ", mean ", shape_str(mean.shape()));
   const int64_t N = x.size(0), C = x.size(1), P = x.size(2) * x.size(3), tiles = (P + detail::kNormTile - 1) / detail::kNormTile;
   ref::LayerNormGrads<T> g;
   if (need_dx) g.dx = Tensor<T>::empty(x.shape());
@@ -97,14 +120,14 @@ ref::LayerNormGrads<T> layer_norm2d_backward(const Tensor<T>& dy, const Tensor<T
   DENSEGRAD_OMP(parallel for schedule(static) if (N * C * P >= detail::kNormParallelMin))
   for (int64_t task = 0; task < N * tiles; ++task) {
     const int64_t n = task / tiles, p0 = (task % tiles) * detail::kNormTile, len = std::min(detail::kNormTile, P - p0);
-    const int64_t base = n * C * P + p0;
+    const int64_t xbase = n * xs + p0, dbase = n * ds + p0, obase = n * C * P + p0;
     const A *m = pmean + n * P + p0, *r = prstd + n * P + p0;
     A *dw = dw_part.data() + task * C, *db = db_part.data() + task * C;
     A s1[detail::kNormTile], s2[detail::kNormTile];  // per pixel: sum_c dnorm, sum_c dnorm * xhat
     std::fill_n(s1, len, A(0));
     std::fill_n(s2, len, A(0));
     for (int64_t c = 0; c < C; ++c) {
-      const T *xc = px + base + c * P, *dyc = pdy + base + c * P;
+      const T *xc = px + xbase + c * P, *dyc = pdy + dbase + c * P;
       const A w = pw ? A(pw[c]) : A(1);
       A dw_c = 0, db_c = 0;
       DENSEGRAD_OMP(simd reduction(+ : dw_c, db_c))
@@ -124,8 +147,8 @@ ref::LayerNormGrads<T> layer_norm2d_backward(const Tensor<T>& dy, const Tensor<T
       s2[p] *= inv_c;
     }
     for (int64_t c = 0; c < C; ++c) {
-      const T *xc = px + base + c * P, *dyc = pdy + base + c * P;
-      T* dxc = pdx + base + c * P;
+      const T *xc = px + xbase + c * P, *dyc = pdy + dbase + c * P;
+      T* dxc = pdx + obase + c * P;
       const A w = pw ? A(pw[c]) : A(1);
       DENSEGRAD_OMP(simd)
       for (int64_t p = 0; p < len; ++p) {
