@@ -7,10 +7,11 @@
 // Writes OUT/metrics.csv, OUT/curves.svg, OUT/last.safetensors and OUT/best.safetensors.
 //
 // The default schedule (nano, 1x28x28): 10 epochs, batch 128, lr 4e-3, 0.2 warmup epochs, label
-// smoothing 0.1; for 28 px images no augmentation, no mixup/cutmix/drop path: on a schedule this
-// short they cost more accuracy than they save in overfitting (epoch 1 on Fashion-MNIST, lr 4e-3,
-// warmup 0.2: 86.1% without augmentation; 81.6% with random crop (pad 2) + horizontal flip).
-// 32 px images (CIFAR-10) get random crop (pad 4) + horizontal flip by default.
+// smoothing 0.1, random crop (pad 2) + horizontal flip from the second epoch on, no mixup/cutmix/
+// drop path. Regularization grows with training, as in EfficientNetV2's progressive learning: on
+// Fashion-MNIST the first epoch reached 85.5-86.1% without augmentation and 81.6% with it, while
+// ten epochs without any augmentation overfit (test loss rising from epoch 6, 90.8% at epoch 8).
+// 32 px images (CIFAR-10) get random crop (pad 4) + horizontal flip from the start.
 #include <CLI/CLI.hpp>
 
 #include <algorithm>
@@ -38,7 +39,7 @@ using Clock = std::chrono::steady_clock;
 struct Args {
   std::string data = "fashion-mnist", data_dir, model = "nano", out, resume, nan_policy = "stop", device = "cpu";
   int64_t epochs = 10, batch_size = 128, accum_steps = 1, limit_train = 0, limit_test = 0, eval_every = 1;
-  int64_t stop_after = 0, crop_pad = -1;
+  int64_t stop_after = 0, crop_pad = -1, aug_start = -1;
   double lr = 4e-3, min_lr = 1e-5, weight_decay = 0.05, warmup_epochs = 0.2, label_smoothing = 0.1;
   double mixup = 0, cutmix = 0, drop_path = 0, ema = 0, clip_grad = 0, hflip = -1, reprob = 0;
   uint64_t seed = 0;
@@ -63,8 +64,10 @@ void add_options(CLI::App& app, Args& a) {
   app.add_option("--accum-steps", a.accum_steps, "micro-batches per optimizer step")->check(CLI::PositiveNumber);
   app.add_option("--ema", a.ema, "EMA decay of the weights; evaluated and recorded instead of the raw weights (0: off)")->check(CLI::Range(0.0, 1.0));
   app.add_option("--clip-grad", a.clip_grad, "max global gradient norm (0: off)")->check(CLI::NonNegativeNumber);
-  app.add_option("--crop-pad", a.crop_pad, "random crop padding (-1: 4 for 32 px images, else 0)");
-  app.add_option("--hflip", a.hflip, "horizontal flip probability (-1: 0.5 for 32 px images, else 0)");
+  app.add_option("--crop-pad", a.crop_pad, "random crop padding (-1: 4 for 32 px images, 2 for 28 px, 0 for synthetic)");
+  app.add_option("--aug-start", a.aug_start,
+                 "first epoch (0-based) with crop/flip/erasing; earlier epochs see plain images (-1: 1 for 28 px, else 0)");
+  app.add_option("--hflip", a.hflip, "horizontal flip probability (-1: 0.5, 0 for synthetic)");
   app.add_option("--reprob", a.reprob, "random erasing probability")->check(CLI::Range(0.0, 1.0));
   app.add_option("--seed", a.seed, "seeds the weights, the data order, augmentation and drop path");
   app.add_option("--threads", a.threads, "OpenMP threads")->check(CLI::PositiveNumber);
@@ -191,17 +194,20 @@ int main(int argc, char** argv) {
     // whose soft targets carry the label smoothing.
     const bool real = a.data != "synthetic";
     data::AugmentOptions aug;
-    const bool cifar_like = real && train_set.height() >= 32;  // short schedules on 28 px: no augmentation
-    aug.crop(a.crop_pad >= 0 ? a.crop_pad : cifar_like ? 4 : 0)
-        .flip(a.hflip >= 0 ? a.hflip : cifar_like ? 0.5 : 0.0)
-        .random_erasing(a.reprob);
     if (!mean.empty()) aug.normalize(mean, stdev);
     const bool mix = a.mixup > 0 || a.cutmix > 0;
     if (mix) aug.mixup(a.mixup).cutmix(a.cutmix).smoothing(a.label_smoothing);
+    data::AugmentOptions plain = aug;  // the epochs before --aug-start: no crop, flip or erasing
+    aug.crop(a.crop_pad >= 0 ? a.crop_pad : !real ? 0 : train_set.height() >= 32 ? 4 : 2)
+        .flip(a.hflip >= 0 ? a.hflip : real ? 0.5 : 0.0)
+        .random_erasing(a.reprob);
+    const int64_t aug_start = a.aug_start >= 0 ? a.aug_start : real && train_set.height() < 32 ? 1 : 0;
     data::AugmentOptions test_aug;
     if (!mean.empty()) test_aug.normalize(mean, stdev);
-    data::DataLoader train_loader(
-        train_set, data::LoaderOptions().batch(a.batch_size).with_seed(a.seed).workers(a.workers).augmentation(aug).drop_last_batch(true));
+    auto train_options = [&](const data::AugmentOptions& augment) {
+      return data::LoaderOptions().batch(a.batch_size).with_seed(a.seed).workers(a.workers).augmentation(augment).drop_last_batch(true);
+    };
+    data::DataLoader train_loader(train_set, train_options(aug)), plain_loader(train_set, train_options(plain));
     data::DataLoader test_loader(
         test_set, data::LoaderOptions().batch(256).shuffled(false).workers(a.workers).augmentation(test_aug));
     const int64_t micro_batches = train_loader.size();  // per epoch
@@ -303,13 +309,14 @@ int main(int argc, char** argv) {
     int64_t skipped = 0;
     for (int64_t epoch = start_epoch; epoch < last_epoch; ++epoch) {
       const auto epoch_start = Clock::now();
-      train_loader.set_epoch(epoch);  // the order and augmentation come from (seed, epoch) alone
+      data::DataLoader& loader = epoch < aug_start ? plain_loader : train_loader;
+      loader.set_epoch(epoch);  // the order and augmentation come from (seed, epoch) alone
       model.train();
       train_util::Progress bar(std::cout, tty, epoch + 1, a.epochs, steps_per_epoch);
       double loss_sum = 0, lr = sched.lr(static_cast<double>(global_step));
       int64_t loss_count = 0, images = 0, k = 0;
       bool group_ok = true;  // no NaN/Inf so far in this accumulation group
-      for (dg::data::Batch& b : train_loader) {
+      for (dg::data::Batch& b : loader) {
         // The micro-batches of one optimizer step; the epoch's last group may be smaller, and
         // each loss is divided by the group's size so the summed gradient is the group's mean.
         const int64_t group = std::min(a.accum_steps, micro_batches - k / a.accum_steps * a.accum_steps);
