@@ -4,8 +4,11 @@
 # Set DENSEGRAD_SKIP_APT=1 to skip it (e.g. when you provide the dependencies yourself).
 set -eu
 
+# clang-14, libclang-rt-14-dev (libFuzzer, sanitizer runtimes) and llvm-14 (llvm-symbolizer, for
+# readable sanitizer reports) build and run the fuzz tests of tests/fuzz.
 PACKAGES="build-essential cmake ninja-build pkg-config libeigen3-dev libdnnl-dev catch2 \
-libcli11-dev zlib1g-dev libopenmpi-dev openmpi-bin dataset-fashion-mnist"
+libcli11-dev zlib1g-dev libopenmpi-dev openmpi-bin dataset-fashion-mnist \
+clang-14 libclang-rt-14-dev llvm-14"
 
 say() { echo "install_deps: $*"; }
 die() { echo "install_deps: error: $*" >&2; exit 1; }

@@ -583,6 +583,27 @@ TEST_CASE("safetensors: malformed files throw dg::Error naming the problem", "[i
   }
 }
 
+// A shape like [0, 2^62, 2^62] has 0 elements, but a tensor of that shape has a stride of 2^124:
+// such a file, read into a Tensor, overflows int64 (a UBSan report in tests/fuzz/fuzz_checkpoint).
+TEST_CASE("safetensors, npy: a 0-element shape whose other dims overflow 64 bits is refused", "[io][safetensors][npy]") {
+  const int64_t big = int64_t(1) << 62;
+  auto entry = [](const std::string& shape) {
+    return "{\"a\":{\"dtype\":\"F32\",\"shape\":" + shape + ",\"data_offsets\":[0,0]}}";
+  };
+  auto dict = [](const std::string& descr, const std::string& shape) {
+    return "{'descr': '" + descr + "', 'fortran_order': False, 'shape': " + shape + ", }";
+  };
+  REQUIRE_THROWS_WITH((RawTensor{DType::Float32, {0, big, big}, {}}.numel()),
+                      Contains("more elements than fit in 64 bits (counting its non-zero dims"));
+  REQUIRE((RawTensor{DType::Float32, {0, int64_t(1) << 31, int64_t(1) << 31}, {}}.numel()) == 0);
+  REQUIRE_THROWS_WITH(parse_st(st_bytes(entry("[0,4611686018427387904,4611686018427387904]"), {})),
+                      Contains("tensor 'a'") && Contains("fit in 64 bits"));
+  REQUIRE_THROWS_WITH(parse_np(npy_bytes(dict("<f4", "(0, 4611686018427387904, 4611686018427387904)"), 0)),
+                      Contains("fit in 64 bits"));
+  REQUIRE(parse_st(st_bytes(entry("[0,4]"), {})).tensors.at("a").shape == std::vector<int64_t>{0, 4});
+  REQUIRE(parse_np(npy_bytes(dict("<f8", "(3, 0)"), 0)).shape == std::vector<int64_t>{3, 0});
+}
+
 TEST_CASE("safetensors: atomic writes and file errors name the path", "[io][safetensors]") {
   TempDir dir;
   const std::string path = dir.file("w.safetensors");

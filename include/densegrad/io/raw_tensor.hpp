@@ -36,15 +36,19 @@ inline std::string shape_str(const std::vector<int64_t>& shape) {
   return s + "]";
 }
 
-/// Number of elements of shape, checked: every dim >= 0, and the running product fits in
-/// int64 (like the safetensors reference, an overflow is an error even if a later dim is 0).
+/// Number of elements of shape, checked: every dim >= 0, and the product of the non-zero dims
+/// fits in int64. Like the safetensors reference, an overflow is an error even if a later dim
+/// is 0; stricter than it, also when an earlier dim is 0 ([0, 2^62, 2^62]): a tensor's strides
+/// are products of the dims after their own, so they must fit even when numel is 0.
 inline int64_t checked_numel(const std::vector<int64_t>& shape, const std::string& what) {
-  int64_t n = 1;
+  int64_t n = 1, nonzero = 1;  // nonzero: the product of the non-zero dims, n <= nonzero
   for (size_t i = 0; i < shape.size(); ++i) {
     DG_CHECK(shape[i] >= 0, what, ": shape ", shape_str(shape), " has negative dim ", i, " (",
              shape[i], "); dims must be >= 0");
-    DG_CHECK(shape[i] == 0 || n <= std::numeric_limits<int64_t>::max() / shape[i], what,
-             ": shape ", shape_str(shape), " has more elements than fit in 64 bits");
+    DG_CHECK(shape[i] == 0 || nonzero <= std::numeric_limits<int64_t>::max() / shape[i], what,
+             ": shape ", shape_str(shape), " has more elements than fit in 64 bits",
+             (n == 0 ? " (counting its non-zero dims, as its strides do)" : ""));
+    if (shape[i] != 0) nonzero *= shape[i];
     n *= shape[i];
   }
   return n;
