@@ -211,6 +211,8 @@ TEST_CASE("cuda: ops refuse tensors on different devices with a clear error") {
   REQUIRE_THROWS_WITH(a + b, Catch::Contains("expected all tensors on one device"));
   REQUIRE_THROWS_WITH(dg::conv2d(rnd<float>({1, 2, 4, 4}, 41).to(kGpu), rnd<float>({2, 2, 1, 1}, 42)),
                       Catch::Contains("one device"));
+  REQUIRE_THROWS_WITH(dg::layer_norm2d(rnd<float>({1, 2, 4, 4}, 43), rnd<float>({2}, 44).to(kGpu)),
+                      Catch::Contains("layer_norm2d: weight is on cuda:0, the input on cpu"));
 }
 
 TEST_CASE("cuda: AdamW steps, gradient clipping and the finite check match the CPU") {

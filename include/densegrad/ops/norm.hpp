@@ -23,6 +23,8 @@ template <class T>
 void check_affine(const Tensor<T>& p, const char* name, const Shape& expected, const char* op, const Tensor<T>& x) {
   DG_CHECK(!p.defined() || p.shape() == expected, op, ": ", name, " has shape ", shape_str(p.shape()),
            ", expected ", shape_str(expected), " (input ", shape_str(x.shape()), ")");
+  DG_CHECK(!p.defined() || p.device() == x.device(), op, ": ", name, " is on ", p.device().str(),
+           ", the input on ", x.device().str(), " (expected one device)");
 }
 }  // namespace detail
 
