@@ -40,6 +40,8 @@ struct Args {
   std::string data = "fashion-mnist", data_dir, model = "nano", out, resume, nan_policy = "stop", device = "cpu";
   int64_t epochs = 10, batch_size = 128, accum_steps = 1, limit_train = 0, limit_test = 0, eval_every = 1;
   int64_t stop_after = 0, crop_pad = -1, aug_start = -1;
+  bool memory_efficient = false;
+  double ls_init = 1e-6;
   double lr = 4e-3, min_lr = 1e-5, weight_decay = 0.05, warmup_epochs = 0.2, label_smoothing = 0.1;
   double mixup = 0, cutmix = 0, drop_path = 0, ema = 0, clip_grad = 0, hflip = -1, reprob = 0;
   uint64_t seed = 0;
@@ -61,6 +63,10 @@ void add_options(CLI::App& app, Args& a) {
   app.add_option("--mixup", a.mixup, "mixup alpha (0: off)")->check(CLI::NonNegativeNumber);
   app.add_option("--cutmix", a.cutmix, "cutmix alpha (0: off)")->check(CLI::NonNegativeNumber);
   app.add_option("--drop-path", a.drop_path, "stochastic depth rate of the last block")->check(CLI::Range(0.0, 1.0));
+  app.add_option("--ls-init", a.ls_init, "initial layer scale (gamma) of every dense block")->check(CLI::PositiveNumber);
+  app.add_flag("--memory-efficient", a.memory_efficient,
+               "recompute each dense block in backward instead of keeping its activations (less memory, same numbers)")
+      ->capture_default_str();
   app.add_option("--accum-steps", a.accum_steps, "micro-batches per optimizer step")->check(CLI::PositiveNumber);
   app.add_option("--ema", a.ema, "EMA decay of the weights; evaluated and recorded instead of the raw weights (0: off)")->check(CLI::Range(0.0, 1.0));
   app.add_option("--clip-grad", a.clip_grad, "max global gradient norm (0: off)")->check(CLI::NonNegativeNumber);
@@ -221,6 +227,8 @@ int main(int argc, char** argv) {
     cfg.in_chans = train_set.channels();
     cfg.num_classes = train_set.num_classes();
     cfg.drop_path_rate = a.drop_path;
+    cfg.ls_init_value = a.ls_init;
+    cfg.memory_efficient = a.memory_efficient;
     dg::Generator init_gen(a.seed);
     rdnet::RDNet<float> model(cfg, init_gen);
     // ---- device: the model moves before the optimizer is made (its state lives beside the weights)
