@@ -39,6 +39,11 @@ TEST_CASE("zeros, ones, full and scalar_tensor fill every element", "[tensor]") 
   CHECK(e.view({0, 3}).shape() == Shape{0, 3});
   CHECK(e.reshape({-1, 6}).shape() == Shape{0, 6});
   REQUIRE_THROWS_WITH(zeros<float>({2, -1}), Contains("negative dimension"));
+  // No elements, but strides past int64: refused instead of overflowing
+  const int64_t big = int64_t(1) << 62;
+  REQUIRE_THROWS_WITH(zeros<float>({0, big, big}), Contains("strides overflow int64"));
+  REQUIRE_THROWS_WITH(zeros<float>({big, big}), Contains("more than 2^63 elements"));
+  CHECK(zeros<float>({0, big}).numel() == 0);  // its strides fit: allowed, like torch
 }
 
 TEST_CASE("arange with integer, negative and fractional steps matches torch.arange", "[tensor]") {

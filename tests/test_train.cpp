@@ -1,6 +1,7 @@
 // tests/test_train.cpp: rdnet_train's bookkeeping (examples/rdnet/train_util.hpp): durations,
 // the progress output, metrics.csv round trips, curves.svg, and checkpoint helpers.
 // Not the training loop: the rdnet_train_* CTest tests in examples/CMakeLists.txt run the program.
+#include <cmath>
 #include <filesystem>
 #include <sstream>
 
@@ -84,6 +85,14 @@ TEST_CASE("train_util metrics.csv header and round trip") {
   CHECK(tu::metrics_csv(back) == csv);
   REQUIRE_THROWS_WITH(tu::parse_metrics_csv("epoch,loss\n"), Catch::Contains("expected the header"));
   REQUIRE_THROWS_WITH(tu::parse_metrics_csv(csv + "3,1\n"), Catch::Contains("expected 6 fields"));
+  // Malformed numbers are dg::Errors naming the cell, never std::stod's exceptions
+  const std::string header = std::string(tu::kMetricsHeader) + "\n";
+  REQUIRE_THROWS_AS(tu::parse_metrics_csv(header + "x,1,2,3,4,5\n"), dg::Error);
+  REQUIRE_THROWS_WITH(tu::parse_metrics_csv(header + "99999999999999999999,1,2,3,4,5\n"),
+                      Catch::Contains("expected an epoch number, got '99999999999999999999'"));
+  REQUIRE_THROWS_WITH(tu::parse_metrics_csv(header + "1,abc,2,3,4,5\n"), Catch::Contains("'abc' is not a number"));
+  REQUIRE_THROWS_WITH(tu::parse_metrics_csv(header + "1,2.5x,2,3,4,5\n"), Catch::Contains("'2.5x' is not a number"));
+  CHECK(std::isinf(tu::parse_metrics_csv(header + "1,1e999,2,3,4,5\n")[0].train_loss));  // out of range: inf
 }
 
 TEST_CASE("train_util curves.svg is a complete chart") {

@@ -7,8 +7,10 @@
 #include <densegrad/io/tensor_io.hpp>
 
 #include <algorithm>
+#include <cerrno>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <limits>
@@ -117,14 +119,19 @@ inline std::vector<EpochRecord> parse_metrics_csv(const std::string& text) {
     for (std::string cell; std::getline(ls, cell, ',');) f.push_back(cell);
     if (!line.empty() && line.back() == ',') f.push_back("");
     DG_CHECK(f.size() == 6, "metrics: expected 6 fields per line, got ", f.size(), " in '", line, "'");
-    auto num = [&](const std::string& cell) {
+    auto num = [&](const std::string& cell) {  // strtod: no exception, a full-cell check
       if (cell.empty()) return std::numeric_limits<double>::quiet_NaN();
-      size_t used = 0;
-      double v = std::stod(cell, &used);
-      DG_CHECK(used == cell.size(), "metrics: '", cell, "' is not a number (line '", line, "')");
+      char* end = nullptr;
+      const double v = std::strtod(cell.c_str(), &end);
+      DG_CHECK(end != cell.c_str() && *end == '\0', "metrics: '", cell, "' is not a number (line '", line, "')");
       return v;
     };
-    rows.push_back({std::stoll(f[0]), num(f[1]), num(f[2]), num(f[3]), num(f[4]), num(f[5])});
+    char* end = nullptr;
+    errno = 0;
+    const long long epoch = std::strtoll(f[0].c_str(), &end, 10);
+    DG_CHECK(!f[0].empty() && *end == '\0' && errno == 0 && epoch >= 0, "metrics: expected an epoch number, got '",
+             f[0], "' (line '", line, "')");
+    rows.push_back({epoch, num(f[1]), num(f[2]), num(f[3]), num(f[4]), num(f[5])});
   }
   return rows;
 }

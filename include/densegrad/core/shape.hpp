@@ -30,10 +30,15 @@ inline int64_t shape_numel(const Shape& s) {
   return n;
 }
 
-/// Row-major (C order) strides, in elements.
+/// Row-major (C order) strides, in elements (a 0 dim counts as 1); throws if one overflows
+/// int64, which a shape with a 0 dim can do while having no elements (e.g. [0, 2^62, 2^62]).
 inline Shape contiguous_strides(const Shape& s) {
   Shape st(s.size(), 1);
-  for (int64_t i = static_cast<int64_t>(s.size()) - 2; i >= 0; --i) st[i] = st[i + 1] * (s[i + 1] ? s[i + 1] : 1);
+  for (int64_t i = static_cast<int64_t>(s.size()) - 2; i >= 0; --i) {
+    const int64_t d = s[i + 1] > 0 ? s[i + 1] : 1;
+    DG_CHECK(st[i + 1] <= INT64_MAX / d, "shape ", shape_str(s), " is too large: its strides overflow int64");
+    st[i] = st[i + 1] * d;
+  }
   return st;
 }
 

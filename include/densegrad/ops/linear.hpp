@@ -15,6 +15,7 @@ namespace dg {
 /// Example: auto logits = dg::linear(feat, head_w, head_b);  // (N, C) x (K, C) -> (N, K)
 template <class T>
 Tensor<T> linear(const Tensor<T>& x, const Tensor<T>& weight, const Tensor<T>& bias = Tensor<T>()) {
+  if (detail::same_device<T>("linear", {&x, &weight, &bias}).is_cuda()) cuda_kernels<T>("linear");  // errors name linear
   DG_CHECK(weight.dim() == 2, "linear: weight must be (out_features, in_features), got shape ",
            shape_str(weight.shape()));
   DG_CHECK(x.dim() >= 1 && x.size(-1) == weight.size(1), "linear: input has ", x.dim() ? x.size(-1) : 0,

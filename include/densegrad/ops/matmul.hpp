@@ -41,6 +41,7 @@ template <class T>
 Tensor<T> matmul(const Tensor<T>& a, const Tensor<T>& b) {
   DG_CHECK(a.dim() >= 1 && b.dim() >= 1, "matmul: both arguments need at least 1 dim, got shapes ",
            shape_str(a.shape()), " and ", shape_str(b.shape()));
+  if (detail::same_device<T>("matmul", {&a, &b}).is_cuda()) cuda_kernels<T>("matmul");  // errors name matmul
   // 1-D operands become matrices (a row, b a column) and lose that dim at the end
   Tensor<T> a2 = a.dim() == 1 ? unsqueeze(a, 0) : a, b2 = b.dim() == 1 ? unsqueeze(b, 1) : b;
   const int64_t M = a2.size(-2), K = a2.size(-1), K2 = b2.size(-2), N = b2.size(-1);
