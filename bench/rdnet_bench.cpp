@@ -4,6 +4,7 @@
 //   rdnet_bench --model tiny --batch 8 --res 224 --mode train --threads 2
 //   rdnet_bench --model tiny --batch 64 --mode infer --device cuda --tf32
 //   rdnet_bench --model tiny --batch 16 --iters 1 --warmup 0 --naive-concat   (peak RSS per dense path)
+//   rdnet_bench --op dwconv7 --batch 8 --res 56 --channels 128   (one op: forward + backward, or forward)
 // The last line is machine-readable (bench/compare and bench/gpu_compare.sh parse it):
 //   RESULT model=tiny mode=train batch=8 res=224 device=cpu img_per_s=X peak_rss_mb=Y peak_gpu_mb=Z
 //
@@ -40,6 +41,8 @@ struct BenchArgs {
   int threads = 0;  // 0: OpenMP's default
   bool tf32 = false;
   bool naive_concat = false, memory_efficient = false;  // RDNetConfig::dense_buffer = !naive_concat, memory_efficient
+  std::string op = "none";  // one op instead of the model: dwconv7, layernorm2d, pwconv, concat
+  int64_t channels = 128;   // the op's input channels
   uint64_t seed = 0;
 };
 
@@ -58,6 +61,85 @@ double peak_rss_mb() {
 /// The device allocator's peak since the last reset, in MiB; 0 on the CPU.
 double peak_gpu_mb(bool cuda) {
   return cuda ? static_cast<double>(dg::cuda_max_memory_allocated()) / (1024.0 * 1024.0) : 0.0;
+}
+
+/// The median of the times.
+double median_of(std::vector<double> ms) {
+  std::sort(ms.begin(), ms.end());
+  const size_t n = ms.size();
+  return n % 2 ? ms[n / 2] : 0.5 * (ms[n / 2 - 1] + ms[n / 2]);
+}
+
+/// Runs `step` a.warmup times, then a.iters timed times; prints the per-iteration summary and
+/// returns the times in ms.
+template <class Step>
+std::vector<double> time_iterations(const BenchArgs& a, bool cuda, Step&& step) {
+  for (int64_t i = 0; i < a.warmup; ++i) step();
+  synchronize(cuda);
+  std::vector<double> ms;
+  for (int64_t i = 0; i < a.iters; ++i) {
+    const auto t0 = Clock::now();
+    step();
+    synchronize(cuda);
+    ms.push_back(std::chrono::duration<double, std::milli>(Clock::now() - t0).count());
+  }
+  const double mean = std::accumulate(ms.begin(), ms.end(), 0.0) / static_cast<double>(ms.size());
+  std::printf("rdnet_bench: per iteration: median %.2f ms, mean %.2f ms, min %.2f ms, max %.2f ms\n", median_of(ms),
+              mean, *std::min_element(ms.begin(), ms.end()), *std::max_element(ms.begin(), ms.end()));
+  return ms;
+}
+
+/// Images per second over all timed iterations.
+double images_per_second(const BenchArgs& a, const std::vector<double>& ms) {
+  const double total = std::accumulate(ms.begin(), ms.end(), 0.0);
+  return static_cast<double>(a.batch) * static_cast<double>(ms.size()) / (total / 1000.0);
+}
+
+/// --op: one op of a dense block on x (batch, channels, res, res), forward + backward of a fixed
+/// output gradient (train) or forward without grad (infer). Prints a RESULT line with model=op:NAME.
+int run_op(const BenchArgs& a, dg::Device device, int threads) {
+  const bool cuda = device.is_cuda(), train = a.mode == "train";
+  const int64_t N = a.batch, C = a.channels, R = a.res;
+  dg::Generator gen(a.seed);
+  auto param = [&](dg::Shape s) { return dg::randn<float>(std::move(s), gen).to(device).requires_grad_(train); };
+  Tensor<float> x = param({N, C, R, R});
+  Tensor<float> w, b, other;
+  if (a.op == "dwconv7") w = param({C, 1, 7, 7}), b = param({C});
+  if (a.op == "layernorm2d") w = param({C}), b = param({C});
+  if (a.op == "pwconv") w = param({4 * C, C, 1, 1}), b = param({4 * C});
+  if (a.op == "concat") other = param({N, 32, R, R});
+  auto forward = [&]() -> Tensor<float> {
+    if (a.op == "dwconv7") return dg::conv2d(x, w, b, 1, 3, 1, C);
+    if (a.op == "layernorm2d") return dg::layer_norm2d(x, w, b, 1e-6);
+    if (a.op == "pwconv") return dg::conv2d(x, w, b);
+    return dg::concat<float>({x, other}, 1);
+  };
+  Tensor<float> grad_out;
+  {
+    dg::NoGradGuard no_grad;
+    grad_out = dg::randn<float>(forward().shape(), gen).to(device);
+  }
+  std::printf("rdnet_bench: op %s, %s, input (%lld, %lld, %lld, %lld), device %s, threads %d, %lld warmup + %lld "
+              "timed iterations\n",
+              a.op.c_str(), train ? "forward + backward" : "forward", static_cast<long long>(N),
+              static_cast<long long>(C), static_cast<long long>(R), static_cast<long long>(R), device.str().c_str(),
+              threads, static_cast<long long>(a.warmup), static_cast<long long>(a.iters));
+  std::fflush(stdout);
+  auto step = [&]() {
+    if (train) {
+      forward().backward(grad_out);
+    } else {
+      dg::NoGradGuard no_grad;
+      forward();
+    }
+  };
+  const std::vector<double> ms = time_iterations(a, cuda, step);
+  std::printf("RESULT model=op:%s mode=%s batch=%lld res=%lld device=%s img_per_s=%.2f peak_rss_mb=%.1f "
+              "peak_gpu_mb=%.1f median_ms=%.3f channels=%lld\n",
+              a.op.c_str(), a.mode.c_str(), static_cast<long long>(N), static_cast<long long>(R), a.device.c_str(),
+              images_per_second(a, ms), peak_rss_mb(), peak_gpu_mb(cuda), median_of(ms),
+              static_cast<long long>(C));
+  return 0;
 }
 
 int main(int argc, char** argv) {
@@ -80,6 +162,11 @@ int main(int argc, char** argv) {
                "dense stages concat all features for every block (the naive path) instead of filling one buffer");
   app.add_flag("--memory-efficient", a.memory_efficient,
                "recompute each dense block in backward instead of keeping its activations");
+  app.add_option("--op", a.op,
+                 "time one op of a dense block instead of the model, on (batch, channels, res, res): depthwise 7x7 "
+                 "conv, LayerNorm2d, 1x1 conv to 4 x channels, or concat with 32 more channels")
+      ->check(CLI::IsMember({"none", "dwconv7", "layernorm2d", "pwconv", "concat"}));
+  app.add_option("--channels", a.channels, "--op: input channels")->check(CLI::Range(int64_t{1}, int64_t{1} << 16));
   CLI11_PARSE(app, argc, argv);
 
   const bool cuda = a.device == "cuda";
@@ -109,6 +196,8 @@ int main(int argc, char** argv) {
       dg::cuda_set_allow_tf32(a.tf32);
       dg::cuda_reset_peak_memory_stats();
     }
+
+    if (a.op != "none") return run_op(a, device, threads);
 
     // ---- model and optimizer (timm's param groups: no weight decay on 1-D params)
     rdnet::RDNetConfig cfg = rdnet::RDNetConfig::by_name(a.model);
@@ -155,25 +244,7 @@ int main(int argc, char** argv) {
       }
     };
 
-    for (int64_t i = 0; i < a.warmup; ++i) step();
-    synchronize(cuda);
-    std::vector<double> ms;
-    for (int64_t i = 0; i < a.iters; ++i) {
-      const auto t0 = Clock::now();
-      step();
-      synchronize(cuda);
-      ms.push_back(std::chrono::duration<double, std::milli>(Clock::now() - t0).count());
-    }
-
-    // ---- report: per-iteration times, a sanity check of the numbers, the RESULT line
-    std::vector<double> sorted = ms;
-    std::sort(sorted.begin(), sorted.end());
-    const size_t n = sorted.size();
-    const double median = n % 2 ? sorted[n / 2] : 0.5 * (sorted[n / 2 - 1] + sorted[n / 2]);
-    const double total = std::accumulate(ms.begin(), ms.end(), 0.0);
-    const double mean = total / static_cast<double>(n);
-    std::printf("rdnet_bench: per iteration: median %.2f ms, mean %.2f ms, min %.2f ms, max %.2f ms\n", median, mean,
-                sorted.front(), sorted.back());
+    const std::vector<double> ms = time_iterations(a, cuda, step);
     const Tensor<float> check = last.to(dg::Device::cpu()).contiguous();
     double sum = 0;
     for (int64_t i = 0; i < check.numel(); ++i) sum += static_cast<double>(check.data()[i]);
@@ -182,7 +253,7 @@ int main(int argc, char** argv) {
     else if (train)
       std::printf("rdnet_bench: last loss %.4f\n", sum);
 
-    const double img_per_s = static_cast<double>(a.batch) * static_cast<double>(n) / (total / 1000.0);
+    const double img_per_s = images_per_second(a, ms);
     std::printf("RESULT model=%s mode=%s batch=%lld res=%lld device=%s img_per_s=%.2f peak_rss_mb=%.1f "
                 "peak_gpu_mb=%.1f\n",
                 a.model.c_str(), a.mode.c_str(), static_cast<long long>(a.batch), static_cast<long long>(a.res),

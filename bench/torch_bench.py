@@ -8,6 +8,7 @@ Not a training run and not part of the test suite: it needs torch and timm (pip 
   python3 bench/torch_bench.py --model tiny --batch 8 --res 224 --mode train --threads 2
   python3 bench/torch_bench.py --batch 64 --mode train --device cuda --precision bf16 --channels-last
   python3 bench/torch_bench.py --mode infer --onnx --threads 2
+  python3 bench/torch_bench.py --op dwconv7 --batch 8 --res 56 --channels 128 --threads 2
 
 The last line has rdnet_bench's RESULT format with impl, precision and channels_last added:
   RESULT model=tiny mode=train batch=8 res=224 device=cpu img_per_s=X peak_rss_mb=Y peak_gpu_mb=Z \
@@ -64,6 +65,9 @@ def parse_args():
     p.add_argument("--channels-last", action="store_true", help="NHWC memory format for the model and input")
     p.add_argument("--onnx", action="store_true", help="inference in onnxruntime on the CPU instead of torch")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--op", default="none", choices=["none", "dwconv7", "layernorm2d", "pwconv", "concat"],
+                   help="time one op of a dense block on (batch, channels, res, res), as rdnet_bench --op")
+    p.add_argument("--channels", type=int, default=128, help="--op: input channels")
     a = p.parse_args()
     for name in ("batch", "res", "iters"):
         if getattr(a, name) < 1:
@@ -95,8 +99,65 @@ def export_onnx(model, x, path):
     fail("torch.onnx.export failed (it needs: pip install onnx; the dynamo exporter also onnxscript):\n  " + "\n  ".join(errors))
 
 
+def run_op(a):
+    """--op: the op's forward + backward of a fixed output gradient (train) or forward (infer),
+    timed as rdnet_bench --op does."""
+    torch.manual_seed(a.seed)
+    train = a.mode == "train"
+    n, c, r = a.batch, a.channels, a.res
+
+    def param(*shape):
+        return torch.randn(*shape).requires_grad_(train)
+
+    x = param(n, c, r, r)
+    if a.op == "dwconv7":
+        w, b = param(c, 1, 7, 7), param(c)
+        forward = lambda: torch.nn.functional.conv2d(x, w, b, padding=3, groups=c)
+    elif a.op == "layernorm2d":  # timm's LayerNorm2d: permute, layer_norm over C, permute back
+        w, b = param(c), param(c)
+        forward = lambda: torch.nn.functional.layer_norm(x.permute(0, 2, 3, 1), (c,), w, b, 1e-6).permute(0, 3, 1, 2)
+    elif a.op == "pwconv":
+        w, b = param(4 * c, c, 1, 1), param(4 * c)
+        forward = lambda: torch.nn.functional.conv2d(x, w, b)
+    else:
+        other = param(n, 32, r, r)
+        forward = lambda: torch.cat([x, other], 1)
+    with torch.no_grad():
+        grad_out = torch.randn(forward().shape)
+
+    def step():
+        if train:
+            forward().backward(grad_out)
+        else:
+            with torch.no_grad():
+                forward()
+
+    print(f"torch_bench: torch-{torch.__version__}: op {a.op}, {'forward + backward' if train else 'forward'}, "
+          f"input ({n}, {c}, {r}, {r}), threads {torch.get_num_threads()}, {a.warmup} warmup + {a.iters} timed "
+          f"iterations", flush=True)
+    for _ in range(a.warmup):
+        step()
+    ms = []
+    for _ in range(a.iters):
+        t0 = time.perf_counter()
+        step()
+        ms.append((time.perf_counter() - t0) * 1000.0)
+    print(f"torch_bench: per iteration: median {statistics.median(ms):.2f} ms, mean {statistics.fmean(ms):.2f} ms, "
+          f"min {min(ms):.2f} ms, max {max(ms):.2f} ms")
+    print(f"RESULT model=op:{a.op} mode={a.mode} batch={n} res={r} device=cpu "
+          f"img_per_s={n * len(ms) / (sum(ms) / 1000.0):.2f} peak_rss_mb={peak_rss_mb():.1f} peak_gpu_mb=0.0 "
+          f"median_ms={statistics.median(ms):.3f} channels={c} impl=torch-{torch.__version__} precision=fp32 "
+          f"channels_last=0")
+
+
 def main():
     a = parse_args()
+    if a.op != "none":
+        if a.device != "cpu" or a.onnx:
+            fail("--op runs on the CPU in torch only (no --device cuda, no --onnx)")
+        if a.threads > 0:
+            torch.set_num_threads(a.threads)
+        return run_op(a)
     cuda = a.device == "cuda"
     if cuda and not torch.cuda.is_available():
         fail("--device cuda: torch sees no CUDA device (or this torch is a CPU build)")
