@@ -2,9 +2,12 @@
 // Views share one Storage; the bytes are freed when the last view goes away. The default CPU
 // allocator caches freed blocks by size class (a training step frees and re-requests the same
 // sizes every step); it is not a general-purpose heap (no splitting or merging of blocks).
+// CPU memory statistics (cpu_memory_allocated and friends) count the bytes that live CPU
+// storages requested, like torch.cuda.memory_allocated does for the GPU.
 #pragma once
 
 #include <array>
+#include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -145,7 +148,44 @@ inline std::array<Allocator*, 2>& allocator_table() {
   static std::array<Allocator*, 2> table{&default_cpu_allocator(), nullptr};
   return table;
 }
+
+/// Bytes requested by live CPU storages, and the most there were since the last reset. Relaxed
+/// atomics: each counter is exact; a reset racing with allocations may keep a slightly stale peak.
+struct CpuMemoryStats {
+  std::atomic<size_t> allocated{0}, peak{0};
+  void add(size_t n) {
+    const size_t now = allocated.fetch_add(n, std::memory_order_relaxed) + n;
+    size_t p = peak.load(std::memory_order_relaxed);
+    while (now > p && !peak.compare_exchange_weak(p, now, std::memory_order_relaxed)) {
+    }
+  }
+  void sub(size_t n) { allocated.fetch_sub(n, std::memory_order_relaxed); }
+};
+/// Never destroyed, like the allocator: storage freed during static destruction still counts.
+inline CpuMemoryStats& cpu_memory_stats() {
+  static CpuMemoryStats* s = new CpuMemoryStats;
+  return *s;
+}
 }  // namespace detail
+
+/// Bytes of CPU memory held by live tensors now: the sizes their storages requested, whichever
+/// CPU allocator served them, cached blocks not counted (torch.cuda.memory_allocated's CPU twin;
+/// compare dg::cuda_memory_allocated). Scratch memory inside kernels is not a tensor: not counted.
+///   size_t before = dg::cpu_memory_allocated();
+///   auto x = dg::zeros<float>({256});  // dg::cpu_memory_allocated() == before + 1024
+inline size_t cpu_memory_allocated() { return detail::cpu_memory_stats().allocated.load(std::memory_order_relaxed); }
+/// The most cpu_memory_allocated() has been since the program started or the last
+/// cpu_reset_peak_memory_stats() (torch.cuda.max_memory_allocated's CPU twin).
+inline size_t cpu_max_memory_allocated() { return detail::cpu_memory_stats().peak.load(std::memory_order_relaxed); }
+/// Starts a new peak at what is allocated now (torch.cuda.reset_peak_memory_stats's CPU twin).
+///   size_t held = dg::cpu_memory_allocated();
+///   dg::cpu_reset_peak_memory_stats();
+///   train_step();
+///   size_t step_peak = dg::cpu_max_memory_allocated() - held;  // the step's peak above what it started with
+inline void cpu_reset_peak_memory_stats() {
+  detail::CpuMemoryStats& s = detail::cpu_memory_stats();
+  s.peak.store(s.allocated.load(std::memory_order_relaxed), std::memory_order_relaxed);
+}
 
 /// Frees the CPU blocks the default allocator keeps cached for reuse (torch.cuda.empty_cache's
 /// CPU twin); memory in use by tensors is untouched. Returns the number of bytes freed.
@@ -197,6 +237,7 @@ class Storage {
              " (is the CUDA backend compiled into this program?)");
     Storage s;
     s.impl_ = std::make_shared<Impl>(a->allocate(nbytes), nbytes, device, a);
+    if (device.is_cpu()) detail::cpu_memory_stats().add(nbytes);  // counted once the bytes are ours
     return s;
   }
   void* data() const { return impl_ ? impl_->data : nullptr; }
@@ -214,7 +255,10 @@ class Storage {
     Device device;
     Allocator* allocator;
     Impl(void* d, size_t n, Device dev, Allocator* a) : data(d), nbytes(n), device(dev), allocator(a) {}
-    ~Impl() { allocator->deallocate(data, nbytes); }
+    ~Impl() {
+      allocator->deallocate(data, nbytes);
+      if (device.is_cpu()) detail::cpu_memory_stats().sub(nbytes);
+    }
     Impl(const Impl&) = delete;
     Impl& operator=(const Impl&) = delete;
   };
