@@ -1,8 +1,13 @@
 // tests/test_cpu_fastpaths.cpp: the CPU fast paths that are not a whole op family of their own,
 // each against its ref kernel on odd shapes: broadcasting binary maps (cpu::map2), sums over
-// dims (cpu::sum), concatenation (cpu::concat), depthwise padded-plane conv kernels, in-place
-// gradient accumulation on the tape, and the caching CPU allocator.
+// dims (cpu::sum), concatenation (cpu::concat), depthwise padded-plane conv kernels, dense convs
+// as panel GEMMs over several images, GELU packets, in-place gradient accumulation on the tape,
+// and the caching CPU allocator. Kernels that split work over OpenMP threads run on 1 and 2.
 #include <thread>
+
+#ifdef DENSEGRAD_WITH_OPENMP
+#include <omp.h>
+#endif
 
 #include "test_util.hpp"
 
@@ -19,6 +24,42 @@ void require_equal(const Tensor<T>& a, const Tensor<T>& b, const std::string& wh
   while (i < va.size() && double(acc_t<T>(va[i])) == double(acc_t<T>(vb[i]))) ++i;
   INFO("first difference at element " << i << " of " << va.size());
   REQUIRE(i == va.size());
+}
+
+/// Runs f() with OpenMP limited to `threads` threads (once, unchanged, without OpenMP).
+template <class F>
+void with_threads(int threads, F f) {
+#ifdef DENSEGRAD_WITH_OPENMP
+  const int before = omp_get_max_threads();
+  omp_set_num_threads(threads);
+  try {
+    f();
+  } catch (...) {
+    omp_set_num_threads(before);
+    throw;
+  }
+  omp_set_num_threads(before);
+#else
+  (void)threads;
+  f();
+#endif
+}
+
+/// cpu::conv2d_* against ref::conv2d_* on the given x and dout (views as they come): forward,
+/// dx, dweight (relative to its largest element: it sums N*Ho*Wo products) and dbias.
+template <class T>
+void conv_fast_matches_ref(const Tensor<T>& x, const Tensor<T>& w, const Tensor<T>& b, const Tensor<T>& dout,
+                           const Conv2dGeometry& g) {
+  const double tol = std::is_same_v<T, double> ? 1e-12 : 1e-5;
+  dgtest::require_close(cpu::conv2d_forward(x, w, b, g), ref::conv2d_forward(x, w, b, g), tol, tol, "forward");
+  dgtest::require_close(cpu::conv2d_backward_input(dout, w, g), ref::conv2d_backward_input(dout, w, g), tol, tol,
+                        "dx");
+  auto dw = ref::conv2d_backward_weight(dout, x, g);
+  double scale = 1;
+  for (auto v : dw.to_vector()) scale = std::max(scale, std::abs(double(v)));
+  dgtest::require_close(cpu::conv2d_backward_weight(dout, x, g), dw, tol, tol * scale, "dweight");
+  dgtest::require_close(cpu::conv2d_backward_bias(dout, g), ref::conv2d_backward_bias(dout, g), tol, tol * scale,
+                        "dbias");
 }
 }  // namespace
 
@@ -138,6 +179,34 @@ TEMPLATE_TEST_CASE("conv2d depthwise padded-plane kernels match the ref kernels"
   }
 }
 
+TEMPLATE_TEST_CASE("conv2d depthwise planes of several images side by side match the ref kernels", "[fastpath]",
+                   float, double) {
+  Generator gen(16);
+  struct Case {
+    Shape x;
+    int64_t kh, kw, ph, pw, dh, dw;
+  };
+  // batches that leave a short last group of planes (7x7: 6 per group, 14x14: 3, 3x3: 10), tall
+  // maps (several row blocks), rectangular kernels and padding, dilation along W (row blocks) and
+  // along H (flat sweeps)
+  std::vector<Case> cases{{{7, 5, 7, 7}, 7, 7, 3, 3, 1, 1},   {{5, 3, 14, 14}, 7, 7, 3, 3, 1, 1},
+                          {{13, 4, 3, 3}, 7, 7, 3, 3, 1, 1},  {{3, 2, 19, 6}, 5, 3, 2, 1, 1, 1},
+                          {{4, 3, 8, 9}, 3, 7, 1, 6, 1, 2},   {{6, 2, 9, 5}, 3, 3, 2, 1, 2, 1},
+                          {{9, 3, 2, 11}, 7, 5, 3, 2, 1, 1}};
+  for (int threads : {1, 2})
+    for (const Case& c : cases) {
+      INFO("threads " << threads << " x " << shape_str(c.x) << " k " << c.kh << "x" << c.kw << " p " << c.ph << ","
+                      << c.pw << " d " << c.dh << "," << c.dw);
+      const int64_t N = c.x[0], C = c.x[1];
+      Shape ws{C, 1, c.kh, c.kw}, bs{C};
+      Conv2dGeometry g = conv2d_geometry(c.x, ws, &bs, {1, 1}, {c.ph, c.pw}, {c.dh, c.dw}, C);
+      auto w = randn<TestType>(ws, gen), b = randn<TestType>(bs, gen);
+      auto xbuf = randn<TestType>({N, C + 2, c.x[2], c.x[3]}, gen);  // x: a dense stage's prefix view
+      auto dout = randn<TestType>(g.out_shape(), gen);
+      with_threads(threads, [&] { conv_fast_matches_ref(xbuf.narrow(1, 0, C), w, b, dout, g); });
+    }
+}
+
 TEMPLATE_TEST_CASE("conv2d pointwise on small maps: images folded into one GEMM match the ref kernels", "[fastpath]",
                    float, double) {
   Generator gen(12);
@@ -153,6 +222,74 @@ TEMPLATE_TEST_CASE("conv2d pointwise on small maps: images folded into one GEMM 
     dgtest::require_close(cpu::conv2d_backward_input(dout, w, g), ref::conv2d_backward_input(dout, w, g), tol, tol,
                           "dx");
   }
+}
+
+TEMPLATE_TEST_CASE("conv2d panel GEMMs (several images per GEMM) match the ref kernels", "[fastpath]", float,
+                   double) {
+  Generator gen(14);
+  struct Case {
+    Shape x;
+    int64_t c_out, kh, kw, s, p, d;
+  };
+  // pointwise on 14x14, 7x7, 3x3, 1x1 and odd maps, C_in above and below C_out (dW gathers the
+  // other operand transposed), row counts off the 8-row tiles and the 16-lane vectors, batches that
+  // leave a short last chunk; im2col convs: the k2 s2 transitions, padding, dilation, a strided
+  // 1x1, a rectangular kernel
+  std::vector<Case> cases{{{6, 9, 14, 14}, 20, 1, 1, 1, 0, 1}, {{17, 13, 7, 7}, 35, 1, 1, 1, 0, 1},
+                          {{41, 7, 3, 3}, 5, 1, 1, 1, 0, 1},   {{41, 5, 3, 3}, 13, 1, 1, 1, 0, 1},
+                          {{67, 3, 1, 1}, 19, 1, 1, 1, 0, 1},  {{3, 19, 5, 7}, 8, 1, 1, 1, 0, 1},
+                          {{1, 4, 6, 5}, 3, 1, 1, 1, 0, 1},    {{5, 6, 9, 9}, 7, 2, 2, 2, 0, 1},
+                          {{9, 12, 7, 7}, 17, 2, 2, 2, 0, 1},  {{3, 4, 8, 7}, 9, 3, 3, 1, 1, 1},
+                          {{4, 3, 11, 10}, 10, 3, 3, 2, 2, 2}, {{2, 5, 6, 6}, 6, 1, 1, 2, 0, 1},
+                          {{3, 2, 9, 8}, 5, 2, 3, 1, 1, 1}};
+  for (int threads : {1, 2})
+    for (const Case& c : cases) {
+      INFO("threads " << threads << " x " << shape_str(c.x) << " C_out " << c.c_out << " k " << c.kh << "x" << c.kw
+                      << " s " << c.s << " p " << c.p << " d " << c.d);
+      const int64_t N = c.x[0], C = c.x[1];
+      Shape ws{c.c_out, C, c.kh, c.kw}, bs{c.c_out};
+      Conv2dGeometry g = conv2d_geometry(c.x, ws, &bs, {c.s, c.s}, {c.p, c.p}, {c.d, c.d}, 1);
+      auto w = randn<TestType>(ws, gen), b = randn<TestType>(bs, gen);
+      // x and dout as a dense stage's prefix views (batch-strided, read in place), contiguous, and
+      // permuted (copied first)
+      auto xbuf = randn<TestType>({N, C + 3, c.x[2], c.x[3]}, gen);
+      auto dbuf = randn<TestType>({N, c.c_out + 5, g.Ho, g.Wo}, gen);
+      auto xc = randn<TestType>(c.x, gen), dc = randn<TestType>(g.out_shape(), gen);
+      auto xt = randn<TestType>({N, C, c.x[3], c.x[2]}, gen).transpose(2, 3);
+      with_threads(threads, [&] {
+        {
+          INFO("batch-strided views");
+          conv_fast_matches_ref(xbuf.narrow(1, 2, C), w, b, dbuf.narrow(1, 0, c.c_out), g);
+        }
+        {
+          INFO("contiguous");
+          conv_fast_matches_ref(xc, w, b, dc, g);
+        }
+        {
+          INFO("transposed x");
+          conv_fast_matches_ref(xt, w, Tensor<TestType>(), dc, g);
+        }
+      });
+    }
+}
+
+TEMPLATE_TEST_CASE("gelu packets match ref::gelu on every tail length, 1 and 2 threads", "[fastpath]", float,
+                   bfloat16) {
+  Generator gen(15);
+  const double tol = std::is_same_v<TestType, float> ? 1e-5 : 1e-2;
+  for (int threads : {1, 2})
+    for (int64_t n : {1, 15, 16, 17, 31, 33, 4095, 4096, 4097, 40000}) {
+      INFO("threads " << threads << " n " << n);
+      auto x = randn<TestType>({n}, gen, 0, 3), dy = randn<TestType>({n}, gen);
+      auto xd = x.template to<double>(), dyd = dy.template to<double>();
+      for (bool tanh_form : {false, true})
+        with_threads(threads, [&] {
+          dgtest::require_close(cpu::gelu(x, tanh_form).template to<double>(), ref::gelu(xd, tanh_form), tol,
+                                tol * 0.1, "forward");
+          dgtest::require_close(cpu::gelu_backward(dy, x, tanh_form).template to<double>(),
+                                ref::gelu_backward(dyd, xd, tanh_form), tol, tol * 0.1, "backward");
+        });
+    }
 }
 
 // ---------------------------------------------------------------- tape accumulation

@@ -1,9 +1,11 @@
 // rdnet_train: train an RDNet image classifier on Fashion-MNIST, CIFAR-10 or synthetic data,
 // on the CPU or a CUDA GPU: AdamW + cosine LR with warmup, label smoothing / mixup / cutmix, drop
-// path, gradient accumulation, EMA, checkpoints that resume bit for bit. Not distributed, not mixed precision.
+// path, gradient accumulation, EMA, checkpoints that resume bit for bit; data-parallel over MPI
+// (each of P ranks trains on its shard, a step sees P x batch images). Not mixed precision.
 //   rdnet_train                                  # nano on Fashion-MNIST, the default schedule
 //   rdnet_train --epochs 2 --limit-train 5000    # a quick look
 //   rdnet_train --resume runs/nano-fashion-mnist/last.safetensors
+//   mpirun -np 2 rdnet_train --threads 1         # 2 processes (docs/distributed.md)
 // Writes OUT/metrics.csv, OUT/curves.svg, OUT/last.safetensors and OUT/best.safetensors.
 //
 // The default schedule (nano, 1x28x28): 10 epochs, batch 128, lr 4e-3, 0.2 warmup epochs, label
@@ -30,6 +32,27 @@
 
 #include "rdnet.hpp"
 #include "train_util.hpp"
+
+#ifdef DENSEGRAD_WITH_MPI
+#include <densegrad/dist/dist.hpp>
+namespace dist = dg::dist;
+#else  // built without MPI: a world of one, where every collective is the identity
+namespace dist {
+inline int rank() { return 0; }
+inline int world_size() { return 1; }
+inline std::string rank_tag() { return ""; }
+inline void all_reduce_sum(double*, int) {}
+inline bool all_true(bool b) { return b; }
+inline void check_uniform(int64_t, const std::string&) {}
+inline const dg::data::Dataset& eval_shard(const dg::data::Dataset& set) { return set; }
+template <class M> void broadcast_parameters(const M&) {}
+template <class M> void check_in_sync(const M&, const std::string&) {}
+struct Reducer { void set_sync(bool) {} void finish() {} int64_t num_buckets() const { return 0; } };
+}  // namespace dist
+#endif
+#ifdef DENSEGRAD_WITH_NCCL
+#include <densegrad/dist/nccl.hpp>  // --device cuda on several ranks: gradient sums with NCCL
+#endif
 
 using dg::Tensor;
 using Clock = std::chrono::steady_clock;
@@ -102,6 +125,7 @@ std::string settings_text(const CLI::App& app) {
 }
 
 /// Test loss (no smoothing) and top-1 accuracy in percent, in eval mode without recording.
+/// With several ranks each evaluates its part of the test set (dist::eval_shard) and the sums are added.
 std::pair<double, double> evaluate(rdnet::RDNet<float>& model, dg::data::DataLoader& loader, dg::Device dev) {
   dg::NoGradGuard no_grad;
   model.eval();
@@ -119,10 +143,12 @@ std::pair<double, double> evaluate(rdnet::RDNet<float>& model, dg::data::DataLoa
     seen += b.size();
   }
   model.train();
-  return {loss_sum / static_cast<double>(std::max<int64_t>(seen, 1)), 100.0 * static_cast<double>(correct) / static_cast<double>(std::max<int64_t>(seen, 1))};
+  double sums[3] = {loss_sum, static_cast<double>(correct), static_cast<double>(seen)};
+  dist::all_reduce_sum(sums, 3);
+  return {sums[0] / std::max(sums[2], 1.0), 100.0 * sums[1] / std::max(sums[2], 1.0)};
 }
 
-int main(int argc, char** argv) {
+int train_main(int argc, char** argv) {
   // ---- settings: the command line, on top of the checkpoint's settings when resuming
   Args a;
   CLI::App app{"rdnet_train: train an RDNet on Fashion-MNIST, CIFAR-10 or synthetic data"};
@@ -210,15 +236,19 @@ int main(int argc, char** argv) {
     const int64_t aug_start = a.aug_start >= 0 ? a.aug_start : real && train_set.height() < 32 ? 1 : 0;
     data::AugmentOptions test_aug;
     if (!mean.empty()) test_aug.normalize(mean, stdev);
+    // Data-parallel: rank r of P trains on shard r of each epoch's order (a step sees P x batch
+    // images) and evaluates every P-th test image.
+    const int rank = dist::rank(), world = dist::world_size();
     auto train_options = [&](const data::AugmentOptions& augment) {
-      return data::LoaderOptions().batch(a.batch_size).with_seed(a.seed).workers(a.workers).augmentation(augment).drop_last_batch(true);
+      return data::LoaderOptions().batch(a.batch_size).with_seed(a.seed).workers(a.workers).augmentation(augment).drop_last_batch(true).shard(rank, world);
     };
     data::DataLoader train_loader(train_set, train_options(aug)), plain_loader(train_set, train_options(plain));
     data::DataLoader test_loader(
-        test_set, data::LoaderOptions().batch(256).shuffled(false).workers(a.workers).augmentation(test_aug));
+        dist::eval_shard(test_set), data::LoaderOptions().batch(256).shuffled(false).workers(a.workers).augmentation(test_aug));
     const int64_t micro_batches = train_loader.size();  // per epoch
     DG_CHECK(micro_batches > 0, "the training set (", train_set.size(), " images) is smaller than one batch (",
-             a.batch_size, ")");
+             a.batch_size, world > 1 ? " per rank" : "", ")");
+    dist::check_uniform(micro_batches, "the number of batches per epoch");  // the ranks step together
     const int64_t steps_per_epoch = (micro_batches + a.accum_steps - 1) / a.accum_steps;  // optimizer steps
 
     // ---- model, optimizer, schedule. The weights come from their own generator; drop path
@@ -235,6 +265,9 @@ int main(int argc, char** argv) {
     const dg::Device dev = a.device == "cuda" ? dg::Device::cuda(0) : dg::Device::cpu();
     DG_CHECK(dev.is_cpu() || dg::has_cuda_kernels<float>(),
              "--device cuda: this rdnet_train was built without CUDA (configure with nvcc present)");
+#ifdef DENSEGRAD_WITH_NCCL
+    if (dev.is_cuda() && world > 1) dist::use_local_gpu();  // one GPU per rank on each host
+#endif
     model.to(dev);
     dg::manual_seed(a.seed ^ 0x6472'6f70'7061'7468ull);  // "droppath": a stream apart from the weights'
     dg::optim::AdamW<float> opt(dg::optim::timm_param_groups(model, a.weight_decay),
@@ -271,7 +304,19 @@ int main(int argc, char** argv) {
       std::printf("rdnet_train: resuming %s at epoch %lld (step %lld)\n", a.resume.c_str(),
                   static_cast<long long>(start_epoch + 1), static_cast<long long>(global_step));
     }
-    std::filesystem::create_directories(a.out);
+    if (rank == 0) std::filesystem::create_directories(a.out);  // rank 0 writes all files
+    // Every rank starts from rank 0's weights; the Reducer averages the gradients over the ranks,
+    // in buckets whose sums start during backward().
+    dist::broadcast_parameters(model);
+#ifdef DENSEGRAD_WITH_MPI
+    std::unique_ptr<dist::Collective> collective = std::make_unique<dist::MpiCollective>();
+#ifdef DENSEGRAD_WITH_NCCL
+    if (dev.is_cuda() && world > 1) collective = std::make_unique<dist::NcclCollective>(dev);
+#endif
+    dist::Reducer<float> reducer(model, *collective);
+#else
+    dist::Reducer reducer;
+#endif
 
     std::string model_text = a.model + ": in_chans " + std::to_string(cfg.in_chans) + ", num_classes " +
                              std::to_string(cfg.num_classes) + ", patch_size " + std::to_string(cfg.patch_size) +
@@ -308,6 +353,10 @@ int main(int argc, char** argv) {
                 static_cast<double>(rdnet::count_macs(cfg, train_set.height(), train_set.width())) / 1e6,
                 static_cast<long long>(a.epochs), static_cast<long long>(steps_per_epoch),
                 static_cast<long long>(a.batch_size * a.accum_steps), a.lr, a.weight_decay, a.threads, dev.str().c_str(), a.out.c_str());
+    if (world > 1)
+      std::printf("rdnet_train: data-parallel on %d ranks: each step sees %d x %lld images; gradients in %lld buckets\n",
+                  world, world, static_cast<long long>(a.batch_size * a.accum_steps),
+                  static_cast<long long>(reducer.num_buckets()));
     std::fflush(stdout);
 
     // ---- the loop
@@ -319,6 +368,8 @@ int main(int argc, char** argv) {
       const auto epoch_start = Clock::now();
       data::DataLoader& loader = epoch < aug_start ? plain_loader : train_loader;
       loader.set_epoch(epoch);  // the order and augmentation come from (seed, epoch) alone
+      if (world > 1)  // drop path: each rank its own draws, from (seed, epoch, rank) alone (so resume repeats them)
+        dg::manual_seed(data::detail::mix_seed({a.seed, static_cast<uint64_t>(epoch), static_cast<uint64_t>(rank)}));
       model.train();
       train_util::Progress bar(std::cout, tty, epoch + 1, a.epochs, steps_per_epoch);
       double loss_sum = 0, lr = sched.lr(static_cast<double>(global_step));
@@ -329,6 +380,7 @@ int main(int argc, char** argv) {
         // each loss is divided by the group's size so the summed gradient is the group's mean.
         const int64_t group = std::min(a.accum_steps, micro_batches - k / a.accum_steps * a.accum_steps);
         const int64_t step_in_epoch = k / a.accum_steps + 1;
+        reducer.set_sync((k + 1) % a.accum_steps == 0 || k + 1 == micro_batches);  // the group's last backward
         Tensor<float> logits = model.forward(b.images.to(dev));  // (B, K)
         Tensor<float> loss = mix ? dg::cross_entropy(logits, b.soft_targets.to(dev))
                                  : dg::cross_entropy(logits, b.labels.to(dev), a.label_smoothing);
@@ -343,7 +395,9 @@ int main(int argc, char** argv) {
         images += b.size();
         if (++k % a.accum_steps != 0 && k != micro_batches) continue;  // more of this group to come
 
-        // ---- one optimizer step: schedule, NaN/Inf guard, clipping, AdamW, EMA
+        // ---- one optimizer step: gradient means over the ranks, schedule, NaN/Inf guard, clipping, AdamW, EMA
+        reducer.finish();
+        group_ok = dist::all_true(group_ok);  // a non-finite loss on any rank: every rank stops or skips
         lr = sched.apply(opt, static_cast<double>(global_step));  // per step, timm's step_update
         const bool ok = group_ok && dg::optim::grads_finite(model.parameters());
         if (!ok) {
@@ -374,7 +428,7 @@ int main(int argc, char** argv) {
         opt.zero_grad();
         group_ok = true;
         ++global_step;
-        bar.update(step_in_epoch, loss_count ? loss_sum / static_cast<double>(loss_count) : NAN, lr, images,
+        bar.update(step_in_epoch, loss_count ? loss_sum / static_cast<double>(loss_count) : NAN, lr, images * world,
                    std::chrono::duration<double>(Clock::now() - epoch_start).count());
       }
       bar.finish();
@@ -383,7 +437,9 @@ int main(int argc, char** argv) {
       // ---- evaluate, record, checkpoint
       train_util::EpochRecord rec;
       rec.epoch = epoch + 1;
-      rec.train_loss = loss_count ? loss_sum / static_cast<double>(loss_count) : NAN;
+      double loss_sums[2] = {loss_sum, static_cast<double>(loss_count)};
+      dist::all_reduce_sum(loss_sums, 2);  // the mean over every rank's batches
+      rec.train_loss = loss_sums[1] > 0 ? loss_sums[0] / loss_sums[1] : NAN;
       rec.lr = lr;
       std::string line = "epoch " + std::to_string(epoch + 1) + "/" + std::to_string(a.epochs) + ": train loss " +
                          train_util::detail::fmt("%.4f", rec.train_loss);
@@ -402,16 +458,19 @@ int main(int argc, char** argv) {
       history.push_back(rec);
       const bool best = rec.test_acc > best_acc;  // false for NaN (not evaluated)
       if (best) best_acc = rec.test_acc;
-      train_util::write_text_atomic(a.out + "/metrics.csv", train_util::metrics_csv(history));
-      train_util::write_text_atomic(a.out + "/curves.svg",
-                                    train_util::curves_svg(history, "RDNet " + a.model + " on " + a.data));
-      save_checkpoint(a.out + "/last.safetensors", epoch + 1);
-      if (best) save_checkpoint(a.out + "/best.safetensors", epoch + 1);
+      dist::check_in_sync(model, "after epoch " + std::to_string(epoch + 1));
+      if (rank == 0) {
+        train_util::write_text_atomic(a.out + "/metrics.csv", train_util::metrics_csv(history));
+        train_util::write_text_atomic(a.out + "/curves.svg",
+                                      train_util::curves_svg(history, "RDNet " + a.model + " on " + a.data));
+        save_checkpoint(a.out + "/last.safetensors", epoch + 1);
+        if (best) save_checkpoint(a.out + "/best.safetensors", epoch + 1);
+      }
 
       const double total = std::chrono::duration<double>(Clock::now() - run_start).count();
       const double eta = total / static_cast<double>(epoch + 1 - start_epoch) * static_cast<double>(last_epoch - epoch - 1);
       std::printf("%s | lr %.2e | %.0f img/s | %s (total %s, ETA %s)%s\n", line.c_str(), lr,
-                  static_cast<double>(images) / train_seconds, train_util::format_duration(rec.seconds).c_str(),
+                  static_cast<double>(images * world) / train_seconds, train_util::format_duration(rec.seconds).c_str(),
                   train_util::format_duration(total).c_str(), train_util::format_duration(eta).c_str(),
                   best ? " *best" : "");
       std::fflush(stdout);
@@ -423,8 +482,18 @@ int main(int argc, char** argv) {
     std::printf("rdnet_train: done: best test accuracy %.2f%%; %s/{metrics.csv,curves.svg,last.safetensors,best.safetensors}\n",
                 best_acc, a.out.c_str());
   } catch (const std::exception& e) {
-    std::fprintf(stderr, "rdnet_train: error: %s\n", e.what());
+    std::fprintf(stderr, "rdnet_train: error: %s%s\n", dist::rank_tag().c_str(), e.what());
     return 1;
   }
   return 0;
+}
+
+int main(int argc, char** argv) {
+#ifdef DENSEGRAD_WITH_MPI
+  dg::dist::Environment mpi(argc, argv);    // joins the MPI job when mpirun started us; else a world of one
+  dg::dist::quiet_stdout_unless_main();      // rank 0 prints; every rank's errors go to stderr
+  return mpi.exit(train_main(argc, argv));  // non-zero: MPI_Abort, so no rank waits for a failed one
+#else
+  return train_main(argc, argv);
+#endif
 }

@@ -2,15 +2,19 @@
 // Each op that sees an input requiring grad records one Node: its inputs, a weak link to its
 // output, and a backward closure holding only what the op saved. backward() replays the
 // nodes reachable from the loss in reverse creation order and then frees what they saved.
-// First-order gradients only: backward closures run with recording off.
+// First-order gradients only: backward closures run with recording off. Leaves may carry
+// post-accumulate-grad hooks (register_post_accumulate_grad_hook), run when backward() is done with them.
 #pragma once
 
 #include <algorithm>
 #include <atomic>
 #include <functional>
 #include <memory>
+#include <mutex>
 #include <string>
+#include <unordered_map>
 #include <unordered_set>
+#include <utility>
 #include <vector>
 
 #include "../core/tensor.hpp"
@@ -249,6 +253,139 @@ Tensor<TO> record(const char* name, const Tensor<TO>& out, std::initializer_list
   return record(name, out, std::vector<Tensor<TI>>(inputs), std::forward<F>(fn));
 }
 
+// ---- post-accumulate-grad hooks: "this leaf's gradient is final for this backward()"
+
+namespace detail {
+/// Every registered hook, by the address of its leaf; shared by all threads. A hook holds only a
+/// weak link to its leaf, so the entry of a dead leaf (whose address may be reused) never runs.
+struct GradHooks {
+  std::mutex m;
+  std::unordered_map<const ImplBase*, std::vector<std::pair<uint64_t, std::function<void()>>>> by_leaf;
+  std::atomic<size_t> count{0};  // hooks registered anywhere: backward() does no hook work at 0
+  uint64_t next_id = 1;
+  static GradHooks& get() {
+    static GradHooks* hooks = new GradHooks;  // never destroyed: handles may outlive static destruction
+    return *hooks;
+  }
+};
+
+/// The hooks one backward() will run: per hooked leaf, the graph's edges into it not yet applied.
+/// When the last one has been applied, the leaf's .grad() holds this backward's whole sum.
+class PendingHooks {
+ public:
+  /// Counts the edges from `order`'s nodes into hooked leaves (nothing to do without hooks).
+  void collect(const std::vector<std::shared_ptr<Node>>& order) {
+    GradHooks& g = GradHooks::get();
+    if (g.count.load(std::memory_order_relaxed) == 0) return;
+    std::lock_guard<std::mutex> lock(g.m);
+    for (const auto& n : order)
+      n->for_each_input([&](ImplBase& in) {
+        if (in.grad_fn) return;
+        auto it = g.by_leaf.find(&in);
+        if (it == g.by_leaf.end()) return;
+        Leaf& leaf = leaves_[&in];
+        if (leaf.edges++ == 0)
+          for (const auto& [id, f] : it->second) leaf.hooks.push_back(f);
+      });
+  }
+  /// Node n has been applied: its edges are done; run the hooks of the leaves that had their last.
+  void applied(const Node& n) {
+    if (leaves_.empty()) return;
+    n.for_each_input([&](ImplBase& in) {
+      auto it = leaves_.find(&in);
+      if (it != leaves_.end() && --it->second.edges == 0)
+        for (const auto& f : it->second.hooks) f();
+    });
+  }
+  /// Runs the hooks of one leaf now (backward() called on a leaf itself).
+  static void run(const ImplBase& leaf) {
+    GradHooks& g = GradHooks::get();
+    if (g.count.load(std::memory_order_relaxed) == 0) return;
+    std::vector<std::function<void()>> hooks;
+    {
+      std::lock_guard<std::mutex> lock(g.m);
+      auto it = g.by_leaf.find(&leaf);
+      if (it != g.by_leaf.end())
+        for (const auto& [id, f] : it->second) hooks.push_back(f);
+    }
+    for (const auto& f : hooks) f();
+  }
+
+ private:
+  struct Leaf {
+    int64_t edges = 0;
+    std::vector<std::function<void()>> hooks;  // copied: they run without the registry's lock
+  };
+  std::unordered_map<const ImplBase*, Leaf> leaves_;
+};
+}  // namespace detail
+
+/// Unregisters its hook when destroyed or on remove() (torch's RemovableHandle). Move-only.
+class HookHandle {
+ public:
+  HookHandle() = default;
+  HookHandle(const ImplBase* leaf, uint64_t id) : leaf_(leaf), id_(id) {}
+  HookHandle(HookHandle&& o) noexcept : leaf_(o.leaf_), id_(std::exchange(o.id_, 0)) {}
+  HookHandle& operator=(HookHandle&& o) noexcept {
+    if (this != &o) {
+      remove();
+      leaf_ = o.leaf_;
+      id_ = std::exchange(o.id_, 0);
+    }
+    return *this;
+  }
+  HookHandle(const HookHandle&) = delete;
+  HookHandle& operator=(const HookHandle&) = delete;
+  ~HookHandle() { remove(); }
+  /// Unregisters the hook now; a second call does nothing.
+  void remove() {
+    if (id_ == 0) return;
+    detail::GradHooks& g = detail::GradHooks::get();
+    std::lock_guard<std::mutex> lock(g.m);
+    auto it = g.by_leaf.find(leaf_);
+    if (it != g.by_leaf.end()) {
+      auto& v = it->second;
+      const size_t before = v.size();
+      v.erase(std::remove_if(v.begin(), v.end(), [&](const auto& e) { return e.first == id_; }), v.end());
+      g.count -= before - v.size();
+      if (v.empty()) g.by_leaf.erase(it);
+    }
+    id_ = 0;
+  }
+
+ private:
+  const ImplBase* leaf_ = nullptr;
+  uint64_t id_ = 0;  // 0: no hook
+};
+
+/// Runs hook(leaf) whenever a backward() is done adding into leaf.grad() (torch's
+/// Tensor.register_post_accumulate_grad_hook): once per backward() that reaches the leaf, right
+/// after the last of that graph's edges into it has been applied, so .grad() then holds this
+/// backward's whole contribution (it runs even if no gradient flowed through those edges).
+/// Data-parallel training uses it to start reducing a gradient while backward() goes on with
+/// the rest (dist/reducer.hpp). The hook runs in backward()'s thread with recording off, and
+/// may read or replace .grad(). With checkpoint(), a parameter read inside fn is a leaf of the
+/// recomputed graph: its hook runs at the end of that inner backward. The hook stays registered
+/// as long as the returned handle lives.
+/// Example: auto h = autograd::register_post_accumulate_grad_hook(w, [](const Tensor<float>& p) { use(p.grad()); });
+template <class T>
+[[nodiscard]] HookHandle register_post_accumulate_grad_hook(const Tensor<T>& leaf,
+                                                            std::function<void(const Tensor<T>&)> hook) {
+  DG_CHECK(leaf.defined() && leaf.is_leaf() && leaf.requires_grad(),
+           "register_post_accumulate_grad_hook: expected a leaf tensor that requires grad (a parameter)");
+  DG_CHECK(hook != nullptr, "register_post_accumulate_grad_hook: the hook is empty");
+  std::weak_ptr<TensorImpl<T>> weak = leaf.impl();
+  auto call = [weak, hook = std::move(hook)] {
+    if (auto impl = weak.lock()) hook(Tensor<T>(impl));
+  };
+  detail::GradHooks& g = detail::GradHooks::get();
+  std::lock_guard<std::mutex> lock(g.m);
+  const uint64_t id = g.next_id++;
+  g.by_leaf[leaf.impl().get()].emplace_back(id, std::move(call));
+  ++g.count;
+  return HookHandle(leaf.impl().get(), id);
+}
+
 /// Runs backward from `root` with gradient `grad` (torch.autograd.backward).
 template <class T>
 void backward(const Tensor<T>& root, Tensor<T> grad = Tensor<T>(), bool retain_graph = false) {
@@ -264,6 +401,7 @@ void backward(const Tensor<T>& root, Tensor<T> grad = Tensor<T>(), bool retain_g
   NoGradGuard no_grad;
   if (!root.impl()->grad_fn) {  // a leaf: its gradient is the given one
     detail::accumulate(*root.impl(), grad, "backward");
+    detail::PendingHooks::run(*root.impl());
     return;
   }
   // Collect the nodes reachable from root (iterative DFS: graphs can be thousands deep).
@@ -281,9 +419,12 @@ void backward(const Tensor<T>& root, Tensor<T> grad = Tensor<T>(), bool retain_g
   }
   // Reverse creation order is a valid reverse topological order of the tape.
   std::sort(order.begin(), order.end(), [](const auto& a, const auto& b) { return a->seq > b->seq; });
+  detail::PendingHooks hooks;  // leaves with post-accumulate-grad hooks, and their edges to go
+  hooks.collect(order);
   static_cast<TypedNode<T>&>(*root.impl()->grad_fn).pending = grad.impl();
   for (auto& n : order) {
     n->apply();
+    hooks.applied(*n);  // before release(), which forgets the node's inputs
     if (!retain_graph) n->release();
   }
 }

@@ -1,5 +1,5 @@
-// densegrad/backend/cpu/parallel.hpp: the OpenMP vocabulary every CPU kernel shares.
-// Compiles to plain serial code when DENSEGRAD_WITH_OPENMP is not defined.
+// densegrad/backend/cpu/parallel.hpp: the OpenMP vocabulary every CPU kernel shares, and the
+// loop-unrolling pragma. Compiles to plain serial code when DENSEGRAD_WITH_OPENMP is not defined.
 #pragma once
 
 #ifdef DENSEGRAD_WITH_OPENMP
@@ -13,6 +13,15 @@
 #define DENSEGRAD_OMP(...) _Pragma(DENSEGRAD_OMP_STR_(omp __VA_ARGS__))
 #else
 #define DENSEGRAD_OMP(...)
+#endif
+
+/// DENSEGRAD_UNROLL(n): unroll the next loop n times (`#pragma GCC unroll`, which GCC and Clang
+/// read); nothing under nvcc, whose front end does not know the pragma (no CPU kernel is
+/// instantiated in CUDA files).
+#if defined(__CUDACC__)
+#define DENSEGRAD_UNROLL(n)
+#else
+#define DENSEGRAD_UNROLL(n) _Pragma(DENSEGRAD_OMP_STR_(GCC unroll n))
 #endif
 
 namespace dg::cpu {
