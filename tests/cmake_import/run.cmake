@@ -30,7 +30,7 @@ if(MODE STREQUAL "install")
   list(APPEND args -D "CMAKE_PREFIX_PATH=${PREFIX}")
 else()
   list(APPEND args -D "DENSEGRAD_SOURCE_DIR=${DENSEGRAD_SOURCE_DIR}")
-  foreach(b IN ITEMS OPENMP ONEDNN CUDA)  # the same backend choices as the outer build
+  foreach(b IN ITEMS OPENMP ONEDNN CUDA MPI)  # the same backend choices as the outer build
     list(APPEND args -D "DENSEGRAD_WITH_${b}=${WITH_${b}}")
   endforeach()
   if(CUDA_COMPILER)
