@@ -7,6 +7,7 @@
 //   rdnet_bench --op dwconv7 --batch 8 --res 56 --channels 128   (one op: forward + backward, or forward)
 // The last line is machine-readable (bench/compare and bench/gpu_compare.sh parse it):
 //   RESULT model=tiny mode=train batch=8 res=224 device=cpu img_per_s=X peak_rss_mb=Y peak_gpu_mb=Z
+//       peak_tensors_mb=T
 //
 // Plain C++: in a build with CUDA, the CUDA backend comes from one more object file linked in
 // (examples/cuda_backend.cu), and dg::cuda_* (core/device_kernels.hpp) reach it from here.
@@ -57,6 +58,10 @@ double peak_rss_mb() {
   getrusage(RUSAGE_SELF, &ru);
   return static_cast<double>(ru.ru_maxrss) / 1024.0;
 }
+
+/// The most memory live CPU tensors held at once, in MiB (dg::cpu_max_memory_allocated): the
+/// part of the peak RSS that is tensors, not the allocator's cache, code or scratch buffers.
+double peak_tensors_mb() { return static_cast<double>(dg::cpu_max_memory_allocated()) / (1024.0 * 1024.0); }
 
 /// The device allocator's peak since the last reset, in MiB; 0 on the CPU.
 double peak_gpu_mb(bool cuda) {
@@ -255,9 +260,9 @@ int main(int argc, char** argv) {
 
     const double img_per_s = images_per_second(a, ms);
     std::printf("RESULT model=%s mode=%s batch=%lld res=%lld device=%s img_per_s=%.2f peak_rss_mb=%.1f "
-                "peak_gpu_mb=%.1f\n",
+                "peak_gpu_mb=%.1f peak_tensors_mb=%.1f\n",
                 a.model.c_str(), a.mode.c_str(), static_cast<long long>(a.batch), static_cast<long long>(a.res),
-                a.device.c_str(), img_per_s, peak_rss_mb(), peak_gpu_mb(cuda));
+                a.device.c_str(), img_per_s, peak_rss_mb(), peak_gpu_mb(cuda), peak_tensors_mb());
   } catch (const std::exception& e) {
     std::fprintf(stderr, "rdnet_bench: error: %s\n", e.what());
     return 1;

@@ -3,6 +3,7 @@
 // dims (cpu::sum), concatenation (cpu::concat), depthwise padded-plane conv kernels, dense convs
 // as panel GEMMs over several images, GELU packets, in-place gradient accumulation on the tape,
 // and the caching CPU allocator. Kernels that split work over OpenMP threads run on 1 and 2.
+#include <random>
 #include <thread>
 
 #ifdef DENSEGRAD_WITH_OPENMP
@@ -345,6 +346,58 @@ TEST_CASE("caching CPU allocator reuses, caps and releases blocks", "[fastpath][
   a.set_max_cached_bytes(0);  // caching off: blocks go straight back
   void* r = a.allocate(5000);
   a.deallocate(r, 5000);
+  CHECK(a.cached_bytes() == 0);
+}
+
+TEST_CASE("caching CPU allocator gives the oldest blocks back on a miss", "[fastpath][storage]") {
+  using A = CachingCpuAllocator;
+  A a;
+  void* small = a.allocate(1000);
+  void* mid = a.allocate(5000);
+  a.deallocate(small, 1000);  // cached first: the oldest
+  a.deallocate(mid, 5000);
+  CHECK(a.cached_bytes() == A::size_class(1000) + A::size_class(5000));
+  void* big = a.allocate(3000);  // a miss: the oldest (1000) is not enough, so 5000 goes too
+  CHECK(a.cached_bytes() == 0);
+  a.deallocate(big, 3000);
+  void* again = a.allocate(3000);  // a hit: nothing given back
+  CHECK(again == big);
+  void* other = a.allocate(100000);  // a miss with nothing cached
+  CHECK(a.cached_bytes() == 0);
+  a.deallocate(again, 3000);
+  void* tiny = a.allocate(64);  // a miss: one older block of 3000 covers it
+  CHECK(a.cached_bytes() == 0);
+  a.deallocate(tiny, 64);
+  a.deallocate(other, 100000);
+  CHECK(a.cached_bytes() == A::size_class(64) + A::size_class(100000));
+  a.release_cached();
+
+  // Random requests of mixed sizes: in use + cached never exceeds the most ever in use.
+  std::mt19937 rng(7);
+  std::vector<size_t> sizes;
+  std::vector<void*> live;
+  size_t in_use = 0, peak = 0;
+  bool bounded = true;
+  for (int i = 0; i < 3000; ++i) {
+    if (live.empty() || rng() % 3 != 0) {
+      const size_t base = size_t(64) << (rng() % 12), n = base + rng() % base;
+      live.push_back(a.allocate(n));
+      sizes.push_back(n);
+      in_use += A::size_class(n);
+    } else {
+      const size_t k = rng() % live.size();
+      a.deallocate(live[k], sizes[k]);
+      in_use -= A::size_class(sizes[k]);
+      live.erase(live.begin() + static_cast<std::ptrdiff_t>(k));
+      sizes.erase(sizes.begin() + static_cast<std::ptrdiff_t>(k));
+    }
+    peak = std::max(peak, in_use);
+    if (in_use + a.cached_bytes() > peak) bounded = false;
+  }
+  CHECK(bounded);
+  CHECK(a.cached_bytes() > 0);  // the cache is still used
+  for (size_t k = 0; k < live.size(); ++k) a.deallocate(live[k], sizes[k]);
+  a.release_cached();
   CHECK(a.cached_bytes() == 0);
 }
 

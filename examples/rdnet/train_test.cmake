@@ -19,30 +19,7 @@ function(run_train out_var)  # runs rdnet_train with ARGN, fails the test unless
   set(${out_var} "${out}" PARENT_SCOPE)
 endfunction()
 
-# metrics.csv without the seconds column (wall time differs from run to run).
-function(read_metrics path out_var)
-  file(STRINGS "${path}" lines)
-  set(kept "")
-  foreach(line IN LISTS lines)
-    string(REGEX REPLACE ",[^,]*$" "" line "${line}")
-    list(APPEND kept "${line}")
-  endforeach()
-  set(${out_var} "${kept}" PARENT_SCOPE)
-endfunction()
-
-# The data section of a safetensors file, as hex: everything after the 8-byte length and the
-# JSON header. The headers differ only in __metadata__ (the command lines), not in tensors.
-function(read_tensor_bytes path out_var)
-  file(READ "${path}" len_hex LIMIT 8 HEX)
-  set(be "")
-  foreach(i RANGE 14 0 -2)  # little-endian u64 -> big-endian hex digits
-    string(SUBSTRING "${len_hex}" ${i} 2 byte)
-    string(APPEND be "${byte}")
-  endforeach()
-  math(EXPR offset "0x${be} + 8")
-  file(READ "${path}" data OFFSET ${offset} HEX)
-  set(${out_var} "${data}" PARENT_SCOPE)
-endfunction()
+include("${CMAKE_CURRENT_LIST_DIR}/../../cmake/train_checks.cmake")  # read_metrics, expect_resumed_equal
 
 if(MODE STREQUAL "resume")
   run_train(out_a ${ARGS} --out "${WORK_DIR}/straight")
@@ -51,22 +28,7 @@ if(MODE STREQUAL "resume")
     message(FATAL_ERROR "--stop-after 1 left no checkpoint:\n${out_b}")
   endif()
   run_train(out_c --resume "${WORK_DIR}/resumed/last.safetensors")  # settings and --out come from the checkpoint
-  if(NOT out_c MATCHES "resuming .* at epoch 2")
-    message(FATAL_ERROR "the resumed run did not start at epoch 2:\n${out_c}")
-  endif()
-  read_metrics("${WORK_DIR}/straight/metrics.csv" m_a)
-  read_metrics("${WORK_DIR}/resumed/metrics.csv" m_b)
-  list(LENGTH m_a rows)
-  if(NOT m_a STREQUAL m_b OR NOT rows EQUAL 3)
-    message(FATAL_ERROR "metrics differ (or not 2 epochs):\nstraight: ${m_a}\nresumed:  ${m_b}")
-  endif()
-  read_tensor_bytes("${WORK_DIR}/straight/last.safetensors" t_a)
-  read_tensor_bytes("${WORK_DIR}/resumed/last.safetensors" t_b)
-  string(LENGTH "${t_a}" n)
-  if(NOT t_a STREQUAL t_b OR n EQUAL 0)
-    message(FATAL_ERROR "last.safetensors tensors differ between the straight and the resumed run")
-  endif()
-  message(STATUS "resume: metrics and ${n} hex digits of checkpoint tensors identical")
+  expect_resumed_equal("${out_c}" "${WORK_DIR}/straight" "${WORK_DIR}/resumed" 3)
 elseif(MODE STREQUAL "missing_data")
   execute_process(COMMAND "${TRAIN}" --data-dir "${WORK_DIR}/no-such-dir" --out "${WORK_DIR}/out"
                   RESULT_VARIABLE rc OUTPUT_VARIABLE out ERROR_VARIABLE err)
