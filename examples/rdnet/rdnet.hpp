@@ -152,11 +152,22 @@ class Block : public nn::Layer<T> {
     layers->push_back(std::make_shared<nn::LayerNorm2d<T>>(in_chs, eps));
     layers->push_back(std::make_shared<nn::Conv2d<T>>(nn::Conv2dOptions(in_chs, inter_chs, 1)));
     layers->push_back(std::make_shared<nn::GELU<T>>());
-    layers->push_back(std::make_shared<nn::Conv2d<T>>(nn::Conv2dOptions(inter_chs, out_chs, 1)));
+    reduce = std::make_shared<nn::Conv2d<T>>(nn::Conv2dOptions(inter_chs, out_chs, 1));
+    layers->push_back(reduce);
     if (ese) layers->push_back(std::make_shared<EffectiveSE<T>>(out_chs));
   }
-  Tensor<T> forward(const Tensor<T>& x) override { return layers->forward(x); }
-  std::shared_ptr<nn::Sequential<T>> layers;
+  /// layers 0-2 (depthwise 7x7, LayerNorm2d, 1x1 expansion), then GELU and the 1x1 reduction as
+  /// one op (dg::gelu_conv2d: the same values, but backward recomputes the GELU instead of keeping
+  /// the block's widest tensor), then the SE when there is one.
+  Tensor<T> forward(const Tensor<T>& x) override {
+    nn::Sequential<T>& l = *layers;
+    const Tensor<T> h = l[2].forward(l[1].forward(l[0].forward(x)));
+    const nn::Conv2dOptions& o = reduce->options;
+    Tensor<T> y = dg::gelu_conv2d(h, reduce->weight, reduce->bias, o.stride(), o.padding(), o.dilation(), o.groups());
+    return l.size() > 5 ? l[5].forward(y) : y;
+  }
+  std::shared_ptr<nn::Sequential<T>> layers;  // state-dict names as timm's: layers.0 ... layers.5
+  std::shared_ptr<nn::Conv2d<T>> reduce;      // layers.4, the 1x1 reduction to growth_rate channels
 };
 
 /// One dense layer: reads ALL features so far (concatenated), makes growth_rate new channels.

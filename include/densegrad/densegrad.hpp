@@ -20,6 +20,7 @@
 #include "ops/dense.hpp"
 #include "ops/dropout.hpp"
 #include "ops/elementwise.hpp"
+#include "ops/fused.hpp"
 #include "ops/linear.hpp"
 #include "ops/loss.hpp"
 #include "ops/matmul.hpp"

@@ -60,7 +60,8 @@ struct CpuAllocator final : Allocator {
 /// CpuAllocator plus a cache: a freed block is kept, keyed by its size class, and handed out
 /// again for the next request of that class instead of going back to the OS (fresh pages cost
 /// a page fault and a zeroing each: several percent of a small model's training step).
-/// Classes are 4 per power of two (at most 25% slack). Thread-safe.
+/// Classes: 4 per power of two (at most 25% slack), 16 above 1 MiB (at most 6.25%: the big
+/// blocks are activations, where slack is memory). Thread-safe.
 /// A request that no cached block fits (a miss) first gives back the oldest cached blocks,
 /// at least as many bytes as it asks for (or all of them): memory in use plus cached never
 /// exceeds the most ever in use at once (in size classes). Without that, blocks freed in one
@@ -146,11 +147,13 @@ class CachingCpuAllocator final : public Allocator {
     std::lock_guard<std::mutex> lock(mu_);
     max_cached_bytes_ = n;
   }
-  /// The smallest class >= nbytes: a multiple of 64 below 256 bytes, else 2^k * {1, 1.25, 1.5, 1.75}.
+  /// The smallest class >= nbytes: a multiple of 64 up to 256 bytes, else a multiple of 1/8 of the
+  /// power of two at or above nbytes (1/32 of it above 1 MiB).
   static size_t size_class(size_t nbytes) {
     if (nbytes <= 256) return nbytes == 0 ? 64 : (nbytes + 63) / 64 * 64;
-    size_t step = 64;  // a quarter of the power of two just below nbytes
-    while (step * 8 < nbytes) step *= 2;
+    const size_t parts = nbytes > (size_t(1) << 20) ? 32 : 8;  // big blocks: finer classes, less slack
+    size_t step = 64;
+    while (step * parts < nbytes) step *= 2;
     return (nbytes + step - 1) / step * step;
   }
 

@@ -13,22 +13,34 @@
 
 namespace dg {
 
+namespace detail {
+/// gelu of a contiguous x without recording: the fast CPU path (backend/cpu/activation.hpp:
+/// vectorized chunks on OpenMP threads; ref::gelu is its oracle) or the CUDA kernel.
+template <class T>
+Tensor<T> gelu_forward(const Tensor<T>& xc, bool tanh_approximation) {
+  if (xc.device().is_cuda())
+    return cuda_kernels<T>("gelu").unary(tanh_approximation ? UnaryFn::GeluTanh : UnaryFn::Gelu, xc, 0, 0);
+  return cpu::gelu(xc, tanh_approximation);
+}
+/// dx = dout * gelu'(x) for the contiguous input xc.
+template <class T>
+Tensor<T> gelu_grad(const Tensor<T>& dout, const Tensor<T>& xc, bool tanh_approximation) {
+  if (xc.device().is_cuda())
+    return cuda_kernels<T>("gelu backward")
+        .binary(tanh_approximation ? BinaryFn::GeluTanhGrad : BinaryFn::GeluGrad, dout, xc, 0, 0);
+  return cpu::gelu_backward(contiguous(dout), xc, tanh_approximation);
+}
+}  // namespace detail
+
 /// torch.nn.functional.gelu(x, approximate="none") = x * Phi(x) with the exact erf, or with
 /// tanh_approximation = true, approximate="tanh". Example: auto y = dg::gelu(x);
 template <class T>
 Tensor<T> gelu(const Tensor<T>& x, bool tanh_approximation = false) {
   Tensor<T> xc = contiguous(x.detach());
-  const bool cuda = x.device().is_cuda();
-  // fast path (backend/cpu/activation.hpp: vectorized chunks on OpenMP threads); ref::gelu is its oracle
-  Tensor<T> out = cuda ? cuda_kernels<T>("gelu").unary(tanh_approximation ? UnaryFn::GeluTanh : UnaryFn::Gelu, xc, 0, 0)
-                       : cpu::gelu(xc, tanh_approximation);
+  Tensor<T> out = detail::gelu_forward(xc, tanh_approximation);
   // saves the input: gelu'(x) = Phi(x) + x phi(x) needs x, not the output
-  return autograd::record("gelu", out, {x}, [xc, tanh_approximation, cuda](const Tensor<T>& dout) {
-    if (cuda)
-      return std::vector<Tensor<T>>{cuda_kernels<T>("gelu backward")
-                                        .binary(tanh_approximation ? BinaryFn::GeluTanhGrad : BinaryFn::GeluGrad, dout,
-                                                xc, 0, 0)};
-    return std::vector<Tensor<T>>{cpu::gelu_backward(contiguous(dout), xc, tanh_approximation)};
+  return autograd::record("gelu", out, {x}, [xc, tanh_approximation](const Tensor<T>& dout) {
+    return std::vector<Tensor<T>>{detail::gelu_grad(dout, xc, tanh_approximation)};
   });
 }
 
