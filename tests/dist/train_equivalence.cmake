@@ -8,14 +8,18 @@
 #                     MODE=equivalence's 2 epochs (DIST_DIR), bit for bit: metrics.csv without
 #                     seconds, and every checkpoint tensor.
 # Run as: cmake -D MODE=... -D TRAIN=<rdnet_train> -D "MPIEXEC=mpiexec;-n;2" -D WORK_DIR=<dir>
-#         -D "ARGS=<tiny run>" -D B=<batch per rank> [-D DIST_DIR=<dir>] -P train_equivalence.cmake
+#         -D "ARGS=<tiny run>" -D B=<batch per rank> [-D DIST_DIR=<dir>] [-D RUN_TIMEOUT=<s per run>]
+#         -P train_equivalence.cmake
 cmake_minimum_required(VERSION 3.25)
+if(NOT RUN_TIMEOUT)
+  set(RUN_TIMEOUT 50)
+endif()
 separate_arguments(ARGS UNIX_COMMAND "${ARGS}")
 file(REMOVE_RECURSE "${WORK_DIR}")
 file(MAKE_DIRECTORY "${WORK_DIR}")
 
 function(run out_var)  # runs ARGN, fails the test unless it exits 0
-  execute_process(COMMAND ${ARGN} RESULT_VARIABLE rc OUTPUT_VARIABLE out ERROR_VARIABLE err TIMEOUT 50)
+  execute_process(COMMAND ${ARGN} RESULT_VARIABLE rc OUTPUT_VARIABLE out ERROR_VARIABLE err TIMEOUT ${RUN_TIMEOUT})
   if(NOT rc EQUAL 0)
     message(FATAL_ERROR "${ARGN}\nexited with ${rc}:\n${out}\n${err}")
   endif()
