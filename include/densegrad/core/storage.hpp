@@ -1,8 +1,8 @@
 // densegrad/core/storage.hpp: refcounted bytes on a device, from a per-device allocator.
 // Views share one Storage; the bytes are freed when the last view goes away. The default CPU
 // allocator caches freed blocks by size class (a training step frees and re-requests the same
-// sizes every step) and gives the oldest back when a request misses, so the cache never holds
-// memory beyond the peak in use; it is not a general-purpose heap (no splitting or merging).
+// sizes every step) and gives the oldest back when a request misses and the total would pass
+// twice the peak in use; it is not a general-purpose heap (no splitting or merging).
 // CPU memory statistics (cpu_memory_allocated and friends) count the bytes that live CPU
 // storages requested, like torch.cuda.memory_allocated does for the GPU.
 #pragma once
@@ -60,15 +60,17 @@ struct CpuAllocator final : Allocator {
 /// CpuAllocator plus a cache: a freed block is kept, keyed by its size class, and handed out
 /// again for the next request of that class instead of going back to the OS (fresh pages cost
 /// a page fault and a zeroing each: several percent of a small model's training step).
-/// Classes: 4 per power of two (at most 25% slack), 16 above 1 MiB (at most 6.25%: the big
-/// blocks are activations, where slack is memory). Thread-safe.
-/// A request that no cached block fits (a miss) first gives back the oldest cached blocks,
-/// at least as many bytes as it asks for (or all of them): memory in use plus cached never
-/// exceeds the most ever in use at once (in size classes). Without that, blocks freed in one
-/// size and wanted in another pile up: a training step's forward frees activations of some
-/// sizes and its backward asks for gradients of others (measured on RDNet-T, batch 16, 224 px,
-/// --memory-efficient: 2704 MiB peak RSS with a cache that only grows, against 1059 MiB of
-/// tensors). release_cached() frees every cached block; set_max_cached_bytes() caps the cache.
+/// Classes are 4 per power of two (at most 25% slack): finer ones (16 above 1 MiB) measured
+/// more peak RSS, not less (fewer requests share a class, so more blocks stay cached).
+/// Thread-safe.
+/// A request that no cached block fits (a miss) first gives back the oldest cached blocks
+/// while memory in use plus cached would pass twice the most ever in use at once (in size
+/// classes). Without a bound, blocks freed in one size and wanted in another pile up: RDNet-T's
+/// training step at batch 16, 224 px, --memory-efficient, reached 2554 MiB peak RSS with a cache
+/// that only grew (1059 MiB of tensors), 2420 MiB with this bound. A tighter bound trades speed
+/// for memory: at 1.25 x the peak, RDNet nano's steps kept giving back and re-faulting blocks
+/// and ran 20% slower. release_cached() frees every cached block; set_max_cached_bytes() caps
+/// the cache.
 class CachingCpuAllocator final : public Allocator {
  public:
   CachingCpuAllocator() = default;
@@ -87,28 +89,32 @@ class CachingCpuAllocator final : public Allocator {
         void* p = node->p;
         lru_.erase(node);
         cached_ -= c;
+        in_use_ += c;
+        peak_ = std::max(peak_, in_use_);
         DENSEGRAD_UNPOISON_(p, c);
         return p;
       }
-      size_t freed = 0;  // a miss: the oldest blocks go back first, at least c bytes of them
-      while (freed < c && !lru_.empty()) {
+      // a miss: the oldest blocks go back first, until in use + cached fits the budget again
+      peak_ = std::max(peak_, in_use_ + c);
+      while (!lru_.empty() && in_use_ + cached_ + c > 2 * peak_) {
         const Block b = lru_.front();
         auto& same = free_[b.c];  // oldest first too: b is its front
         same.erase(same.begin());
         lru_.pop_front();
         cached_ -= b.c;
-        freed += b.c;
         evicted.push_back(b);
       }
+      in_use_ += c;
     }
     for (const Block& b : evicted) {
       DENSEGRAD_UNPOISON_(b.p, b.c);
-      base_.deallocate(b.p, b.c);
+      release_block(b.p, b.c);
     }
-    void* p = std::aligned_alloc(64, c);  // c is a multiple of 64
-    if (!p) {                             // out of memory: give the cache back and try once more
+    void* p = new_block(c);
+    if (!p) {  // out of memory: give the cache back and try once more
       release_cached();
-      p = base_.allocate(c);
+      p = new_block(c);
+      DG_CHECK(p != nullptr, "out of memory: could not allocate ", nbytes, " bytes on cpu");
     }
     return p;
   }
@@ -116,6 +122,7 @@ class CachingCpuAllocator final : public Allocator {
     const size_t c = size_class(nbytes);
     {
       std::lock_guard<std::mutex> lock(mu_);
+      in_use_ -= std::min(in_use_, c);
       if (cached_ + c <= max_cached_bytes_) {
         DENSEGRAD_POISON_(p, c);
         free_[c].push_back(lru_.insert(lru_.end(), Block{p, c}));
@@ -123,14 +130,14 @@ class CachingCpuAllocator final : public Allocator {
         return;
       }
     }
-    base_.deallocate(p, c);
+    release_block(p, c);
   }
   /// Frees every cached block (blocks in use are untouched).
   void release_cached() {
     std::lock_guard<std::mutex> lock(mu_);
     for (const Block& b : lru_) {
       DENSEGRAD_UNPOISON_(b.p, b.c);
-      base_.deallocate(b.p, b.c);
+      release_block(b.p, b.c);
     }
     lru_.clear();
     free_.clear();
@@ -148,25 +155,26 @@ class CachingCpuAllocator final : public Allocator {
     max_cached_bytes_ = n;
   }
   /// The smallest class >= nbytes: a multiple of 64 up to 256 bytes, else a multiple of 1/8 of the
-  /// power of two at or above nbytes (1/32 of it above 1 MiB).
+  /// power of two at or above nbytes.
   static size_t size_class(size_t nbytes) {
     if (nbytes <= 256) return nbytes == 0 ? 64 : (nbytes + 63) / 64 * 64;
-    const size_t parts = nbytes > (size_t(1) << 20) ? 32 : 8;  // big blocks: finer classes, less slack
     size_t step = 64;
-    while (step * parts < nbytes) step *= 2;
+    while (step * 8 < nbytes) step *= 2;
     return (nbytes + step - 1) / step * step;
   }
 
  private:
+  static void* new_block(size_t c) { return std::aligned_alloc(64, c); }  // c is a multiple of 64
+  static void release_block(void* p, size_t) { std::free(p); }
   struct Block {
     void* p;
     size_t c;  // its size class
   };
-  CpuAllocator base_;
   std::mutex mu_;
   std::list<Block> lru_;  // every cached block, oldest first
   std::map<size_t, std::vector<std::list<Block>::iterator>> free_;  // size class -> its blocks in lru_, oldest first
   size_t cached_ = 0, max_cached_bytes_ = SIZE_MAX;
+  size_t in_use_ = 0, peak_ = 0;  // bytes handed out now and at most (size classes)
 };
 
 namespace detail {
