@@ -38,9 +38,7 @@ void check_parity(const std::string& name, bool bias, Pair2 stride, Pair2 paddin
   auto fx = dgtest::load_fixture<float>("fused");
   auto get = [&](const std::string& k) { return dgtest::get(fx, name + "." + k); };
   auto close = [&](const Tensor<float>& got, const Tensor<float>& want, const std::string& what) {
-    double mx = 0;
-    for (float v : want.to_vector()) mx = std::max(mx, double(std::abs(v)));
-    dgtest::require_close(got, want, 1e-5, 1e-6 * std::max(1.0, mx), name + " " + what);
+    dgtest::require_close_scaled(got, want, name + " " + what);
   };
   Tensor<float> h = get("h").requires_grad_(), w = get("w").requires_grad_();
   Tensor<float> b = bias ? get("b").requires_grad_() : Tensor<float>();
