@@ -2,12 +2,13 @@
 // backward, AdamW) or one inference forward, on random images, on the CPU or a CUDA device.
 // Not a training run: the data is random and the loss is not looked at until the end.
 //   rdnet_bench --model tiny --batch 8 --res 224 --mode train --threads 2
+//   rdnet_bench --model tiny --batch 8 --precision bf16   (conv GEMM products in bfloat16, CPU)
 //   rdnet_bench --model tiny --batch 64 --mode infer --device cuda --tf32
 //   rdnet_bench --model tiny --batch 16 --iters 1 --warmup 0 --naive-concat   (peak RSS per dense path)
 //   rdnet_bench --op dwconv7 --batch 8 --res 56 --channels 128   (one op: forward + backward, or forward)
 // The last line is machine-readable (bench/compare and bench/gpu_compare.sh parse it):
 //   RESULT model=tiny mode=train batch=8 res=224 device=cpu img_per_s=X peak_rss_mb=Y peak_gpu_mb=Z
-//       peak_tensors_mb=T
+//       peak_tensors_mb=T precision=fp32
 //
 // Plain C++: in a build with CUDA, the CUDA backend comes from one more object file linked in
 // (examples/cuda_backend.cu), and dg::cuda_* (core/device_kernels.hpp) reach it from here.
@@ -37,7 +38,7 @@ using Clock = std::chrono::steady_clock;
 
 /// What the command line sets.
 struct BenchArgs {
-  std::string model = "tiny", mode = "train", device = "cpu";
+  std::string model = "tiny", mode = "train", device = "cpu", precision = "fp32";
   int64_t batch = 8, res = 224, iters = 10, warmup = 3;
   int threads = 0;  // 0: OpenMP's default
   bool tf32 = false;
@@ -162,6 +163,9 @@ int main(int argc, char** argv) {
   app.add_option("--threads", a.threads, "OpenMP threads (0: the OpenMP default)")->check(CLI::Range(0, 1024));
   app.add_option("--device", a.device, "where the model and data live")->check(CLI::IsMember({"cpu", "cuda"}));
   app.add_flag("--tf32", a.tf32, "let CUDA matrix products use TF32 tensor cores (--device cuda only)");
+  app.add_option("--precision", a.precision,
+                 "fp32, or bf16: conv GEMM products in bfloat16 with float32 accumulation (CPU with AVX512-BF16)")
+      ->check(CLI::IsMember({"fp32", "bf16"}));
   app.add_option("--seed", a.seed, "seeds the weights and the random data");
   app.add_flag("--naive-concat", a.naive_concat,
                "dense stages concat all features for every block (the naive path) instead of filling one buffer");
@@ -184,6 +188,16 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "rdnet_bench: error: --tf32 needs --device cuda (the CPU computes in fp32)\n");
     return 1;
   }
+
+  if (a.precision == "bf16" && cuda) {
+    std::fprintf(stderr, "rdnet_bench: error: --precision bf16 runs on the CPU only (the CUDA kernels compute in "
+                         "fp32; see --tf32)\n");
+    return 1;
+  }
+  if (a.precision == "bf16" && !dg::cpu::kBf16Gemm)
+    std::printf("rdnet_bench: this build has no AVX512-BF16 (compile with -march=native on a CPU that has it): "
+                "--precision bf16 runs fp32 products\n");
+  dg::set_matmul_precision(dg::parse_matmul_precision(a.precision));
 
 #ifdef DENSEGRAD_WITH_OPENMP
   if (a.threads > 0) omp_set_num_threads(a.threads);
@@ -224,12 +238,12 @@ int main(int argc, char** argv) {
     Tensor<int64_t> labels = dg::tensor<int64_t>(label_values).to(device);  // (N,)
 
     std::printf("rdnet_bench: %s (%lld parameters, %.2f GMACs per image), %s, dense path %s%s, batch %lld of "
-                "%lldx%lldx%lld, device %s%s, threads %d, %lld warmup + %lld timed iterations\n",
+                "%lldx%lldx%lld, device %s%s, %s products, threads %d, %lld warmup + %lld timed iterations\n",
                 a.model.c_str(), static_cast<long long>(model.num_parameters()),
                 static_cast<double>(rdnet::count_macs(cfg, a.res, a.res)) / 1e9, a.mode.c_str(),
                 cfg.dense_buffer ? "buffer" : "naive concat", cfg.memory_efficient ? " + recompute" : "",
                 static_cast<long long>(a.batch), static_cast<long long>(cfg.in_chans), static_cast<long long>(a.res),
-                static_cast<long long>(a.res), device.str().c_str(), a.tf32 ? " (tf32)" : "", threads,
+                static_cast<long long>(a.res), device.str().c_str(), a.tf32 ? " (tf32)" : "", a.precision.c_str(), threads,
                 static_cast<long long>(a.warmup), static_cast<long long>(a.iters));
     std::fflush(stdout);
 
@@ -260,9 +274,9 @@ int main(int argc, char** argv) {
 
     const double img_per_s = images_per_second(a, ms);
     std::printf("RESULT model=%s mode=%s batch=%lld res=%lld device=%s img_per_s=%.2f peak_rss_mb=%.1f "
-                "peak_gpu_mb=%.1f peak_tensors_mb=%.1f\n",
+                "peak_gpu_mb=%.1f peak_tensors_mb=%.1f precision=%s\n",
                 a.model.c_str(), a.mode.c_str(), static_cast<long long>(a.batch), static_cast<long long>(a.res),
-                a.device.c_str(), img_per_s, peak_rss_mb(), peak_gpu_mb(cuda), peak_tensors_mb());
+                a.device.c_str(), img_per_s, peak_rss_mb(), peak_gpu_mb(cuda), peak_tensors_mb(), a.precision.c_str());
   } catch (const std::exception& e) {
     std::fprintf(stderr, "rdnet_bench: error: %s\n", e.what());
     return 1;

@@ -7,6 +7,7 @@
 #include "core/dtype.hpp"
 #include "core/error.hpp"
 #include "core/generator.hpp"
+#include "core/precision.hpp"
 #include "core/shape.hpp"
 #include "core/tensor.hpp"
 

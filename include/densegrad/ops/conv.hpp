@@ -6,6 +6,7 @@
 #pragma once
 
 #include "../autograd/tape.hpp"
+#include "../core/precision.hpp"
 #include "../backend/cpu/conv.hpp"
 #include "../backend/ref/conv.hpp"
 #include "shape.hpp"
@@ -95,11 +96,12 @@ Conv2dGeometry conv2d_checked_geometry(const Tensor<T>& x, const Tensor<T>& weig
                                        const char* op = "conv2d") {
   DG_CHECK(x.defined() && weight.defined(), op, ": x and weight must be defined tensors");
   const Shape bshape = bias.defined() ? bias.shape() : Shape{};
-  const Conv2dGeometry g = conv2d_geometry(x.shape(), weight.shape(), bias.defined() ? &bshape : nullptr, stride,
-                                           padding, dilation, groups, op);
+  Conv2dGeometry g = conv2d_geometry(x.shape(), weight.shape(), bias.defined() ? &bshape : nullptr, stride,
+                                     padding, dilation, groups, op);
   DG_CHECK(x.device() == weight.device() && (!bias.defined() || bias.device() == x.device()),
            op, ": expected x, weight and bias on one device, got x on ", x.device().str(), ", weight on ",
            weight.device().str(), bias.defined() ? ", bias on " + bias.device().str() : std::string());
+  g.bf16 = std::is_same_v<T, float> && matmul_precision() == MatmulPrecision::bf16;  // read once: backward follows
   return g;
 }
 }  // namespace detail

@@ -23,6 +23,7 @@
 #endif
 
 
+#include "gemm_bf16.hpp"
 #include "norm.hpp"  // batch_stride
 #include "parallel.hpp"
 #include "../ref/conv.hpp"
@@ -356,9 +357,6 @@ template <class A> using LaneVec = Eigen::Array<A, kLanes<A>, 1>;
 
 inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 
-/// How a GEMM tile starts: at 0, at a per-row value (bias; null: 0), or at what c holds.
-enum class TileInit { Zero, Row, Load };
-
 /// A (M, K) operand read by elements: row i at a + i*lda, its contraction index k = s*seg_len + j
 /// (segment s, element j) at + s*seg_stride + j. One segment: a plain row-major matrix; several:
 /// the pixels of several images, each image's plane in place. Packed (pack_rows): blocks of 8
@@ -414,22 +412,6 @@ void gemm_tile(const Operand<A>& op, int64_t row0, const A* b, int64_t ldb, A* c
     }
 }
 
-/// gemm_tile for mr = 1..8 rows, chosen at run time.
-template <int NV, TileInit Init, class A>
-void gemm_tile_rows(int64_t mr, const Operand<A>& op, int64_t row0, const A* b, int64_t ldb, A* c, int64_t ldc,
-                    const A* row_init) {
-  switch (mr) {
-    case 8: gemm_tile<8, NV, Init>(op, row0, b, ldb, c, ldc, row_init); break;
-    case 7: gemm_tile<7, NV, Init>(op, row0, b, ldb, c, ldc, row_init); break;
-    case 6: gemm_tile<6, NV, Init>(op, row0, b, ldb, c, ldc, row_init); break;
-    case 5: gemm_tile<5, NV, Init>(op, row0, b, ldb, c, ldc, row_init); break;
-    case 4: gemm_tile<4, NV, Init>(op, row0, b, ldb, c, ldc, row_init); break;
-    case 3: gemm_tile<3, NV, Init>(op, row0, b, ldb, c, ldc, row_init); break;
-    case 2: gemm_tile<2, NV, Init>(op, row0, b, ldb, c, ldc, row_init); break;
-    default: gemm_tile<1, NV, Init>(op, row0, b, ldb, c, ldc, row_init); break;
-  }
-}
-
 /// c (M, N) = init + a (M, K) @ b (K, N): b and c row-major (row strides ldb, ldc), N a multiple
 /// of kLanes<A>; row_init: M per-row start values for TileInit::Row (null: 0). Tiles of 8 rows x
 /// 3 vectors, in the order that re-reads the smaller operand: when a is the larger (M > N, as
@@ -444,9 +426,12 @@ void gemm_panels(const Operand<A>& a, const A* b, int64_t ldb, A* c, int64_t ldc
     const int64_t mr = std::min<int64_t>(8, M - i), nv = std::min<int64_t>(3, (N - j) / L);
     const A* ri = row_init ? row_init + i : nullptr;
     A* cij = c + i * ldc + j;
-    if (nv == 3) gemm_tile_rows<3, Init>(mr, a, i, b + j, ldb, cij, ldc, ri);
-    else if (nv == 2) gemm_tile_rows<2, Init>(mr, a, i, b + j, ldb, cij, ldc, ri);
-    else gemm_tile_rows<1, Init>(mr, a, i, b + j, ldb, cij, ldc, ri);
+    with_rows(mr, [&](auto rows) {
+      constexpr int MR = decltype(rows)::value;
+      if (nv == 3) gemm_tile<MR, 3, Init>(a, i, b + j, ldb, cij, ldc, ri);
+      else if (nv == 2) gemm_tile<MR, 2, Init>(a, i, b + j, ldb, cij, ldc, ri);
+      else gemm_tile<MR, 1, Init>(a, i, b + j, ldb, cij, ldc, ri);
+    });
   };
   if (M > N) {
     for (int64_t i = 0; i < M; i += 8)
@@ -470,6 +455,49 @@ Operand<A> pack_rows(int64_t M, int64_t K, F at, std::vector<A>& buf) {
   for (int64_t i = 0; i < M; ++i)
     for (int64_t k = 0; k < K; ++k) buf[(i / 8) * 8 * K + k * 8 + i % 8] = at(i, k);
   return {buf.data(), 0, 0, K, 1, true};
+}
+
+// Products in bfloat16 (g.bf16: dg::MatmulPrecision::bf16): the same panel GEMMs through
+// gemm_bf16 (backend/cpu/gemm_bf16.hpp). The A operand is rounded to bf16 rows once per conv (a
+// weight) or per chunk of images (dW's pixels); each B panel is rounded into pairs of rows just
+// before its GEMM. Results, saved tensors and gradients stay float32.
+
+/// True when conv g's panel GEMMs take their products in bfloat16: asked for, a float conv, and a
+/// build with AVX512-BF16 (elsewhere the request is ignored: float32 products).
+template <class A>
+constexpr bool bf16_products(const Conv2dGeometry& g) {
+  return std::is_same_v<A, float> && kBf16Gemm && g.bf16;
+}
+
+/// An A operand packed in bfloat16 (gemm_bf16.hpp's layout); empty: not used.
+struct HalfRows {
+  std::vector<uint32_t> buf, row;  // row: pack_a's scratch
+  const uint32_t* data() const { return buf.empty() ? nullptr : buf.data(); }
+};
+
+/// h <- the unpacked operand op (M rows) packed in bfloat16.
+template <class A>
+void round_operand(const Operand<A>& op, int64_t M, HalfRows& h) {
+  if constexpr (std::is_same_v<A, float> && kBf16Gemm) {
+    h.buf.resize(static_cast<size_t>(bf16_a_pairs(M, op.seg_len * op.segs)));
+    pack_a(op.a, op.lda, op.seg_stride, op.seg_len, op.segs, M, h.buf.data(), h.row);
+  }
+}
+
+/// c (M, N) = init + a (M, K) @ b (K rows ldb apart): float32 products (gemm_panels on a), or
+/// bf16 products when ah holds a in bf16 (b is rounded into pairs in scratch first).
+template <TileInit Init, class A>
+void panel_gemm(const Operand<A>& a, const HalfRows& ah, const A* b, int64_t ldb, A* c, int64_t ldc, int64_t M,
+                int64_t N, int64_t K, std::vector<uint32_t>& scratch, const A* row_init = nullptr) {
+  if constexpr (std::is_same_v<A, float> && kBf16Gemm) {
+    if (ah.data()) {
+      scratch.resize(static_cast<size_t>(bf16_b_pairs(K, N)));
+      pack_b(b, ldb, K, N, scratch.data());
+      gemm_bf16<Init>(ah.data(), scratch.data(), c, ldc, M, N, bf16_pairs(K), row_init);
+      return;
+    }
+  }
+  gemm_panels<Init>(a, b, ldb, c, ldc, M, N, row_init);
 }
 
 /// Asks for n elements from p on to be brought into L2 ahead of use, for reading or (write)
@@ -590,9 +618,13 @@ void panel_forward(Planes<A> x, const A* w, const A* b, A* y, const Conv2dGeomet
   const int64_t K = g.C_in * g.kH * g.kW, OC = g.C_out, P = g.Ho * g.Wo, G = panel_images(g);
   const int64_t chunks = (g.N + G - 1) / G, c0 = inplace_cols<A>(g), ld = round_up(G * (P - c0), kLanes<A>);
   std::vector<A> packed;
-  const Operand<A> a = pack_rows<A>(OC, K, [&](int64_t i, int64_t k) { return w[i * K + k]; }, packed);
+  HalfRows wh;  // bf16 products: the weight rounded, instead of packed
+  Operand<A> a{};
+  if (bf16_products<A>(g)) round_operand(matrix(w, K, K), OC, wh);
+  else a = pack_rows<A>(OC, K, [&](int64_t i, int64_t k) { return w[i * K + k]; }, packed);
   DENSEGRAD_OMP(parallel if (chunks > 1 && g.N * OC * K * P >= kParallelMinMacs)) {
     std::vector<A> cols(static_cast<size_t>(K * ld), A(0)), out(static_cast<size_t>(OC * ld));
+    std::vector<uint32_t> bh;
     DENSEGRAD_OMP(for schedule(static))
     for (int64_t ch = 0; ch < chunks; ++ch) {
       const int64_t n0 = ch * G, gn = std::min(G, g.N - n0);
@@ -601,12 +633,12 @@ void panel_forward(Planes<A> x, const A* w, const A* b, A* y, const Conv2dGeomet
           prefetch_l2(x.at(n0 + i + 1), K * P, false);
           prefetch_l2(y + (n0 + i + 1) * OC * P, OC * P, true);
         }
-        gemm_panels<TileInit::Row>(a, x.at(n0 + i), P, y + (n0 + i) * OC * P, P, OC, c0, b);
+        panel_gemm<TileInit::Row>(a, wh, x.at(n0 + i), P, y + (n0 + i) * OC * P, P, OC, c0, K, bh, b);
       }
       if (c0 == P) continue;
       gather_cols(x, n0, gn, g, c0, cols.data(), ld);
-      gemm_panels<TileInit::Zero>(a, cols.data(), ld, out.data(), ld, OC,
-                                  round_up(gn * (P - c0), kLanes<A>));
+      panel_gemm<TileInit::Zero>(a, wh, cols.data(), ld, out.data(), ld, OC, round_up(gn * (P - c0), kLanes<A>), K,
+                                 bh);
       scatter_cols(out.data(), ld, gn, OC, P, c0, y + n0 * OC * P, OC * P, b);
     }
   }
@@ -619,10 +651,19 @@ void panel_backward_input(Planes<A> dout, const A* w, A* dx, const Conv2dGeometr
   const int64_t K = g.C_in * g.kH * g.kW, OC = g.C_out, P = g.Ho * g.Wo, G = panel_images(g);
   const int64_t chunks = (g.N + G - 1) / G, c0 = inplace_cols<A>(g), ld = round_up(G * (P - c0), kLanes<A>);
   const int64_t image = g.C_in * g.H * g.W;  // of dx
-  std::vector<A> packed;  // W^T (K, OC): the A operand
-  const Operand<A> a = pack_rows<A>(K, OC, [&](int64_t i, int64_t k) { return w[k * K + i]; }, packed);
+  std::vector<A> packed;  // W^T (K, OC): the A operand, packed (float32 products) or rounded (bf16)
+  HalfRows wh;
+  Operand<A> a{};
+  if (bf16_products<A>(g)) {
+    for (int64_t i = 0; i < K; ++i)
+      for (int64_t k = 0; k < OC; ++k) packed.push_back(w[k * K + i]);
+    round_operand(matrix(static_cast<const A*>(packed.data()), OC, OC), K, wh);
+  } else {
+    a = pack_rows<A>(K, OC, [&](int64_t i, int64_t k) { return w[k * K + i]; }, packed);
+  }
   DENSEGRAD_OMP(parallel if (chunks > 1 && g.N * OC * K * P >= kParallelMinMacs)) {
     std::vector<A> ds(static_cast<size_t>(OC * ld), A(0)), cols(static_cast<size_t>(K * ld));
+    std::vector<uint32_t> bh;
     DENSEGRAD_OMP(for schedule(static))
     for (int64_t ch = 0; ch < chunks; ++ch) {
       const int64_t n0 = ch * G, gn = std::min(G, g.N - n0);
@@ -631,11 +672,11 @@ void panel_backward_input(Planes<A> dout, const A* w, A* dx, const Conv2dGeometr
           prefetch_l2(dout.at(n0 + i + 1), OC * P, false);
           prefetch_l2(dx + (n0 + i + 1) * image, image, true);
         }
-        gemm_panels<TileInit::Zero>(a, dout.at(n0 + i), P, dx + (n0 + i) * image, P, K, c0);
+        panel_gemm<TileInit::Zero>(a, wh, dout.at(n0 + i), P, dx + (n0 + i) * image, P, K, c0, OC, bh);
       }
       if (c0 == P) continue;
       gather_planes(dout, n0, gn, OC, P, c0, ds.data(), ld);
-      gemm_panels<TileInit::Zero>(a, ds.data(), ld, cols.data(), ld, K, round_up(gn * (P - c0), kLanes<A>));
+      panel_gemm<TileInit::Zero>(a, wh, ds.data(), ld, cols.data(), ld, K, round_up(gn * (P - c0), kLanes<A>), OC, bh);
       if (is_pointwise(g)) {
         scatter_cols(cols.data(), ld, gn, K, P, c0, dx + n0 * image, image, static_cast<const A*>(nullptr));
       } else {
@@ -661,6 +702,8 @@ void panel_backward_weight(Planes<A> dout, Planes<A> x, A* dw, const Conv2dGeome
   DENSEGRAD_OMP(parallel if (parallel) num_threads(static_cast<int>(copies))) {
     std::vector<A> cols(static_cast<size_t>(pointwise ? 0 : K * G * P)), bs(static_cast<size_t>(G * P * ldb), A(0));
     A* mine = part.data() + thread_num() * M * ldb;
+    HalfRows ah;  // bf16 products: this chunk's A rounded
+    std::vector<uint32_t> bh;
     DENSEGRAD_OMP(for schedule(static))
     for (int64_t ch = 0; ch < chunks; ++ch) {
       const int64_t n0 = ch * G, gn = std::min(G, g.N - n0);
@@ -676,7 +719,8 @@ void panel_backward_weight(Planes<A> dout, Planes<A> x, A* dw, const Conv2dGeome
         }
         gather_planes_transposed(dout, n0, gn, OC, P, bs.data(), ldb);
       }
-      gemm_panels<TileInit::Load>(a, bs.data(), ldb, mine, ldb, M, ldb);
+      if (bf16_products<A>(g)) round_operand(a, M, ah);
+      panel_gemm<TileInit::Load>(a, ah, bs.data(), ldb, mine, ldb, M, ldb, gn * P, bh);
     }
   }
   const int64_t used = parallel ? copies : 1;

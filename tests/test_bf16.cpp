@@ -1,0 +1,168 @@
+// tests/test_bf16.cpp: products in bfloat16 (dg::MatmulPrecision::bf16): the conv2d panel GEMMs
+// against the float64 ref kernels run on the same operands rounded to bfloat16, the precision
+// setting and its guard, and that backward follows the precision its forward ran in.
+#include <algorithm>
+#include <thread>
+
+#include "test_util.hpp"
+
+using namespace dg;
+
+namespace {
+
+/// t rounded to bfloat16, as float64 (the exact operand values the bf16 kernels multiply).
+Tensor<double> rounded(const Tensor<float>& t) { return t.to<bfloat16>().to<double>(); }
+
+Tensor<double> abs_of(const Tensor<double>& t) {
+  Tensor<double> r = Tensor<double>::empty(t.shape());
+  auto v = t.contiguous().to_vector();
+  for (size_t i = 0; i < v.size(); ++i) r.data()[i] = std::abs(v[i]);
+  return r;
+}
+
+/// |got - want| <= 2e-5 * bound elementwise, bound = the same sum over |operands| (float32
+/// accumulation of K exact bf16 products: a few ulps of the sum of magnitudes).
+void require_within(const Tensor<float>& got, const Tensor<double>& want, const Tensor<double>& bound,
+                    const std::string& what) {
+  INFO(what);
+  REQUIRE(shape_str(got.shape()) == shape_str(want.shape()));
+  auto g = got.to_vector();
+  auto w = want.contiguous().to_vector(), b = bound.contiguous().to_vector();
+  for (size_t i = 0; i < g.size(); ++i) {
+    INFO("element " << i << ": got " << g[i] << ", want " << w[i] << ", sum of |products| " << b[i]);
+    REQUIRE(std::abs(double(g[i]) - w[i]) <= 2e-5 * b[i] + 1e-30);
+  }
+}
+
+double max_abs_diff(const Tensor<float>& a, const Tensor<float>& b) {
+  auto va = a.to_vector(), vb = b.to_vector();
+  double m = 0;
+  for (size_t i = 0; i < va.size(); ++i) m = std::max(m, std::abs(double(va[i]) - double(vb[i])));
+  return m;
+}
+
+struct Case {
+  Shape x, w;
+  int64_t stride = 1, padding = 0;
+  int64_t extra_channels = 0;  // > 0: x is a batch-strided prefix view of a wider buffer
+  const char* what;
+};
+
+}  // namespace
+
+TEST_CASE("bf16 products: conv2d panel GEMMs equal float64 on bf16-rounded operands (forward, dx, dweight)") {
+  // at least one image per thread, so that the panel GEMMs (the kernels with bf16 products) run
+  const int64_t N = std::max<int64_t>(4, cpu::max_threads());
+  const std::vector<Case> cases = {
+      {{N, 24, 8, 8}, {40, 24, 1, 1}, 1, 0, 0, "1x1, 64 pixels in place, C_in < C_out"},
+      {{N, 37, 7, 7}, {20, 37, 1, 1}, 1, 0, 0, "1x1, odd C_in, 49 pixels: in place + gathered tail"},
+      {{N, 16, 3, 3}, {24, 16, 1, 1}, 1, 0, 0, "1x1 on a 3x3 map: all gathered"},
+      {{N, 24, 8, 8}, {16, 24, 1, 1}, 1, 0, 8, "1x1 on a dense stage's prefix view"},
+      {{N, 18, 10, 10}, {9, 18, 2, 2}, 2, 0, 0, "transition k2 s2"},
+      {{N, 3, 16, 16}, {16, 3, 4, 4}, 4, 0, 0, "stem k4 s4"},
+      {{N, 5, 9, 9}, {7, 5, 3, 3}, 1, 1, 0, "3x3 pad 1, odd K = 45"},
+  };
+  Generator gen(7);
+  for (const Case& c : cases) {
+    INFO(c.what);
+    Tensor<float> x = randn<float>(c.x, gen);
+    if (c.extra_channels > 0) {
+      Shape wide = c.x;
+      wide[1] += c.extra_channels;
+      x = randn<float>(wide, gen).narrow(1, 0, c.x[1]);
+    }
+    Tensor<float> w = randn<float>(c.w, gen), b = randn<float>({c.w[0]}, gen);
+    const Shape bshape{c.w[0]};
+    Conv2dGeometry g = conv2d_geometry(x.shape(), w.shape(), &bshape, c.stride, c.padding, 1, 1);
+    Tensor<float> dout = randn<float>(g.out_shape(), gen);
+    Conv2dGeometry g16 = g;
+    g16.bf16 = true;
+
+    // float64 references on the rounded operands (bias is added in float32, not rounded)
+    const Tensor<double> xr = rounded(x), wr = rounded(w), dr = rounded(dout), bd = b.to<double>();
+    const Tensor<double> xa = abs_of(xr), wa = abs_of(wr), da = abs_of(dr), none;
+    Tensor<float> y = cpu::conv2d_forward(x, w, b, g16);
+    require_within(y, ref::conv2d_forward(xr, wr, bd, g), ref::conv2d_forward(xa, wa, abs_of(bd), g), "forward");
+    Tensor<float> dx = cpu::conv2d_backward_input(dout, w, g16);
+    require_within(dx, ref::conv2d_backward_input(dr, wr, g), ref::conv2d_backward_input(da, wa, g), "dx");
+    Tensor<float> dw = cpu::conv2d_backward_weight(dout, x, g16);
+    require_within(dw, ref::conv2d_backward_weight(dr, xr, g), ref::conv2d_backward_weight(da, xa, g), "dweight");
+
+    // the request is honoured exactly where the build has AVX512-BF16, and ignored elsewhere
+    Tensor<float> y32 = cpu::conv2d_forward(x, w, b, g), dx32 = cpu::conv2d_backward_input(dout, w, g);
+    Tensor<float> dw32 = cpu::conv2d_backward_weight(dout, x, g);
+    if (cpu::kBf16Gemm) {
+      CHECK(max_abs_diff(y, y32) > 0);
+      CHECK(max_abs_diff(dx, dx32) > 0);
+      CHECK(max_abs_diff(dw, dw32) > 0);
+    } else {
+      WARN("this build has no AVX512-BF16: bf16 requests run float32 products, checked bit for bit");
+      CHECK(max_abs_diff(y, y32) == 0);
+      CHECK(max_abs_diff(dx, dx32) == 0);
+      CHECK(max_abs_diff(dw, dw32) == 0);
+    }
+  }
+}
+
+TEST_CASE("bf16 products: depthwise convs and double tensors ignore the setting") {
+  Generator gen(8);
+  Tensor<float> x = randn<float>({4, 6, 9, 9}, gen), w = randn<float>({6, 1, 7, 7}, gen);
+  Tensor<double> xd = x.to<double>(), wd = randn<double>({5, 6, 1, 1}, gen);
+  Tensor<float> y32 = conv2d(x, w, {}, 1, 3, 1, 6);
+  Tensor<double> yd32 = conv2d(xd, wd, {}, 1, 0);
+  MatmulPrecisionGuard bf16(MatmulPrecision::bf16);
+  CHECK(max_abs_diff(conv2d(x, w, {}, 1, 3, 1, 6), y32) == 0);
+  auto a = conv2d(xd, wd, {}, 1, 0).to_vector(), b = yd32.to_vector();
+  CHECK(a == b);
+}
+
+TEST_CASE("bf16 products: the setting is per thread, scoped by its guard, parsed with clear errors") {
+  CHECK(matmul_precision() == MatmulPrecision::fp32);
+  {
+    MatmulPrecisionGuard g(MatmulPrecision::bf16);
+    CHECK(matmul_precision() == MatmulPrecision::bf16);
+    MatmulPrecision seen = MatmulPrecision::bf16;
+    std::thread([&] { seen = matmul_precision(); }).join();
+    CHECK(seen == MatmulPrecision::fp32);  // another thread keeps its own (default) setting
+    {
+      MatmulPrecisionGuard inner(MatmulPrecision::fp32);
+      CHECK(matmul_precision() == MatmulPrecision::fp32);
+    }
+    CHECK(matmul_precision() == MatmulPrecision::bf16);
+  }
+  CHECK(matmul_precision() == MatmulPrecision::fp32);
+  CHECK(parse_matmul_precision("bf16") == MatmulPrecision::bf16);
+  CHECK(parse_matmul_precision("fp32") == MatmulPrecision::fp32);
+  CHECK(std::string(to_string(MatmulPrecision::bf16)) == "bf16");
+  REQUIRE_THROWS_WITH(parse_matmul_precision("fp16"),
+                      Catch::Contains("expected \"fp32\" or \"bf16\"") && Catch::Contains("got \"fp16\""));
+}
+
+TEST_CASE("bf16 products: conv2d and gelu_conv2d record the precision of their forward for backward") {
+  Generator gen(9);
+  const int64_t N = std::max<int64_t>(4, cpu::max_threads());
+  Tensor<float> x0 = randn<float>({N, 12, 6, 6}, gen), w0 = randn<float>({20, 12, 1, 1}, gen);
+  Tensor<float> dout = randn<float>({N, 20, 6, 6}, gen);
+  auto run = [&](bool fused, bool bf16_forward, bool bf16_backward) {
+    Tensor<float> x = x0.clone().requires_grad_(), w = w0.clone().requires_grad_();
+    Tensor<float> y;
+    {
+      MatmulPrecisionGuard g(bf16_forward ? MatmulPrecision::bf16 : MatmulPrecision::fp32);
+      y = fused ? gelu_conv2d(x, w) : conv2d(gelu(x), w);
+    }
+    MatmulPrecisionGuard g(bf16_backward ? MatmulPrecision::bf16 : MatmulPrecision::fp32);
+    y.backward(dout);
+    return std::vector<Tensor<float>>{y.detach(), x.grad(), w.grad()};
+  };
+  for (bool fused : {false, true}) {
+    INFO((fused ? "gelu_conv2d" : "conv2d(gelu(x))"));
+    auto both = run(fused, true, true), forward_only = run(fused, true, false), none = run(fused, false, true);
+    for (int i = 0; i < 3; ++i) {
+      CHECK(max_abs_diff(both[i], forward_only[i]) == 0);  // backward ran as its forward did
+      if (cpu::kBf16Gemm) CHECK(max_abs_diff(both[i], none[i]) > 0);
+    }
+    // the fused op and the two ops take the same products
+    auto unfused = run(false, true, true);
+    for (int i = 0; i < 3; ++i) CHECK(max_abs_diff(both[i], unfused[i]) == 0);
+  }
+}
