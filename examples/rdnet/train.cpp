@@ -1,7 +1,8 @@
 // rdnet_train: train an RDNet image classifier on Fashion-MNIST, CIFAR-10 or synthetic data,
 // on the CPU or a CUDA GPU: AdamW + cosine LR with warmup, label smoothing / mixup / cutmix, drop
 // path, gradient accumulation, EMA, checkpoints that resume bit for bit; data-parallel over MPI
-// (each of P ranks trains on its shard, a step sees P x batch images). Not mixed precision.
+// (each of P ranks trains on its shard, a step sees P x batch images); --precision bf16 on the
+// CPU takes the conv products in bfloat16 (float32 weights, activations and gradients).
 //   rdnet_train                                  # nano on Fashion-MNIST, the default schedule
 //   rdnet_train --epochs 2 --limit-train 5000    # a quick look
 //   rdnet_train --resume runs/nano-fashion-mnist/last.safetensors
@@ -64,6 +65,7 @@ using Clock = std::chrono::steady_clock;
 /// --resume starts from them: what is given on the command line wins.
 struct Args {
   std::string data = "fashion-mnist", data_dir, model = "nano", out, resume, nan_policy = "stop", device = "cpu";
+  std::string precision = "fp32";
   int64_t epochs = 15, batch_size = 128, accum_steps = 1, limit_train = 0, limit_test = 0, eval_every = 1;
   int64_t stop_after = 0, crop_pad = -1, aug_start = -1;
   bool memory_efficient = false;
@@ -105,6 +107,10 @@ void add_options(CLI::App& app, Args& a) {
   app.add_option("--threads", a.threads, "OpenMP threads")->check(CLI::PositiveNumber);
   app.add_option("--device", a.device, "where the model trains (cuda: the first GPU; needs a CUDA build)")
       ->check(CLI::IsMember({"cpu", "cuda"}));
+  app.add_option("--precision", a.precision,
+                 "fp32, or bf16: conv products in bfloat16 with float32 sums, weights and gradients (CPU with "
+                 "AVX512-BF16)")
+      ->check(CLI::IsMember({"fp32", "bf16"}));
   app.add_option("--workers", a.workers, "data loader threads (0: load in the training thread)")->check(CLI::NonNegativeNumber);
   app.add_option("--out", a.out, "output directory (default: runs/<model>-<data>)");
   app.add_option("--resume", a.resume, "continue from a checkpoint (its settings are the defaults)");
@@ -185,6 +191,15 @@ int train_main(int argc, char** argv) {
   if (a.out.empty())  // a resumed run goes on writing next to its checkpoint
     a.out = !a.resume.empty() ? std::filesystem::path(a.resume).parent_path().string() : "runs/" + a.model + "-" + a.data;
   if (a.out.empty()) a.out = ".";
+
+  if (a.precision == "bf16" && a.device == "cuda") {
+    std::fprintf(stderr, "rdnet_train: error: --precision bf16 runs on the CPU only (the CUDA kernels compute in fp32)\n");
+    return 1;
+  }
+  if (a.precision == "bf16" && !dg::cpu::kBf16Gemm)
+    std::printf("rdnet_train: this build has no AVX512-BF16 (compile with -march=native on a CPU that has it): "
+                "--precision bf16 runs fp32 products\n");
+  dg::set_matmul_precision(dg::parse_matmul_precision(a.precision));  // this thread runs every step
 
 #ifdef DENSEGRAD_WITH_OPENMP
   omp_set_num_threads(a.threads);
@@ -351,11 +366,12 @@ int train_main(int argc, char** argv) {
                 static_cast<long long>(train_set.height()), static_cast<long long>(train_set.width()),
                 static_cast<long long>(train_set.num_classes()));
     std::printf("rdnet_train: %lld parameters, %.1f MMACs per image; %lld epochs x %lld steps of %lld images, "
-                "AdamW lr %g wd %g, threads %d, %s -> %s\n",
+                "AdamW lr %g wd %g, threads %d, %s, %s products -> %s\n",
                 static_cast<long long>(model.num_parameters()),
                 static_cast<double>(rdnet::count_macs(cfg, train_set.height(), train_set.width())) / 1e6,
                 static_cast<long long>(a.epochs), static_cast<long long>(steps_per_epoch),
-                static_cast<long long>(a.batch_size * a.accum_steps), a.lr, a.weight_decay, a.threads, dev.str().c_str(), a.out.c_str());
+                static_cast<long long>(a.batch_size * a.accum_steps), a.lr, a.weight_decay, a.threads, dev.str().c_str(),
+                a.precision.c_str(), a.out.c_str());
     if (world > 1)
       std::printf("rdnet_train: data-parallel on %d ranks: each step sees %d x %lld images; gradients in %lld buckets\n",
                   world, world, static_cast<long long>(a.batch_size * a.accum_steps),
