@@ -478,10 +478,14 @@ struct HalfRows {
 /// h <- the unpacked operand op (M rows) packed in bfloat16.
 template <class A>
 void round_operand(const Operand<A>& op, int64_t M, HalfRows& h) {
-  if constexpr (std::is_same_v<A, float> && kBf16Gemm) {
+#if DENSEGRAD_BF16_GEMM
+  if constexpr (std::is_same_v<A, float>) {
     h.buf.resize(static_cast<size_t>(bf16_a_pairs(M, op.seg_len * op.segs)));
     pack_a(op.a, op.lda, op.seg_stride, op.seg_len, op.segs, M, h.buf.data(), h.row);
   }
+#else
+  (void)op, (void)M, (void)h;  // never called: bf16_products is false in this build
+#endif
 }
 
 /// c (M, N) = init + a (M, K) @ b (K rows ldb apart): float32 products (gemm_panels on a), or
@@ -489,7 +493,8 @@ void round_operand(const Operand<A>& op, int64_t M, HalfRows& h) {
 template <TileInit Init, class A>
 void panel_gemm(const Operand<A>& a, const HalfRows& ah, const A* b, int64_t ldb, A* c, int64_t ldc, int64_t M,
                 int64_t N, int64_t K, std::vector<uint32_t>& scratch, const A* row_init = nullptr) {
-  if constexpr (std::is_same_v<A, float> && kBf16Gemm) {
+#if DENSEGRAD_BF16_GEMM
+  if constexpr (std::is_same_v<A, float>) {
     if (ah.data()) {
       scratch.resize(static_cast<size_t>(bf16_b_pairs(K, N)));
       pack_b(b, ldb, K, N, scratch.data());
@@ -497,6 +502,9 @@ void panel_gemm(const Operand<A>& a, const HalfRows& ah, const A* b, int64_t ldb
       return;
     }
   }
+#else
+  (void)ah, (void)K, (void)scratch;
+#endif
   gemm_panels<Init>(a, b, ldb, c, ldc, M, N, row_init);
 }
 

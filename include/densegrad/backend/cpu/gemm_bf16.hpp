@@ -27,10 +27,11 @@ namespace dg::cpu {
 /// True when this build has the bf16 GEMM: compiled for a CPU with AVX512-BF16 (-march=native on
 /// AMD Zen 4 or Intel Cooper Lake / Sapphire Rapids and later).
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
-constexpr bool kBf16Gemm = true;
+#define DENSEGRAD_BF16_GEMM 1  // the functions below the #if further down exist
 #else
-constexpr bool kBf16Gemm = false;
+#define DENSEGRAD_BF16_GEMM 0
 #endif
+constexpr bool kBf16Gemm = DENSEGRAD_BF16_GEMM;
 
 /// How a GEMM tile starts: at 0, at a per-row value (bias; null: 0), or at what c holds.
 enum class TileInit { Zero, Row, Load };
@@ -50,7 +51,7 @@ void with_rows(int64_t mr, F&& f) {
 /// Pairs needed for k = 0 .. K-1.
 inline int64_t bf16_pairs(int64_t K) { return (K + 1) / 2; }
 
-#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+#if DENSEGRAD_BF16_GEMM
 namespace bf16_detail {
 
 /// dst[0, n) <- src[0, n) rounded to bfloat16 (bits), 16 at a time with a masked tail.
