@@ -35,6 +35,15 @@ void load_params(rdnet::RDNet<float>& model, const std::map<std::string, Tensor<
 
 }  // namespace
 
+/// The fixture's timm model loaded into model (eval mode), its input (requiring grad) and target.
+std::pair<Tensor<float>, Tensor<int64_t>> timm_case(rdnet::RDNet<float>& model,
+                                                    const std::map<std::string, Tensor<float>>& fx) {
+  model.eval();
+  load_params(model, fx);
+  return {dgtest::get(fx, "input").requires_grad_(),
+          dg::io::from_raw<int64_t>(dg::io::read_safetensors(dgtest::fixtures_dir() + "/rdnet.safetensors").tensors.at("target"))};
+}
+
 TEST_CASE("rdnet tiny, small, base, large: timm's state dict keys and shapes, and the paper's parameter counts") {
   auto keys = dgtest::load_fixture<int64_t>("rdnet_keys");
   // 1000 classes, 3 input channels
@@ -64,11 +73,7 @@ TEST_CASE("rdnet with bf16 products: logits and gradients within bfloat16 roundi
   // independent roundings average out, so whole tensors stay within a few 2^-9 of float32
   auto fx = dgtest::load_fixture<float>("rdnet");
   rdnet::RDNet<float> model(small_config());
-  model.eval();
-  load_params(model, fx);
-  Tensor<float> x = dgtest::get(fx, "input").requires_grad_();
-  Tensor<int64_t> target =
-      dg::io::from_raw<int64_t>(dg::io::read_safetensors(dgtest::fixtures_dir() + "/rdnet.safetensors").tensors.at("target"));
+  auto [x, target] = timm_case(model, fx);
   Tensor<float> loss;
   {
     dg::MatmulPrecisionGuard bf16(dg::MatmulPrecision::bf16);
@@ -108,11 +113,7 @@ TEST_CASE("rdnet MACs at 224 px match timm's GMACs (5.03 / 8.71 / 15.36 / 34.68)
 TEST_CASE("rdnet whole-model parity with timm: logits, features and every gradient") {
   auto fx = dgtest::load_fixture<float>("rdnet");
   rdnet::RDNet<float> model(small_config());
-  model.eval();
-  load_params(model, fx);
-  Tensor<float> x = dgtest::get(fx, "input").requires_grad_();
-  Tensor<int64_t> target =
-      dg::io::from_raw<int64_t>(dg::io::read_safetensors(dgtest::fixtures_dir() + "/rdnet.safetensors").tensors.at("target"));
+  auto [x, target] = timm_case(model, fx);
 
   auto feats = model.forward_intermediates(x.detach());
   REQUIRE(feats.size() == 2);
