@@ -2,13 +2,16 @@
 # bench/gpu_compare.sh: densegrad against PyTorch on one CUDA GPU, RDNet-tiny at batch 64 and
 # 224 px, a training step and inference: densegrad fp32 and TF32 (rdnet_bench --tf32), PyTorch
 # fp32, TF32, bf16 autocast, and bf16 autocast with channels-last; then a markdown table of
-# images per second, peak GPU memory and the densegrad / PyTorch ratios. Measures only.
+# images per second, peak GPU memory and the densegrad / PyTorch ratios. densegrad bf16 is
+# rdnet_bench --precision bf16 --tf32 (conv products in bfloat16, the head's linear in TF32;
+# float32 activations, weights and gradients); its training also runs with --memory-efficient
+# (norm and activation outputs recomputed in backward). Measures only.
 #
 #   bench/gpu_compare.sh [BUILD_DIR]     # from the repo root; BUILD_DIR (default build) holds
 #                                        # bin/rdnet_bench built with CUDA
 # Settings through the environment: MODEL (tiny), BATCH (64), RES (224), WARMUP (3), ITERS (10),
 # TIMEOUT (seconds per run, 120), PYTHON (python3), LOG_DIR (each run's full output; a temp dir).
-# With the defaults the twelve runs take about three minutes on an H100.
+# With the defaults the fifteen runs take about four minutes on an H100.
 set -u
 
 BUILD=${1:-build}
@@ -33,16 +36,21 @@ GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1)
 COMMON=(--model "$MODEL" --batch "$BATCH" --res "$RES" --warmup "$WARMUP" --iters "$ITERS" --device cuda)
 declare -A IPS MEM  # by "mode/run": images per second, peak GPU MiB (or why there is none)
 FAILED=0
-RUNS=("densegrad fp32" "densegrad tf32" "torch fp32" "torch tf32" "torch bf16" "torch bf16 channels-last")
+RUNS=("densegrad fp32" "densegrad tf32" "densegrad bf16" "densegrad bf16 memory-efficient" "torch fp32" "torch tf32"
+      "torch bf16" "torch bf16 channels-last")
 
 # field KEY LINE: the value of KEY=... in a RESULT line.
 field() { tr ' ' '\n' <<<"$2" | sed -n "s/^$1=//p"; }
 
 for mode in train infer; do
   for run in "${RUNS[@]}"; do
+    [[ $mode == infer && $run == *memory-efficient ]] && continue  # nothing kept for backward
     case $run in
       "densegrad fp32")          cmd=("$BENCH" "${COMMON[@]}" --mode "$mode") ;;
       "densegrad tf32")          cmd=("$BENCH" "${COMMON[@]}" --mode "$mode" --tf32) ;;
+      "densegrad bf16")          cmd=("$BENCH" "${COMMON[@]}" --mode "$mode" --precision bf16 --tf32) ;;
+      "densegrad bf16 memory-efficient")
+                                 cmd=("$BENCH" "${COMMON[@]}" --mode "$mode" --precision bf16 --tf32 --memory-efficient) ;;
       "torch fp32")              cmd=("$PYTHON" "$HERE/torch_bench.py" "${COMMON[@]}" --mode "$mode" --precision fp32) ;;
       "torch tf32")              cmd=("$PYTHON" "$HERE/torch_bench.py" "${COMMON[@]}" --mode "$mode" --precision tf32) ;;
       "torch bf16")              cmd=("$PYTHON" "$HERE/torch_bench.py" "${COMMON[@]}" --mode "$mode" --precision bf16) ;;
@@ -78,13 +86,15 @@ echo
 echo "RDNet-$MODEL, batch $BATCH, ${RES}x${RES}, ${GPU:-unknown GPU}; $WARMUP warmup + $ITERS timed iterations each."
 echo "Ratios: densegrad's images per second over this row's (above 1, densegrad is faster). Logs: $LOG_DIR"
 echo
-echo "| mode | run | img/s | peak GPU MiB | densegrad fp32 / this | densegrad tf32 / this |"
-echo "|---|---|---:|---:|---:|---:|"
+echo "| mode | run | img/s | peak GPU MiB | densegrad fp32 / this | densegrad tf32 / this | densegrad bf16 / this |"
+echo "|---|---|---:|---:|---:|---:|---:|"
 for mode in train infer; do
   for run in "${RUNS[@]}"; do
     key="$mode/$run"
+    [ -n "${IPS[$key]+set}" ] || continue
     ips=${IPS[$key]}
-    echo "| $mode | $run | $ips | ${MEM[$key]} | $(ratio "${IPS[$mode/densegrad fp32]}" "$ips") | $(ratio "${IPS[$mode/densegrad tf32]}" "$ips") |"
+    echo "| $mode | $run | $ips | ${MEM[$key]} | $(ratio "${IPS[$mode/densegrad fp32]}" "$ips") |" \
+         "$(ratio "${IPS[$mode/densegrad tf32]}" "$ips") | $(ratio "${IPS[$mode/densegrad bf16]}" "$ips") |"
   done
 done
 exit $FAILED

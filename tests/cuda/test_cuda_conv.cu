@@ -1,7 +1,8 @@
 // tests/cuda/test_cuda_conv.cu: the CUDA conv2d kernels (tiled depthwise, pointwise GEMM,
 // im2col + GEMM, grouped, the GEMM fallback of depthwise convs too large for shared memory, and
 // the GEMM path split into several image chunks) and bmm: forward and every gradient against the
-// ref kernels on the CPU, in float and double, on odd shapes. Each test is skipped without a GPU.
+// ref kernels on the CPU, in float and double, on odd shapes; and the GEMM paths with bf16
+// products against float64 on bf16-rounded operands. Each test is skipped without a GPU.
 #include <catch2/catch.hpp>
 #include <densegrad/densegrad.hpp>
 #include <densegrad/cuda.cuh>
@@ -75,6 +76,71 @@ void check_bmm(int64_t B, int64_t M, int64_t K, int64_t N, uint64_t seed, double
   Generator gen(seed);
   const Tensor<T> a = randn<T>({B, M, K}, gen), c = randn<T>({B, K, N}, gen);
   require_matches(cuda::bmm(a.to(Device::cuda()), c.to(Device::cuda())), ref::bmm(a, c), "bmm", rel);
+}
+
+/// t rounded to bfloat16, as double: the exact operand values of the bf16 GEMMs.
+Tensor<double> rounded(const Tensor<float>& t) { return t.to<bfloat16>().to<double>(); }
+
+Tensor<double> abs_of(const Tensor<double>& t) {
+  std::vector<double> v = t.contiguous().to_vector();
+  for (double& e : v) e = std::abs(e);
+  return dg::tensor<double>(v, t.shape());
+}
+
+/// |got - want| <= 4e-5 * bound elementwise, where bound is the same sum over |operands|: float
+/// sums of exact bf16 products are off by a few float ulps of the sum of magnitudes at most.
+void require_within(const Tensor<float>& got_dev, const Tensor<double>& want, const Tensor<double>& bound,
+                    const std::string& what) {
+  INFO(what);
+  const std::vector<float> g = got_dev.to(Device::cpu()).to_vector();
+  const std::vector<double> w = want.to_vector(), b = bound.to_vector();
+  REQUIRE(g.size() == w.size());
+  for (size_t i = 0; i < g.size(); ++i) {
+    INFO("element " << i << ": got " << g[i] << ", want " << w[i] << ", sum of |products| " << b[i]);
+    REQUIRE(std::abs(double(g[i]) - w[i]) <= 4e-5 * b[i] + 1e-30);
+  }
+}
+
+double max_abs_diff(const Tensor<float>& a, const Tensor<float>& b) {
+  const std::vector<float> va = a.to(Device::cpu()).to_vector(), vb = b.to(Device::cpu()).to_vector();
+  double m = 0;
+  for (size_t i = 0; i < va.size(); ++i) m = std::max(m, std::abs(double(va[i]) - double(vb[i])));
+  return m;
+}
+
+/// bf16 products (Conv2dGeometry::bf16) on the GPU: forward, grad input and grad weight against
+/// the float64 ref kernels on the operands rounded to bfloat16, and different from the fp32
+/// products of the same call (so the rounding did happen). Grad bias never multiplies.
+void check_conv_bf16(const Case& c, uint64_t seed) {
+  INFO("bf16, x " << shape_str(c.x) << ", weight " << shape_str(c.w));
+  Generator gen(seed);
+  const Tensor<float> x = randn<float>(c.x, gen), w = randn<float>(c.w, gen);
+  const Tensor<float> b = c.bias ? randn<float>({c.w[0]}, gen) : Tensor<float>();
+  const Shape bshape{c.w[0]};
+  const Conv2dGeometry g =
+      conv2d_geometry(c.x, c.w, c.bias ? &bshape : nullptr, c.stride, c.padding, c.dilation, c.groups);
+  Conv2dGeometry gb = g;
+  gb.bf16 = true;
+  const Tensor<float> dout = randn<float>(g.out_shape(), gen);
+  const Device gpu = Device::cuda();
+  const Tensor<float> xd = x.to(gpu), wd = w.to(gpu), dd = dout.to(gpu);
+  const Tensor<float> bd = c.bias ? b.to(gpu) : Tensor<float>();
+  const Tensor<double> xr = rounded(x), wr = rounded(w), dr = rounded(dout);
+  const Tensor<double> bdbl = c.bias ? b.to<double>() : Tensor<double>();
+  const Tensor<double> babs = c.bias ? abs_of(bdbl) : Tensor<double>();
+
+  const Tensor<float> y = cuda::conv2d_forward(xd, wd, bd, gb);
+  require_within(y, ref::conv2d_forward(xr, wr, bdbl, g), ref::conv2d_forward(abs_of(xr), abs_of(wr), babs, g),
+                 "forward");
+  const Tensor<float> dx = cuda::conv2d_backward_input(dd, wd, gb);
+  require_within(dx, ref::conv2d_backward_input(dr, wr, g), ref::conv2d_backward_input(abs_of(dr), abs_of(wr), g),
+                 "grad input");
+  const Tensor<float> dw = cuda::conv2d_backward_weight(dd, xd, gb);
+  require_within(dw, ref::conv2d_backward_weight(dr, xr, g), ref::conv2d_backward_weight(abs_of(dr), abs_of(xr), g),
+                 "grad weight");
+  CHECK(max_abs_diff(y, cuda::conv2d_forward(xd, wd, bd, g)) > 0);
+  CHECK(max_abs_diff(dx, cuda::conv2d_backward_input(dd, wd, g)) > 0);
+  CHECK(max_abs_diff(dw, cuda::conv2d_backward_weight(dd, xd, g)) > 0);
 }
 
 /// Caps the GEMM path's scratch memory for one scope, so that it splits the batch into chunks.
@@ -178,6 +244,42 @@ TEST_CASE("cuda conv2d GEMM path in chunks of 2 images (N=3) vs ref", "[cuda]") 
     const Case c{{3, 7, 6, 5}, {5, 7, 1, 1}};
     check_conv<float>(c, 25);
     check_conv<double>(c, 26);
+  }
+}
+
+// ---------------------------------------------------------------- bf16 products
+
+TEST_CASE("cuda conv2d with bf16 products equals float64 on bf16-rounded operands", "[cuda][bf16]") {
+  if (dg::cuda::device_count() == 0) { WARN("no CUDA device: skipped"); return; }
+  check_conv_bf16({{3, 37, 7, 7}, {20, 37, 1, 1}}, 40);                        // 1x1: rounded copy of x
+  check_conv_bf16({{2, 24, 8, 8}, {40, 24, 1, 1}, 1, 0, 1, 1, false}, 41);    // 1x1 without bias
+  check_conv_bf16({{3, 3, 12, 16}, {8, 3, 4, 4}, 4}, 42);                     // stem-like 4x4 stride 4
+  check_conv_bf16({{2, 6, 9, 11}, {4, 6, 2, 2}, 2}, 43);                      // transition 2x2 stride 2
+  check_conv_bf16({{2, 5, 10, 9}, {6, 5, 3, 3}, 1, 1}, 44);                   // 3x3 pad 1 (col2im)
+  check_conv_bf16({{2, 8, 64, 65}, {4, 8, 1, 1}}, 45);                        // 4160 positions: dW per image
+  {
+    WorkspaceLimit limit(2 * (7 + 5) * 30);  // chunks of 2 images in every GEMM path
+    check_conv_bf16({{3, 7, 6, 5}, {5, 7, 1, 1}}, 46);
+    check_conv_bf16({{3, 3, 12, 16}, {8, 3, 4, 4}, 4}, 47);
+  }
+}
+
+TEST_CASE("cuda conv2d: grouped and depthwise convs ignore bf16 (float products, as on the CPU)", "[cuda][bf16]") {
+  if (dg::cuda::device_count() == 0) { WARN("no CUDA device: skipped"); return; }
+  for (const Case& c : {Case{{2, 6, 9, 8}, {4, 3, 3, 3}, 1, 1, 1, 2}, Case{{2, 5, 9, 11}, {5, 1, 7, 7}, 1, 3, 1, 5}}) {
+    Generator gen(48);
+    const Tensor<float> x = randn<float>(c.x, gen), w = randn<float>(c.w, gen), b = randn<float>({c.w[0]}, gen);
+    const Shape bshape{c.w[0]};
+    Conv2dGeometry g = conv2d_geometry(c.x, c.w, &bshape, c.stride, c.padding, c.dilation, c.groups);
+    g.bf16 = true;
+    const Tensor<float> dout = randn<float>(g.out_shape(), gen);
+    const Device gpu = Device::cuda();
+    require_matches(cuda::conv2d_forward(x.to(gpu), w.to(gpu), b.to(gpu), g), ref::conv2d_forward(x, w, b, g),
+                    "forward " + shape_str(c.w));
+    require_matches(cuda::conv2d_backward_input(dout.to(gpu), w.to(gpu), g), ref::conv2d_backward_input(dout, w, g),
+                    "grad input " + shape_str(c.w));
+    require_matches(cuda::conv2d_backward_weight(dout.to(gpu), x.to(gpu), g),
+                    ref::conv2d_backward_weight(dout, x, g), "grad weight " + shape_str(c.w));
   }
 }
 

@@ -1,6 +1,7 @@
 // The CUDA backend through the public ops: every op RDNet uses, run on the GPU and on the CPU
 // from the same inputs, outputs and gradients compared; device moves and copies; AdamW, gradient
-// clipping; and a small RDNet training step (drop path on) on both devices. Each test skips with
+// clipping, SGD; a small RDNet training step (drop path on) on both devices, and the same model
+// with bf16 products on the GPU. Each test skips with
 // "no CUDA device" where there is no GPU; the last test checks the error a GPU-less machine gives.
 #include <catch2/catch.hpp>
 
@@ -248,8 +249,42 @@ TEST_CASE("cuda: AdamW steps, gradient clipping and the finite check match the C
   REQUIRE(again.state_dict().at("state.0.0.exp_avg_sq").to_vector() == sd.at("state.0.0.exp_avg_sq").to_vector());
 }
 
-TEST_CASE("cuda: a small RDNet trains the same on the GPU as on the CPU (logits, loss, grads, AdamW)") {
+TEST_CASE("cuda: SGD steps (momentum, dampening, Nesterov, weight decay) match the CPU") {
   DG_REQUIRE_GPU();
+  const std::vector<dg::optim::SGDOptions> options{
+      dg::optim::SGDOptions().lr(0.1),
+      dg::optim::SGDOptions().lr(0.05).momentum(0.9).nesterov(true).weight_decay(1e-2),
+      dg::optim::SGDOptions().lr(0.05).momentum(0.8).dampening(0.3).weight_decay(0.05)};
+  for (size_t o = 0; o < options.size(); ++o) {
+    INFO("options " << o);
+    dg::Generator gen(70 + o);
+    std::vector<Tensor<float>> cpu_params{dg::randn<float>({6, 5}, gen), dg::randn<float>({6}, gen)};
+    std::vector<Tensor<float>> gpu_params;
+    for (auto& p : cpu_params) {
+      p.requires_grad_();
+      gpu_params.push_back(p.to(kGpu).detach().requires_grad_());
+    }
+    dg::optim::SGD<float> cpu_opt(cpu_params, options[o]), gpu_opt(gpu_params, options[o]);
+    Tensor<float> x = dg::randn<float>({4, 5}, gen), xg = x.to(kGpu);
+    for (int step = 0; step < 3; ++step) {
+      for (auto [params, in, opt] : {std::tuple{&cpu_params, &x, &cpu_opt}, std::tuple{&gpu_params, &xg, &gpu_opt}}) {
+        dg::pow(dg::linear(*in, (*params)[0], (*params)[1]), 2.0).mean().backward();
+        opt->step();
+        opt->zero_grad();
+      }
+    }
+    for (size_t i = 0; i < cpu_params.size(); ++i) require_close(cpu_params[i], gpu_params[i], 1e-6, "parameter");
+    if (options[o].momentum() != 0) {
+      auto sd = gpu_opt.state_dict();
+      REQUIRE(sd.at("state.0.0.momentum_buffer").device() == kGpu);
+      require_close(cpu_opt.state_dict().at("state.0.0.momentum_buffer"), sd.at("state.0.0.momentum_buffer"), 1e-6,
+                    "momentum buffer");
+    }
+  }
+}
+
+/// A small RDNet with every block kind (drop path on), small enough for exact CPU comparisons.
+rdnet::RDNetConfig small_config() {
   rdnet::RDNetConfig c;
   c.in_chans = 3;
   c.num_classes = 7;
@@ -260,17 +295,26 @@ TEST_CASE("cuda: a small RDNet trains the same on the GPU as on the CPU (logits,
   c.num_init_features = 16;
   c.patch_size = 4;
   c.drop_path_rate = 0.2;
+  return c;
+}
+
+/// Gives both models the same random weights, with layer scale far from its 1e-6 init.
+void same_random_weights(rdnet::RDNet<float>& a, rdnet::RDNet<float>& b, uint64_t seed) {
+  dg::NoGradGuard ng;
+  dg::Generator gen(seed);
+  auto pa = a.parameters(), pb = b.parameters();
+  for (size_t i = 0; i < pa.size(); ++i) {
+    pa[i].copy_(dg::randn<float>(pa[i].shape(), gen, 0.0, 0.3));
+    pb[i].copy_(pa[i]);
+  }
+}
+
+TEST_CASE("cuda: a small RDNet trains the same on the GPU as on the CPU (logits, loss, grads, AdamW)") {
+  DG_REQUIRE_GPU();
+  const rdnet::RDNetConfig c = small_config();
   dg::Generator init(60);
   rdnet::RDNet<float> cpu_model(c, init), gpu_model(c, init);
-  {
-    dg::NoGradGuard ng;  // same weights on both, with layer scale far from its 1e-6 init
-    dg::Generator gen(61);
-    auto cp = cpu_model.parameters(), gp = gpu_model.parameters();
-    for (size_t i = 0; i < cp.size(); ++i) {
-      cp[i].copy_(dg::randn<float>(cp[i].shape(), gen, 0.0, 0.3));
-      gp[i].copy_(cp[i]);
-    }
-  }
+  same_random_weights(cpu_model, gpu_model, 61);
   gpu_model.to(kGpu);
   auto opts = dg::optim::AdamWOptions().lr(1e-3).weight_decay(0.05);
   dg::optim::AdamW<float> cpu_opt(dg::optim::timm_param_groups(cpu_model, 0.05), opts);
@@ -301,6 +345,43 @@ TEST_CASE("cuda: a small RDNet trains the same on the GPU as on the CPU (logits,
   // and the model comes back to the host with its state dict
   gpu_model.to(kCpu);
   REQUIRE(gpu_model.parameters()[0].device() == kCpu);
+}
+
+TEST_CASE("cuda: bf16 products in a small RDNet stay close to fp32 (logits, grads) and train") {
+  DG_REQUIRE_GPU();
+  const rdnet::RDNetConfig c = small_config();
+  dg::Generator init(63);
+  rdnet::RDNet<float> cpu_model(c, init), gpu_model(c, init);
+  same_random_weights(cpu_model, gpu_model, 64);
+  gpu_model.to(kGpu);
+  dg::Generator data(65);
+  const Tensor<float> x = dg::randn<float>({4, 3, 32, 32}, data);
+  const Tensor<int64_t> y = dg::tensor<int64_t>({1, 4, 6, 0});
+  dg::manual_seed(7);
+  const Tensor<float> l32 = gpu_model.forward(x.to(kGpu)).detach();
+  dg::manual_seed(7);
+  Tensor<float> lc = cpu_model.forward(x);
+  Tensor<float> lg;
+  {
+    dg::MatmulPrecisionGuard bf16(dg::MatmulPrecision::bf16);
+    dg::manual_seed(7);
+    lg = gpu_model.forward(x.to(kGpu));
+  }
+  // the products were rounded (the logits moved), and by about bf16's 2^-9 relative step only
+  const std::vector<float> a = l32.to_vector(), b = lg.detach().to_vector();
+  double moved = 0;
+  for (size_t i = 0; i < a.size(); ++i) moved = std::max(moved, std::abs(double(a[i]) - double(b[i])));
+  CHECK(moved > 0);
+  require_close(lc, lg, 3e-2, "bf16 logits against fp32 on the CPU");
+  // backward runs outside the guard and follows the precision of the forward
+  dg::cross_entropy(lc, y, 0.1).backward();
+  dg::cross_entropy(lg, y.to(kGpu), 0.1).backward();
+  auto nc = cpu_model.named_parameters(), ng = gpu_model.named_parameters();
+  for (size_t i = 0; i < nc.size(); ++i) require_close(nc[i].second.grad(), ng[i].second.grad(), 5e-2, nc[i].first);
+  dg::optim::AdamW<float> opt(dg::optim::timm_param_groups(gpu_model, 0.05), dg::optim::AdamWOptions().lr(1e-3));
+  opt.step();
+  for (auto& p : gpu_model.parameters()) REQUIRE(p.device() == kGpu);
+  REQUIRE(dg::optim::grads_finite(gpu_model.parameters()));
 }
 
 TEST_CASE("cuda: without a GPU, moving a tensor to cuda fails with a clear error") {

@@ -66,6 +66,12 @@ struct AdamWScalars {
   bool decoupled;
 };
 
+/// The constants of one SGD update (ops/optim cast them to the compute type, as torch).
+struct SGDScalars {
+  double lr, weight_decay, momentum, keep;  // keep = 1 - dampening
+  bool decay, first, nesterov;              // first: the parameter's first update (buffer = g)
+};
+
 /// One device backend's kernels for element type T. Conventions, unless said otherwise:
 /// inputs may have any strides, outputs are new contiguous tensors on the inputs' device, and
 /// all tensors of one call are on one device (the backend checks and names the op otherwise).
@@ -117,6 +123,8 @@ struct DeviceKernels {
   // ---- optimizer: one fused AdamW update of p in place (p, g contiguous; m, v, vmax state)
   void (*adamw_update)(const Tensor<T>& p, const Tensor<T>& g, const Tensor<A>& m, const Tensor<A>& v,
                        const Tensor<A>& vmax, const AdamWScalars& s) = nullptr;
+  // ---- one fused SGD update of p in place (buf: the momentum buffer, undefined without momentum)
+  void (*sgd_update)(const Tensor<T>& p, const Tensor<T>& g, const Tensor<A>& buf, const SGDScalars& s) = nullptr;
 };
 
 /// Device-wide controls of the CUDA backend (torch.cuda.*), registered with the kernels.

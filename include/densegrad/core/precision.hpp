@@ -4,8 +4,9 @@
 // accumulate in float32. Tensors, saved activations, gradients and master weights stay float32:
 // this is mixed precision without casting a single tensor. Not autocast: no op changes its
 // output dtype, and ops without a bf16 kernel ignore the setting.
-// Which kernels honour it today: the CPU conv2d panel GEMMs (ungrouped convs: 1x1, the stem and
-// the transitions; forward, dx and dweight) on CPUs with AVX512-BF16 (backend/cpu/gemm_bf16.hpp).
+// Which kernels honour it today: the GEMMs of ungrouped conv2d (1x1, the stem and the
+// transitions; forward, dx and dweight) on CPUs with AVX512-BF16 (backend/cpu/gemm_bf16.hpp)
+// and on CUDA GPUs (cuBLAS with bf16 operands, backend/cuda/conv.cuh).
 #pragma once
 
 #include <string>

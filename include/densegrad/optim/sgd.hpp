@@ -54,8 +54,12 @@ class SGD : public Optimizer<T> {
     // Like torch, the double hyperparameters are cast to the compute type once: S(...).
     const S lr = S(group.lr), wd = S(group.weight_decay), mom = S(momentum_), keep = S(1 - dampening_);
     const bool decay = group.weight_decay != 0, first = st.step == 1, nesterov = nesterov_;
-    DG_CHECK(p.device().is_cpu(), "SGD: parameters on ", p.device().str(),
-             " are not supported (AdamW runs on CUDA; SGD only on the CPU)");
+    if (p.device().is_cuda()) {  // one fused kernel, same formulas (backend/cuda/optim.cuh)
+      cuda_kernels<T>("SGD").sgd_update(p, grad, momentum_ != 0 ? st.buffers[0].second : Tensor<S>(),
+                                        SGDScalars{double(lr), double(wd), double(mom), double(keep), decay, first,
+                                                   nesterov});
+      return;
+    }
     T* pp = p.data();
     const T* pg = grad.data();
     S* buf = momentum_ != 0 ? st.buffer(0) : nullptr;

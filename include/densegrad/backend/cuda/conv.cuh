@@ -8,6 +8,10 @@
 //     grad input are strided-batched cuBLAS GEMMs straight on the tensors.
 //   everything else (dense k x k, strided, grouped): im2col + cuBLAS GEMM, col2im for grad input.
 //   Grad weight of both GEMM paths puts chunks of images side by side (one deep GEMM per chunk).
+// bf16 products (Conv2dGeometry::bf16, set for float convs under dg::MatmulPrecision::bf16): the
+// GEMM paths of ungrouped convs round their operands to bfloat16 where they are staged anyway (im2col, gathered
+// images) or in one extra pass (weights, a pointwise conv's input, dout), and cuBLAS sums the
+// exact products in float into float results. Depthwise convs, bias and col2im stay float.
 // No atomics anywhere: every output element has one writer, so results are reproducible. Not
 // cuDNN, not Winograd/FFT. Arithmetic in acc_t<T> (float for float, double for double).
 // Shape legend: as in backend/ref/conv.hpp; K = Cg*kH*kW (one column of im2col), P = Ho*Wo.
@@ -42,6 +46,9 @@ inline bool is_pointwise(const Conv2dGeometry& g) {
   return g.kH == 1 && g.kW == 1 && g.sH == 1 && g.sW == 1 && g.pH == 0 && g.pW == 0;
 }
 
+/// Rows of one image's column matrix per group: C_in/groups * kH * kW (the GEMMs' K).
+inline int64_t K_of(const Conv2dGeometry& g) { return g.cin_g() * g.kH * g.kW; }
+
 /// floor(a / b) for b > 0 and any sign of a (C++ '/' truncates toward zero).
 __host__ __device__ inline int floor_div(int a, int b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
 
@@ -71,12 +78,20 @@ void with_index_type(int64_t max_index, F&& f) {
 
 // ---------------------------------------------------------------- kernels: im2col / col2im / GEMM helpers
 
+/// v as a GEMM operand of type U: itself, or rounded to the nearest bfloat16 (ties to even,
+/// as the CPU's bf16 path and torch's .to(torch.bfloat16)).
+template <class U, class T>
+__device__ inline U to_operand(T v) {
+  if constexpr (std::is_same_v<U, bf16_t>) return __float2bfloat16_rn(float(v));
+  else return v;
+}
+
 /// Column matrix of gn images, one thread per element col[i]. Row r = (c*kH + kh)*kW + kw holds,
 /// for every output position p, the input tap (kh, kw) of channel c sees there (0 in the padding).
 /// narrow layout: (gn, C_in*kH*kW, P), each image's columns apart (the GEMM per image/group);
 /// wide layout: (C_in*kH*kW, gn*P), the images side by side (one GEMM sums over all of them).
-template <class T, class I>
-__global__ void im2col_kernel(const T* __restrict__ x, T* __restrict__ col, Conv2dGeometry g, I gn, bool wide,
+template <class T, class U, class I>
+__global__ void im2col_kernel(const T* __restrict__ x, U* __restrict__ col, Conv2dGeometry g, I gn, bool wide,
                               I total) {
   const I P = I(g.Ho * g.Wo), R = I(g.C_in * g.kH * g.kW);
   for (I i = I(blockIdx.x) * I(blockDim.x) + I(threadIdx.x); i < total; i += I(gridDim.x) * I(blockDim.x)) {
@@ -85,8 +100,9 @@ __global__ void im2col_kernel(const T* __restrict__ x, T* __restrict__ col, Conv
     const I kw = row % I(g.kW), t = row / I(g.kW), kh = t % I(g.kH), c = t / I(g.kH);
     const I oh = p / I(g.Wo), ow = p - oh * I(g.Wo);
     const I ih = oh * I(g.sH) - I(g.pH) + kh * I(g.dH), iw = ow * I(g.sW) - I(g.pW) + kw * I(g.dW);
-    col[i] = (ih >= 0 && ih < I(g.H) && iw >= 0 && iw < I(g.W)) ? x[((n * I(g.C_in) + c) * I(g.H) + ih) * I(g.W) + iw]
-                                                                 : T(0);
+    col[i] = to_operand<U>((ih >= 0 && ih < I(g.H) && iw >= 0 && iw < I(g.W))
+                               ? x[((n * I(g.C_in) + c) * I(g.H) + ih) * I(g.W) + iw]
+                               : T(0));
   }
 }
 
@@ -118,12 +134,13 @@ __global__ void col2im_kernel(const T* __restrict__ dcol, T* __restrict__ dx, Co
   }
 }
 
-/// dst (R, gn*P) <- src (gn, R, P): gn images' planes side by side (the wide layout).
-template <class T, class I>
-__global__ void gather_wide_kernel(const T* __restrict__ src, T* __restrict__ dst, I R, I P, I gn, I total) {
+/// dst (R, gn*P) <- src (gn, R, P): gn images' planes side by side (the wide layout), as
+/// operands of type U (gn = 1: a plain copy).
+template <class T, class U, class I>
+__global__ void gather_wide_kernel(const T* __restrict__ src, U* __restrict__ dst, I R, I P, I gn, I total) {
   for (I i = I(blockIdx.x) * I(blockDim.x) + I(threadIdx.x); i < total; i += I(gridDim.x) * I(blockDim.x)) {
     const I p = i % P, q = i / P, n = q % gn, r = q / gn;
-    dst[i] = src[(n * R + r) * P + p];
+    dst[i] = to_operand<U>(src[(n * R + r) * P + p]);
   }
 }
 
@@ -370,75 +387,134 @@ void zero(T* p, int64_t n) {
 }
 
 /// im2col of gn images starting at x (their first element), into col (narrow or wide layout).
-template <class T>
-void im2col(const T* x, T* col, const Conv2dGeometry& g, int64_t gn, bool wide) {
+template <class T, class U>
+void im2col(const T* x, U* col, const Conv2dGeometry& g, int64_t gn, bool wide) {
   const int64_t total = gn * g.C_in * g.kH * g.kW * g.Ho * g.Wo;
   with_index_type(std::max(total, gn * g.C_in * g.H * g.W), [&](auto zero_i) {
     using I = decltype(zero_i);
-    im2col_kernel<T, I><<<blocks_for(total), kThreads, 0, stream()>>>(x, col, g, I(gn), wide, I(total));
+    im2col_kernel<T, U, I><<<blocks_for(total), kThreads, 0, stream()>>>(x, col, g, I(gn), wide, I(total));
   });
   check_launch("conv2d (im2col)");
 }
 
-/// dst (R, gn*P) from gn images src (gn, R, P).
-template <class T>
-void gather_wide(const T* src, T* dst, int64_t R, int64_t P, int64_t gn) {
+/// dst (R, gn*P) from gn images src (gn, R, P); with gn = 1 a copy (a conversion when U != T).
+template <class T, class U>
+void gather_wide(const T* src, U* dst, int64_t R, int64_t P, int64_t gn) {
   const int64_t total = gn * R * P;
+  if (total == 0) return;
   with_index_type(total, [&](auto zero_i) {
     using I = decltype(zero_i);
-    gather_wide_kernel<T, I><<<blocks_for(total), kThreads, 0, stream()>>>(src, dst, I(R), I(P), I(gn), I(total));
+    gather_wide_kernel<T, U, I><<<blocks_for(total), kThreads, 0, stream()>>>(src, dst, I(R), I(P), I(gn), I(total));
   });
   check_launch("conv2d (gather images)");
+}
+
+/// Scratch memory for n GEMM operands of type U, held by a float/double tensor on dev (so the
+/// caching allocator serves it like any other tensor); empty when n == 0.
+template <class T, class U>
+struct Scratch {
+  Tensor<T> storage;
+  U* p = nullptr;
+  Scratch() = default;
+  Scratch(int64_t n, Device dev) {
+    if (n <= 0) return;
+    const int64_t elems = (n * int64_t(sizeof(U)) + int64_t(sizeof(T)) - 1) / int64_t(sizeof(T));
+    storage = empty<T>({elems}, dev);
+    p = reinterpret_cast<U*>(storage.data());
+  }
+};
+
+/// Calls f(U{}) with U the GEMM operand type of g: bf16_t when g asks for bf16 products, T is
+/// float and the conv is ungrouped (as on the CPU), else T itself.
+template <class T, class F>
+void with_operand_type(const Conv2dGeometry& g, F&& f) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (g.bf16 && g.groups == 1) {
+      f(bf16_t{});
+      return;
+    }
+  }
+  f(T{});
+}
+
+/// The weight (contiguous, n elements) as GEMM operands: itself, or a bf16 copy kept in s.
+template <class T, class U>
+const U* weight_operand(const T* w, int64_t n, Scratch<T, U>& s, Device dev) {
+  if constexpr (std::is_same_v<U, T>) {
+    return w;
+  } else {
+    s = Scratch<T, U>(n, dev);
+    gather_wide(w, s.p, 1, n, 1);
+    return s.p;
+  }
 }
 
 /// Y[n][gi] (OCg, P) = W[gi] (OCg, K) @ col[n][gi] (K, P) for gn images and every group: col's
 /// image stride is col_img (its groups K*P apart), y's C_out*P (groups OCg*P apart). One
 /// strided-batched GEMM per image over the groups, or per group over the images, whichever
 /// makes fewer calls (a stride-0 batch reuses the group's weight for every image).
-template <class T>
-void gemm_conv_forward(const T* w, const T* col, int64_t col_img, T* y, const Conv2dGeometry& g, int64_t gn) {
+template <class T, class U>
+void gemm_conv_forward(const U* w, const U* col, int64_t col_img, T* y, const Conv2dGeometry& g, int64_t gn) {
   const int64_t OCg = g.cout_g(), K = g.cin_g() * g.kH * g.kW, P = g.Ho * g.Wo;
   if (gn <= g.groups) {
     for (int64_t i = 0; i < gn; ++i)
-      gemm<T>(false, false, OCg, P, K, T(1), w, K, OCg * K, col + i * col_img, P, K * P, T(0), y + i * g.C_out * P, P,
-              OCg * P, g.groups);
+      gemm<T, U>(false, false, OCg, P, K, T(1), w, K, OCg * K, col + i * col_img, P, K * P, T(0),
+                 y + i * g.C_out * P, P, OCg * P, g.groups);
   } else {
     for (int64_t gi = 0; gi < g.groups; ++gi)
-      gemm<T>(false, false, OCg, P, K, T(1), w + gi * OCg * K, K, 0, col + gi * K * P, P, col_img, T(0),
-              y + gi * OCg * P, P, g.C_out * P, gn);
+      gemm<T, U>(false, false, OCg, P, K, T(1), w + gi * OCg * K, K, 0, col + gi * K * P, P, col_img, T(0),
+                 y + gi * OCg * P, P, g.C_out * P, gn);
   }
 }
 
 /// dcol[n][gi] (K, P) = W[gi]^T (K, OCg) @ dout[n][gi] (OCg, P), batched as above.
-template <class T>
-void gemm_conv_backward_input(const T* w, const T* dy, T* dcol, int64_t col_img, const Conv2dGeometry& g, int64_t gn) {
+template <class T, class U>
+void gemm_conv_backward_input(const U* w, const U* dy, T* dcol, int64_t col_img, const Conv2dGeometry& g,
+                              int64_t gn) {
   const int64_t OCg = g.cout_g(), K = g.cin_g() * g.kH * g.kW, P = g.Ho * g.Wo;
   if (gn <= g.groups) {
     for (int64_t i = 0; i < gn; ++i)
-      gemm<T>(true, false, K, P, OCg, T(1), w, K, OCg * K, dy + i * g.C_out * P, P, OCg * P, T(0),
-              dcol + i * col_img, P, K * P, g.groups);
+      gemm<T, U>(true, false, K, P, OCg, T(1), w, K, OCg * K, dy + i * g.C_out * P, P, OCg * P, T(0),
+                 dcol + i * col_img, P, K * P, g.groups);
   } else {
     for (int64_t gi = 0; gi < g.groups; ++gi)
-      gemm<T>(true, false, K, P, OCg, T(1), w + gi * OCg * K, K, 0, dy + gi * OCg * P, P, g.C_out * P, T(0),
-              dcol + gi * K * P, P, col_img, gn);
+      gemm<T, U>(true, false, K, P, OCg, T(1), w + gi * OCg * K, K, 0, dy + gi * OCg * P, P, g.C_out * P, T(0),
+                 dcol + gi * K * P, P, col_img, gn);
   }
+}
+
+/// Images per chunk of a GEMM path: all N when nothing is staged, else as many as fit the
+/// workspace at `staged` scratch elements per image (at least one).
+inline int64_t chunk_images(const Conv2dGeometry& g, int64_t staged) {
+  return staged == 0 ? g.N : std::clamp<int64_t>(workspace_limit() / std::max<int64_t>(staged, 1), 1, g.N);
 }
 
 // ---------------------------------------------------------------- launchers: GEMM path
 
 /// y = conv(x, w) + b by (im2col +) GEMM, in chunks of images whose columns fit the workspace.
+/// A pointwise conv multiplies the images in place, unless their operands must be rounded.
 template <class T>
 void gemm_path_forward(const T* x, const T* w, const T* b, int64_t bs, T* y, const Conv2dGeometry& g, Device dev) {
   const int64_t P = g.Ho * g.Wo, col_img = g.C_in * g.kH * g.kW * P;
-  const bool pointwise = is_pointwise(g);  // the images are the columns: no copy
-  const int64_t G = pointwise ? g.N : std::clamp<int64_t>(workspace_limit() / std::max<int64_t>(col_img, 1), 1, g.N);
-  Tensor<T> col = pointwise ? Tensor<T>() : empty<T>({G * col_img}, dev);
-  for (int64_t n0 = 0; n0 < g.N; n0 += G) {
-    const int64_t gn = std::min(G, g.N - n0);
-    const T* xc = x + n0 * g.C_in * g.H * g.W;
-    if (!pointwise) im2col(xc, col.data(), g, gn, false);
-    gemm_conv_forward(w, pointwise ? xc : col.data(), col_img, y + n0 * g.C_out * P, g, gn);
-  }
+  with_operand_type<T>(g, [&](auto zero_u) {
+    using U = decltype(zero_u);
+    const bool in_place = is_pointwise(g) && std::is_same_v<U, T>;  // the images are the columns: no copy
+    const int64_t G = chunk_images(g, in_place ? 0 : col_img);
+    Scratch<T, U> wbuf, col(in_place ? 0 : G * col_img, dev);
+    const U* wu = weight_operand(w, g.C_out * K_of(g), wbuf, dev);
+    for (int64_t n0 = 0; n0 < g.N; n0 += G) {
+      const int64_t gn = std::min(G, g.N - n0);
+      const T* xc = x + n0 * g.C_in * g.H * g.W;
+      const U* cols = nullptr;
+      if constexpr (std::is_same_v<U, T>) cols = xc;  // used only when in place
+      if (!in_place) {
+        if (is_pointwise(g)) gather_wide(xc, col.p, 1, gn * col_img, 1);  // rounded copy
+        else im2col(xc, col.p, g, gn, false);
+        cols = col.p;
+      }
+      gemm_conv_forward(wu, cols, col_img, y + n0 * g.C_out * P, g, gn);
+    }
+  });
   if (b) {
     const int64_t total = g.N * g.C_out * P;
     with_index_type(total, [&](auto zero_i) {
@@ -454,56 +530,82 @@ template <class T>
 void gemm_path_backward_input(const T* dy, const T* w, T* dx, const Conv2dGeometry& g, Device dev) {
   const int64_t P = g.Ho * g.Wo, col_img = g.C_in * g.kH * g.kW * P;
   const bool pointwise = is_pointwise(g);
-  const int64_t G = pointwise ? g.N : std::clamp<int64_t>(workspace_limit() / std::max<int64_t>(col_img, 1), 1, g.N);
-  Tensor<T> col = pointwise ? Tensor<T>() : empty<T>({G * col_img}, dev);
-  for (int64_t n0 = 0; n0 < g.N; n0 += G) {
-    const int64_t gn = std::min(G, g.N - n0);
-    T* dxc = dx + n0 * g.C_in * g.H * g.W;
-    gemm_conv_backward_input(w, dy + n0 * g.C_out * P, pointwise ? dxc : col.data(), col_img, g, gn);
-    if (pointwise) continue;
-    const int64_t total = gn * g.C_in * g.H * g.W;
-    with_index_type(std::max(total, gn * col_img), [&](auto zero_i) {
-      using I = decltype(zero_i);
-      col2im_kernel<T, I><<<blocks_for(total), kThreads, 0, stream()>>>(col.data(), dxc, g, I(total));
-    });
-    check_launch("conv2d_backward_input (col2im)");
-  }
+  with_operand_type<T>(g, [&](auto zero_u) {
+    using U = decltype(zero_u);
+    constexpr bool round = !std::is_same_v<U, T>;
+    // per image: float columns for col2im (not pointwise), rounded dout (bf16), counted in
+    // float-sized elements against the workspace
+    const int64_t dy_img = g.C_out * P;
+    const int64_t G = chunk_images(g, (pointwise ? 0 : col_img) + (round ? dy_img : 0));
+    Scratch<T, T> col(pointwise ? 0 : G * col_img, dev);
+    Scratch<T, U> wbuf, dyr(round ? G * dy_img : 0, dev);
+    const U* wu = weight_operand(w, g.C_out * K_of(g), wbuf, dev);
+    for (int64_t n0 = 0; n0 < g.N; n0 += G) {
+      const int64_t gn = std::min(G, g.N - n0);
+      T* dxc = dx + n0 * g.C_in * g.H * g.W;
+      const T* dyc = dy + n0 * dy_img;
+      const U* dyu = nullptr;
+      if constexpr (round) {
+        gather_wide(dyc, dyr.p, 1, gn * dy_img, 1);
+        dyu = dyr.p;
+      } else {
+        dyu = dyc;
+      }
+      gemm_conv_backward_input(wu, dyu, pointwise ? dxc : col.p, col_img, g, gn);
+      if (pointwise) continue;
+      const int64_t total = gn * g.C_in * g.H * g.W;
+      with_index_type(std::max(total, gn * col_img), [&](auto zero_i) {
+        using I = decltype(zero_i);
+        col2im_kernel<T, I><<<blocks_for(total), kThreads, 0, stream()>>>(col.p, dxc, g, I(total));
+      });
+      check_launch("conv2d_backward_input (col2im)");
+    }
+  });
 }
 
 /// dW[gi] (OCg, K) = sum over images of dout[n][gi] (OCg, P) @ col[n][gi]^T (P, K). Images go
 /// side by side (the wide layout: dout and columns as (rows, gn*P)), so one GEMM of depth gn*P
 /// per chunk sums them, and the chunks accumulate with beta = 1. A chunk of one image needs no
-/// gathering (wide == per-image layout), nor columns for a pointwise conv; maps of 4096+
-/// positions already give deep GEMMs, so they go one image at a time without copies.
+/// gathering (wide == per-image layout), nor columns for a pointwise conv, unless the operands
+/// are rounded to bf16; maps of 4096+ positions already give deep GEMMs, so they go one image
+/// at a time.
 template <class T>
 void gemm_path_backward_weight(const T* dy, const T* x, T* dw, const Conv2dGeometry& g, Device dev) {
-  const int64_t OCg = g.cout_g(), K = g.cin_g() * g.kH * g.kW, P = g.Ho * g.Wo;
+  const int64_t OCg = g.cout_g(), K = K_of(g), P = g.Ho * g.Wo;
   const bool pointwise = is_pointwise(g);
   const int64_t col_rows = g.C_in * g.kH * g.kW;
   const int64_t per_image = (col_rows + g.C_out) * P;
-  const int64_t G = P >= 4096 ? 1 : std::clamp<int64_t>(workspace_limit() / std::max<int64_t>(per_image, 1), 1, g.N);
-  const bool need_col = !pointwise || G > 1, need_dy = G > 1;
-  Tensor<T> col = need_col ? empty<T>({G * col_rows * P}, dev) : Tensor<T>();
-  Tensor<T> dyw = need_dy ? empty<T>({G * g.C_out * P}, dev) : Tensor<T>();
-  for (int64_t n0 = 0; n0 < g.N; n0 += G) {
-    const int64_t gn = std::min(G, g.N - n0), GP = gn * P;
-    const T* xc = x + n0 * g.C_in * g.H * g.W;
-    const T* dyc = dy + n0 * g.C_out * P;
-    const T* cols = xc;  // pointwise, one image: the image is its column matrix
-    if (!pointwise) {
-      im2col(xc, col.data(), g, gn, true);
-      cols = col.data();
-    } else if (gn > 1) {
-      gather_wide(xc, col.data(), g.C_in, P, gn);
-      cols = col.data();
+  const int64_t G = P >= 4096 ? 1 : chunk_images(g, per_image);
+  with_operand_type<T>(g, [&](auto zero_u) {
+    using U = decltype(zero_u);
+    constexpr bool round = !std::is_same_v<U, T>;
+    const bool need_col = !pointwise || G > 1 || round, need_dy = G > 1 || round;
+    Scratch<T, U> col(need_col ? G * col_rows * P : 0, dev), dyw(need_dy ? G * g.C_out * P : 0, dev);
+    for (int64_t n0 = 0; n0 < g.N; n0 += G) {
+      const int64_t gn = std::min(G, g.N - n0), GP = gn * P;
+      const T* xc = x + n0 * g.C_in * g.H * g.W;
+      const T* dyc = dy + n0 * g.C_out * P;
+      const U* cols = nullptr;
+      const U* dys = nullptr;
+      if constexpr (!round) {  // pointwise, one image: the image is its column matrix
+        cols = xc;
+        dys = dyc;
+      }
+      if (!pointwise) {
+        im2col(xc, col.p, g, gn, true);
+        cols = col.p;
+      } else if (gn > 1 || round) {
+        gather_wide(xc, col.p, g.C_in, P, gn);
+        cols = col.p;
+      }
+      if (gn > 1 || round) {
+        gather_wide(dyc, dyw.p, g.C_out, P, gn);
+        dys = dyw.p;
+      }
+      gemm<T, U>(false, true, OCg, K, GP, T(1), dys, GP, OCg * GP, cols, GP, K * GP, n0 == 0 ? T(0) : T(1), dw, K,
+                 OCg * K, g.groups);
     }
-    if (gn > 1) {
-      gather_wide(dyc, dyw.data(), g.C_out, P, gn);
-      dyc = dyw.data();
-    }
-    gemm<T>(false, true, OCg, K, GP, T(1), dyc, GP, OCg * GP, cols, GP, K * GP, n0 == 0 ? T(0) : T(1), dw, K, OCg * K,
-            g.groups);
-  }
+  });
 }
 
 // ---------------------------------------------------------------- launchers: depthwise

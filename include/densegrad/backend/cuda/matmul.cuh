@@ -1,7 +1,9 @@
 // densegrad/backend/cuda/matmul.cuh: row-major (strided-batched) GEMM through cuBLAS, the
 // batched matrix product built on it, and its entry in the kernel table. float and double only;
 // float uses TF32 tensor cores only when allow_tf32() is set (off by default, so results match
-// the CPU kernels to float rounding). Not a hand-written GEMM.
+// the CPU kernels to float rounding). A float GEMM may also take bfloat16 operands with float
+// sums and a float result (the conv kernels' dg::MatmulPrecision::bf16 path). Not a
+// hand-written GEMM.
 // Shape legend: a: (B, M, K), b: (B, K, N), out: (B, M, N).
 #pragma once
 
@@ -9,9 +11,14 @@
 #include <climits>
 #include <type_traits>
 
+#include <cuda_bf16.h>
+
 #include "common.cuh"
 
 namespace dg::cuda {
+
+/// The operand element type of bf16 products on the GPU (2 bytes, the bits of dg::bfloat16).
+using bf16_t = __nv_bfloat16;
 
 /// Whether float GEMMs may round their inputs to TF32 on tensor cores (torch's
 /// torch.backends.cuda.matmul.allow_tf32); false by default. double is never affected.
@@ -31,20 +38,27 @@ inline bool& allow_tf32() {
 /// handed to cuBLAS as the column-major product C^T = op(B)^T op(A)^T: swap the operands, swap
 /// M and N, and keep each operand's transpose flag (the stored-as-transpose view already
 /// supplies the ^T). No data moves.
-template <class T>
-void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, T alpha, const T* A, int64_t lda,
-          int64_t stride_a, const T* B, int64_t ldb, int64_t stride_b, T beta, T* C, int64_t ldc, int64_t stride_c,
+///
+/// In = bf16_t (T = float only): A and B hold bfloat16 values; cuBLAS multiplies them exactly and
+/// sums in float (CUBLAS_COMPUTE_32F) into the float C. TF32 does not apply there.
+template <class T, class In = T>
+void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, T alpha, const In* A, int64_t lda,
+          int64_t stride_a, const In* B, int64_t ldb, int64_t stride_b, T beta, T* C, int64_t ldc, int64_t stride_c,
           int64_t batch) {
   static_assert(std::is_same_v<T, float> || std::is_same_v<T, double>, "cuda::gemm: float and double only");
+  constexpr bool bf16_in = std::is_same_v<In, bf16_t>;
+  static_assert(std::is_same_v<In, T> || (bf16_in && std::is_same_v<T, float>),
+                "cuda::gemm: operands of the result's type, or bfloat16 operands for a float result");
   if (M == 0 || N == 0 || batch == 0) return;
   DG_CHECK(M <= INT_MAX && N <= INT_MAX && K <= INT_MAX && lda <= INT_MAX && ldb <= INT_MAX && ldc <= INT_MAX,
            "gemm: cuBLAS takes int sizes, got M=", M, " N=", N, " K=", K);
   cublasHandle_t h = cublas();
   constexpr bool is_float = std::is_same_v<T, float>;
-  const bool tf32 = is_float && allow_tf32();
+  const bool tf32 = is_float && !bf16_in && allow_tf32();
   // set on every call: the handle is shared, and the compute type alone must decide
   DG_CUBLAS_CHECK(cublasSetMathMode(h, tf32 ? CUBLAS_TF32_TENSOR_OP_MATH : CUBLAS_DEFAULT_MATH));
   const cudaDataType_t dt = is_float ? CUDA_R_32F : CUDA_R_64F;
+  const cudaDataType_t dt_in = bf16_in ? CUDA_R_16BF : dt;
   const cublasComputeType_t ct = !is_float ? CUBLAS_COMPUTE_64F : tf32 ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F;
   const cublasOperation_t op_a = trans_a ? CUBLAS_OP_T : CUBLAS_OP_N, op_b = trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;
   // cuBLAS wants ld >= 1 even for empty operands (K = 0)
@@ -55,8 +69,8 @@ void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, T alpha, 
     const int64_t nb = std::min(kMaxBatch, batch - i0);
     // column-major: C^T (N, M) = op(B)^T (N, K) @ op(A)^T (K, M)
     DG_CUBLAS_CHECK(cublasGemmStridedBatchedEx(
-        h, op_b, op_a, static_cast<int>(N), static_cast<int>(M), static_cast<int>(K), &alpha, B + i0 * stride_b, dt,
-        ib, stride_b, A + i0 * stride_a, dt, ia, stride_a, &beta, C + i0 * stride_c, dt, ic, stride_c,
+        h, op_b, op_a, static_cast<int>(N), static_cast<int>(M), static_cast<int>(K), &alpha, B + i0 * stride_b, dt_in,
+        ib, stride_b, A + i0 * stride_a, dt_in, ia, stride_a, &beta, C + i0 * stride_c, dt, ic, stride_c,
         static_cast<int>(nb), ct, CUBLAS_GEMM_DEFAULT));
   }
 }

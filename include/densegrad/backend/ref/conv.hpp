@@ -19,8 +19,9 @@ struct Conv2dGeometry {
   int64_t C_out, kH, kW;     // weight
   int64_t sH, sW, pH, pW, dH, dW, groups;  // stride, zero padding, dilation
   int64_t Ho, Wo;            // output: floor((H + 2p - d(k-1) - 1) / s) + 1
-  // Products in bfloat16 (dg::MatmulPrecision::bf16 when the op ran): a hint the fast CPU GEMMs
-  // follow on CPUs with AVX512-BF16 (backend/cpu/gemm_bf16.hpp); the ref and CUDA kernels ignore it.
+  // Products in bfloat16 (dg::MatmulPrecision::bf16 when the op ran): a hint the GEMMs of
+  // ungrouped convs follow on CPUs with AVX512-BF16 (backend/cpu/gemm_bf16.hpp) and on CUDA
+  // (backend/cuda/conv.cuh); the ref kernels ignore it.
   bool bf16 = false;
   int64_t cin_g() const { return C_in / groups; }
   int64_t cout_g() const { return C_out / groups; }
