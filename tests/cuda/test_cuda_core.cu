@@ -216,6 +216,29 @@ TEST_CASE("cuda: ops refuse tensors on different devices with a clear error") {
                       Catch::Contains("layer_norm2d: weight is on cuda:0, the input on cpu"));
 }
 
+TEST_CASE("cuda: tensors on cuda:N live and run on GPU N; a GPU that does not exist is refused by name") {
+  DG_REQUIRE_GPU();
+  const int n = dg::cuda::device_count();
+  REQUIRE_THROWS_WITH(dg::zeros<float>({3}, Device::cuda(n)),
+                      Catch::Contains("cuda:" + std::to_string(n) + ": no such CUDA device (this machine has"));
+  REQUIRE_THROWS_WITH(rnd<float>({2}, 45).to(Device::cuda(n)), Catch::Contains("no such CUDA device"));
+  const Tensor<float> x = rnd<float>({2, 3, 6, 5}, 46), w = rnd<float>({4, 3, 3, 3}, 47);
+  const Tensor<float> want = dg::conv2d(x, w);
+  for (int i = n - 1; i >= 0; --i) {  // the last GPU first: each op must switch to its tensors' GPU
+    INFO("cuda:" << i);
+    const Device d = Device::cuda(i);
+    Tensor<float> xd = x.to(d).requires_grad_();
+    Tensor<float> y = dg::conv2d(xd, w.to(d));
+    REQUIRE(y.device() == d);
+    cudaPointerAttributes attr{};
+    REQUIRE(cudaPointerGetAttributes(&attr, y.data()) == cudaSuccess);
+    REQUIRE(attr.device == i);
+    require_close(want, y, 1e-5, "conv2d on cuda:" + std::to_string(i));
+    y.sum().backward();
+    REQUIRE(xd.grad().device() == d);
+  }
+}
+
 TEST_CASE("cuda: AdamW steps, gradient clipping and the finite check match the CPU") {
   DG_REQUIRE_GPU();
   dg::Generator gen(50);

@@ -45,6 +45,12 @@ struct Allocator {
   virtual ~Allocator() = default;
   virtual void* allocate(size_t nbytes) = 0;
   virtual void deallocate(void* p, size_t nbytes) = 0;
+  /// nbytes on one device of the allocator's kind (Storage calls this). By default the device
+  /// index is not looked at; the CUDA allocator allocates on that GPU.
+  virtual void* allocate_on(Device device, size_t nbytes) {
+    (void)device;
+    return allocate(nbytes);
+  }
 };
 
 struct CpuAllocator final : Allocator {
@@ -276,7 +282,7 @@ class Storage {
     DG_CHECK(a != nullptr, "no allocator for device ", device.str(),
              " (is the CUDA backend compiled into this program?)");
     Storage s;
-    s.impl_ = std::make_shared<Impl>(a->allocate(nbytes), nbytes, device, a);
+    s.impl_ = std::make_shared<Impl>(a->allocate_on(device, nbytes), nbytes, device, a);
     if (device.is_cpu()) detail::cpu_memory_stats().add(nbytes);  // counted once the bytes are ours
     return s;
   }

@@ -10,6 +10,7 @@
 #include <map>
 #include <mutex>
 #include <string>
+#include <type_traits>
 #include <unordered_map>
 #include <vector>
 
@@ -65,6 +66,17 @@ inline int device_count(std::string* why = nullptr) {
   return n;
 }
 
+/// Makes `dev` this thread's current CUDA device (cudaSetDevice, as torch's device guard), after
+/// checking that it exists: kernels, cuBLAS calls and allocations that follow run on it.
+inline void activate(Device dev) {
+  static const int count = device_count();  // asked once: the answer does not change
+  DG_CHECK(dev.is_cuda() && dev.index >= 0 && dev.index < count, dev.str(), ": no such CUDA device (this machine has ",
+           count, count == 1 ? " GPU)" : " GPUs)");
+  int current = -1;
+  DG_CUDA_CHECK(cudaGetDevice(&current));
+  if (current != dev.index) DG_CUDA_CHECK(cudaSetDevice(dev.index));
+}
+
 /// A caching allocator for device memory (PyTorch's CUDA allocator in miniature): freed blocks
 /// are kept by (device, size class) and reused, so steady-state steps never call cudaMalloc,
 /// which synchronizes the device. Blocks are freed on the stream-ordered default stream, so a
@@ -72,10 +84,15 @@ inline int device_count(std::string* why = nullptr) {
 /// cache is released and the allocation tried once more.
 class CachingCudaAllocator final : public Allocator {
  public:
+  /// nbytes on GPU device.index (which becomes the current device).
+  void* allocate_on(Device device, size_t nbytes) override {
+    check_available();
+    activate(device);
+    return allocate(nbytes);
+  }
+  /// nbytes on the current device.
   void* allocate(size_t nbytes) override {
-    static std::string why;
-    static const int count = device_count(&why);  // asked once: the answer does not change
-    DG_CHECK(count > 0, "no CUDA device available for a tensor on cuda (", why, ")");
+    check_available();
     int dev = 0;
     DG_CUDA_CHECK(cudaGetDevice(&dev));
     const size_t c = CachingCpuAllocator::size_class(nbytes);
@@ -113,16 +130,27 @@ class CachingCudaAllocator final : public Allocator {
     cached_ += c;
     in_use_ -= c;
   }
-  /// cudaFree of every cached block (torch.cuda.empty_cache).
+  /// cudaFree of every cached block (torch.cuda.empty_cache), each on its own device.
   void release_cached() {
     std::lock_guard<std::mutex> lock(mu_);
-    for (auto& [key, blocks] : free_)
+    int current = -1;
+    const bool restore = cudaGetDevice(&current) == cudaSuccess;
+    for (auto& [key, blocks] : free_) {
+      if (!blocks.empty()) (void)cudaSetDevice(key.first);
       for (void* p : blocks) {
         cudaFree(p);
         device_of_.erase(p);
       }
+    }
+    if (restore) (void)cudaSetDevice(current);
     free_.clear();
     cached_ = 0;
+  }
+  /// Throws, with the driver's reason, when the machine has no usable GPU.
+  static void check_available() {
+    static std::string why;
+    static const int count = device_count(&why);  // asked once: the answer does not change
+    DG_CHECK(count > 0, "no CUDA device available for a tensor on cuda (", why, ")");
   }
   size_t bytes_in_use() { std::lock_guard<std::mutex> lock(mu_); return in_use_; }
   size_t peak_bytes_in_use() { std::lock_guard<std::mutex> lock(mu_); return peak_; }
@@ -154,6 +182,7 @@ inline void synchronize() { DG_CUDA_CHECK(cudaDeviceSynchronize()); }
 /// Host <-> device and device <-> device byte copies (the copy hook of core/storage.hpp).
 inline void copy_bytes_cuda(void* dst, Device dst_dev, const void* src, Device src_dev, size_t nbytes) {
   if (nbytes == 0) return;
+  activate(dst_dev.is_cuda() ? dst_dev : src_dev);  // device to device: on the destination's GPU
   cudaMemcpyKind kind = dst_dev.is_cpu() ? cudaMemcpyDeviceToHost
                         : src_dev.is_cpu() ? cudaMemcpyHostToDevice
                                            : cudaMemcpyDeviceToDevice;
@@ -241,5 +270,37 @@ Indexer<K> make_indexer(const Shape& shape, const std::array<Shape, K>& strides,
 /// Strides that read t as if expanded to `target` (0 on broadcast dims, leading dims added).
 template <class T>
 Shape broadcast_strides(const Tensor<T>& t, const Shape& target) { return Tensor<T>::broadcast_strides(t, target); }
+
+namespace guard_detail {
+template <class A> struct is_tensor : std::false_type {};
+template <class U> struct is_tensor<Tensor<U>> : std::true_type {};
+template <class A> struct is_tensor_list : std::false_type {};
+template <class U> struct is_tensor_list<std::vector<Tensor<U>>> : std::true_type {};
+
+/// Sets index to a's CUDA device index when a is (or holds) a defined CUDA tensor and none was found yet.
+template <class A>
+void find_cuda(const A& a, int& index) {
+  if constexpr (is_tensor<A>::value) {
+    if (index < 0 && a.defined() && a.device().is_cuda()) index = a.device().index;
+  } else if constexpr (is_tensor_list<A>::value) {
+    for (const auto& t : a) find_cuda(t, index);
+  }
+}
+
+/// A kernel-table entry that first makes its tensors' GPU the current device, then calls f.
+template <class F, F f> struct OnDevice;
+template <class R, class... Args, R (*f)(Args...)>
+struct OnDevice<R (*)(Args...), f> {
+  static R call(Args... args) {
+    int index = -1;
+    (find_cuda(args, index), ...);
+    if (index >= 0) activate(Device::cuda(index));
+    return f(args...);
+  }
+};
+}  // namespace guard_detail
+
+/// The kernel-table entry for fn: runs fn on the GPU its tensors live on (cuda:N, any N).
+#define DG_CUDA_ON_DEVICE(fn) (&::dg::cuda::guard_detail::OnDevice<decltype(&fn), &fn>::call)
 
 }  // namespace dg::cuda

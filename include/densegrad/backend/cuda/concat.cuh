@@ -46,6 +46,6 @@ Tensor<T> concat(const std::vector<Tensor<T>>& xs, int64_t d, const Shape& out_s
 }
 
 template <class T>
-void register_concat(DeviceKernels<T>& k) { k.concat = &concat<T>; }
+void register_concat(DeviceKernels<T>& k) { k.concat = DG_CUDA_ON_DEVICE(concat<T>); }
 
 }  // namespace dg::cuda

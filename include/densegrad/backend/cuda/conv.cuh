@@ -800,10 +800,10 @@ Tensor<T> conv2d_backward_bias(const Tensor<T>& dout, const Conv2dGeometry& g) {
 /// Installs the four conv2d kernels in the table.
 template <class T>
 void register_conv(DeviceKernels<T>& k) {
-  k.conv2d_forward = &conv2d_forward<T>;
-  k.conv2d_backward_input = &conv2d_backward_input<T>;
-  k.conv2d_backward_weight = &conv2d_backward_weight<T>;
-  k.conv2d_backward_bias = &conv2d_backward_bias<T>;
+  k.conv2d_forward = DG_CUDA_ON_DEVICE(conv2d_forward<T>);
+  k.conv2d_backward_input = DG_CUDA_ON_DEVICE(conv2d_backward_input<T>);
+  k.conv2d_backward_weight = DG_CUDA_ON_DEVICE(conv2d_backward_weight<T>);
+  k.conv2d_backward_bias = DG_CUDA_ON_DEVICE(conv2d_backward_bias<T>);
 }
 
 }  // namespace dg::cuda

@@ -199,12 +199,12 @@ Tensor<T> ternary(TernaryFn f, const Tensor<T>& a, const Tensor<T>& b, const Ten
 
 template <class T>
 void register_elementwise(DeviceKernels<T>& k) {
-  k.fill = &fill<T>;
-  k.copy = &copy<T>;
-  k.add_into = &add_into<T>;
-  k.unary = &unary<T>;
-  k.binary = &binary<T>;
-  k.ternary = &ternary<T>;
+  k.fill = DG_CUDA_ON_DEVICE(fill<T>);
+  k.copy = DG_CUDA_ON_DEVICE(copy<T>);
+  k.add_into = DG_CUDA_ON_DEVICE(add_into<T>);
+  k.unary = DG_CUDA_ON_DEVICE(unary<T>);
+  k.binary = DG_CUDA_ON_DEVICE(binary<T>);
+  k.ternary = DG_CUDA_ON_DEVICE(ternary<T>);
 }
 
 }  // namespace dg::cuda

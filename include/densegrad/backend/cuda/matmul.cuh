@@ -99,7 +99,7 @@ Tensor<T> bmm(const Tensor<T>& a, const Tensor<T>& c) {
 /// Installs bmm in the table.
 template <class T>
 void register_matmul(DeviceKernels<T>& k) {
-  k.bmm = &bmm<T>;
+  k.bmm = DG_CUDA_ON_DEVICE(bmm<T>);
 }
 
 }  // namespace dg::cuda

@@ -435,10 +435,10 @@ ref::LayerNormGrads<T> layer_norm2d_backward(const Tensor<T>& dy, const Tensor<T
 /// Installs the four layer-norm entries of the CUDA kernel table.
 template <class T>
 void register_norm(DeviceKernels<T>& k) {
-  k.layer_norm_forward = &layer_norm_forward<T>;
-  k.layer_norm_backward = &layer_norm_backward<T>;
-  k.layer_norm2d_forward = &layer_norm2d_forward<T>;
-  k.layer_norm2d_backward = &layer_norm2d_backward<T>;
+  k.layer_norm_forward = DG_CUDA_ON_DEVICE(layer_norm_forward<T>);
+  k.layer_norm_backward = DG_CUDA_ON_DEVICE(layer_norm_backward<T>);
+  k.layer_norm2d_forward = DG_CUDA_ON_DEVICE(layer_norm2d_forward<T>);
+  k.layer_norm2d_backward = DG_CUDA_ON_DEVICE(layer_norm2d_backward<T>);
 }
 
 }  // namespace dg::cuda

@@ -77,8 +77,8 @@ void sgd_update(const Tensor<T>& p, const Tensor<T>& g, const Tensor<acc_t<T>>& 
 
 template <class T>
 void register_optim(DeviceKernels<T>& k) {
-  k.adamw_update = &adamw_update<T>;
-  k.sgd_update = &sgd_update<T>;
+  k.adamw_update = DG_CUDA_ON_DEVICE(adamw_update<T>);
+  k.sgd_update = DG_CUDA_ON_DEVICE(sgd_update<T>);
 }
 
 }  // namespace dg::cuda

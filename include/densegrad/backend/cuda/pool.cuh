@@ -129,8 +129,8 @@ Tensor<T> adaptive_avg_pool2d_backward(const Tensor<T>& dout, int64_t H, int64_t
 /// Installs adaptive_avg_pool2d and its backward.
 template <class T>
 void register_pool(DeviceKernels<T>& k) {
-  k.adaptive_avg_pool2d = &adaptive_avg_pool2d<T>;
-  k.adaptive_avg_pool2d_backward = &adaptive_avg_pool2d_backward<T>;
+  k.adaptive_avg_pool2d = DG_CUDA_ON_DEVICE(adaptive_avg_pool2d<T>);
+  k.adaptive_avg_pool2d_backward = DG_CUDA_ON_DEVICE(adaptive_avg_pool2d_backward<T>);
 }
 
 }  // namespace dg::cuda

@@ -142,9 +142,9 @@ double sum_squares(const Tensor<T>& x) {
 
 template <class T>
 void register_reduce(DeviceKernels<T>& k) {
-  k.sum = &sum<T>;
-  k.amax = &amax<T>;
-  k.sum_squares = &sum_squares<T>;
+  k.sum = DG_CUDA_ON_DEVICE(sum<T>);
+  k.amax = DG_CUDA_ON_DEVICE(amax<T>);
+  k.sum_squares = DG_CUDA_ON_DEVICE(sum_squares<T>);
 }
 
 }  // namespace dg::cuda

@@ -252,10 +252,10 @@ Tensor<T> cross_entropy_backward(const Tensor<T>& logp, const Tensor<T>& q, doub
 /// Installs softmax, softmax_backward, cross_entropy_mean and cross_entropy_backward.
 template <class T>
 void register_softmax(DeviceKernels<T>& k) {
-  k.softmax = &softmax<T>;
-  k.softmax_backward = &softmax_backward<T>;
-  k.cross_entropy_mean = &cross_entropy_mean<T>;
-  k.cross_entropy_backward = &cross_entropy_backward<T>;
+  k.softmax = DG_CUDA_ON_DEVICE(softmax<T>);
+  k.softmax_backward = DG_CUDA_ON_DEVICE(softmax_backward<T>);
+  k.cross_entropy_mean = DG_CUDA_ON_DEVICE(cross_entropy_mean<T>);
+  k.cross_entropy_backward = DG_CUDA_ON_DEVICE(cross_entropy_backward<T>);
 }
 
 }  // namespace dg::cuda
