@@ -216,7 +216,7 @@ TEST_CASE("cuda: ops refuse tensors on different devices with a clear error") {
                       Catch::Contains("layer_norm2d: weight is on cuda:0, the input on cpu"));
 }
 
-TEST_CASE("cuda: tensors on cuda:N live and run on GPU N; a GPU that does not exist is refused by name") {
+TEST_CASE("cuda: tensors on cuda:N live and run on GPU N, and a GPU that does not exist is refused by name") {
   DG_REQUIRE_GPU();
   const int n = dg::cuda::device_count();
   REQUIRE_THROWS_WITH(dg::zeros<float>({3}, Device::cuda(n)),
