@@ -17,6 +17,7 @@
 #include <utility>
 #include <vector>
 
+#include "../backend/cpu/parallel.hpp"
 #include "../core/tensor.hpp"
 #include "grad_mode.hpp"
 
@@ -103,6 +104,31 @@ void for_each_row(const Shape& shape, const std::array<const int64_t*, K>& strid
   for_each_strided<K>(outer, strides, base, [&](auto o) { f(o, run); });
 }
 
+/// Gradients this big are summed on all OpenMP threads (split along their first dim).
+constexpr int64_t kParallelAccumulate = int64_t(1) << 15;
+
+/// for_each_row over `shape`, its first dim split across the OpenMP threads when the tensor
+/// has at least kParallelAccumulate elements: f(offsets, n) as for_each_row's, each run once.
+template <size_t K, class F>
+void for_each_row_parallel(const Shape& shape, const std::array<const int64_t*, K>& strides, F&& f) {
+  int64_t numel = 1;
+  for (int64_t s : shape) numel *= s;
+  const int64_t n0 = shape.empty() ? 1 : shape[0];
+  if (shape.empty() || n0 < 2 || numel < kParallelAccumulate) {
+    for_each_row<K>(shape, strides, f);
+    return;
+  }
+  const Shape inner(shape.begin() + 1, shape.end());
+  std::array<const int64_t*, K> inner_strides;
+  for (size_t k = 0; k < K; ++k) inner_strides[k] = strides[k] + 1;
+  DENSEGRAD_OMP(parallel for schedule(static))
+  for (int64_t i = 0; i < n0; ++i)
+    for_each_row<K>(inner, inner_strides, [&](auto off, int64_t n) {
+      for (size_t k = 0; k < K; ++k) off[k] += i * strides[k][0];
+      f(off, n);
+    });
+}
+
 /// out = a + b for two tensors of one shape, in a fresh contiguous tensor.
 template <class T>
 Tensor<T> add_same_shape(const Tensor<T>& a, const Tensor<T>& b) {
@@ -115,7 +141,8 @@ Tensor<T> add_same_shape(const Tensor<T>& a, const Tensor<T>& b) {
   Tensor<T> out = Tensor<T>::empty(a.shape());
   T* o = out.data();
   const T *pa = a.data(), *pb = b.data();
-  for_each_row<3>(a.shape(), {out.strides().data(), a.strides().data(), b.strides().data()}, [&](auto k, int64_t n) {
+  for_each_row_parallel<3>(a.shape(), {out.strides().data(), a.strides().data(), b.strides().data()},
+                           [&](auto k, int64_t n) {
     T *ro = o + k[0];
     const T *ra = pa + k[1], *rb = pb + k[2];
     for (int64_t i = 0; i < n; ++i) ro[i] = T(acc_t<T>(ra[i]) + acc_t<T>(rb[i]));
@@ -135,7 +162,7 @@ void add_into(const std::shared_ptr<TensorImpl<T>>& own, const Tensor<T>& g) {
   T* o = static_cast<T*>(own->storage.data()) + own->offset;
   const Shape& ostrides = own->strides;
   const T* pg = g.data();
-  for_each_row<2>(g.shape(), {ostrides.data(), g.strides().data()}, [&](auto k, int64_t n) {
+  for_each_row_parallel<2>(g.shape(), {ostrides.data(), g.strides().data()}, [&](auto k, int64_t n) {
     T* ro = o + k[0];
     const T* rg = pg + k[1];
     for (int64_t i = 0; i < n; ++i) ro[i] = T(acc_t<T>(ro[i]) + acc_t<T>(rg[i]));
@@ -172,6 +199,10 @@ void accumulate(TensorImpl<T>& t, const Tensor<T>& g, const char* from) {
       pending = add_same_shape(Tensor<T>(pending), g).impl();
     }
   } else if (!t.grad) {
+    if (owns_dense(g.impl()) && !g.requires_grad()) {  // nobody else sees g: it becomes .grad as is
+      t.grad = g.impl();
+      return;
+    }
     Tensor<T> own = Tensor<T>::empty(g.shape(), g.device());
     own.copy_(g);
     t.grad = own.impl();

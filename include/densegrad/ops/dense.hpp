@@ -79,13 +79,15 @@ class DenseBuffer {
 
  private:
   /// buffer[:, c0 : c0 + C_x] = x, outside autograd (append's node is the op the graph sees).
-  /// Contiguous x on the CPU: one copy per image; anything else goes through copy_.
+  /// Contiguous x on the CPU: one copy per image (images split across the OpenMP threads when
+  /// there is enough to copy); anything else goes through copy_.
   void write_channels(const Tensor<T>& x, int64_t c0) {
     const int64_t n = x.size(0), image = x.size(1) * x.size(2) * x.size(3), plane = x.size(2) * x.size(3);
     if (x.device().is_cpu() && x.is_contiguous()) {
       const T* src = x.data();
       T* dst = buffer_.data() + c0 * plane;
       const int64_t dst_image = buffer_.size(1) * plane;
+      DENSEGRAD_OMP(parallel for schedule(static) if (n > 1 && n * image >= autograd::detail::kParallelAccumulate))
       for (int64_t i = 0; i < n; ++i) std::copy(src + i * image, src + (i + 1) * image, dst + i * dst_image);
       return;
     }
