@@ -1,8 +1,8 @@
 // tests/test_cpu_fastpaths.cpp: the CPU fast paths that are not a whole op family of their own,
 // each against its ref kernel on odd shapes: broadcasting binary maps (cpu::map2), sums over
 // dims (cpu::sum), concatenation (cpu::concat), depthwise padded-plane conv kernels, dense convs
-// as panel GEMMs over several images, GELU packets, in-place gradient accumulation on the tape,
-// and the caching CPU allocator. Kernels that split work over OpenMP threads run on 1 and 2.
+// as panel GEMMs over several images, GELU packets, in-place gradient accumulation on the tape
+// (threaded above 2^15 elements; a leaf's first gradient adopted), and the caching CPU allocator. Kernels that split work over OpenMP threads run on 1 and 2.
 #include <random>
 #include <thread>
 
@@ -318,6 +318,70 @@ TEST_CASE("in-place accumulation leaves a caller's gradient tensor alone", "[fas
   z.backward(g);
   CHECK(g.to_vector() == std::vector<float>(12, 1.0f));  // the given gradient is untouched
   CHECK(x.grad().to_vector() == std::vector<float>(12, 4.0f));
+}
+
+TEST_CASE("a leaf's first gradient becomes its .grad only when no one else holds it", "[fastpath][autograd]") {
+  auto a = tensor<float>({1, 2, 3}).requires_grad_(), b = tensor<float>({4, 5, 6}).requires_grad_();
+  sum(a + b).backward();  // add's backward hands one dout to both leaves
+  REQUIRE_FALSE(a.grad().storage().is_alias_of(b.grad().storage()));
+  a.grad().copy_(zeros<float>({3}));
+  CHECK(b.grad().to_vector() == std::vector<float>{1, 1, 1});
+  auto c = tensor<float>({1, 2}).requires_grad_();
+  sum(c * 3.0f).backward();  // mul's fresh gradient: adopted, and later ones sum into it
+  sum(c * 3.0f).backward();
+  CHECK(c.grad().to_vector() == std::vector<float>{6, 6});
+  auto leaf = tensor<float>({1, 2}).requires_grad_();
+  auto g = tensor<float>({7, 8});
+  leaf.backward(g);  // the caller's tensor is copied, not taken
+  REQUIRE_FALSE(leaf.grad().storage().is_alias_of(g.storage()));
+  leaf.backward(g);
+  CHECK(g.to_vector() == std::vector<float>{7, 8});
+  CHECK(leaf.grad().to_vector() == std::vector<float>{14, 16});
+}
+
+TEST_CASE("gradient sums of 2^15+ elements split over threads: same bits on 1 and 2 threads", "[fastpath][autograd]") {
+  // a dense stage of (8, 16, 24, 24) features: the prefix gradients are strided windows of one
+  // dout summed into the features' pending gradients, and the buffer writes are split by image
+  Generator gen(14);
+  const auto x = randn<float>({8, 16, 24, 24}, gen), w = randn<float>({16, 1, 7, 7}, gen);
+  REQUIRE(x.numel() >= autograd::detail::kParallelAccumulate);
+  auto run = [&](bool buffer, int threads, const Tensor<float>& input) {
+    std::pair<Tensor<float>, Tensor<float>> r;
+    with_threads(threads, [&] {
+      auto xi = input.detach().clone().requires_grad_();
+      auto h = xi * 1.5f;
+      Tensor<float> out;
+      if (buffer) {
+        DenseBuffer<float> buf(h, 48);
+        Tensor<float> p = buf.append(h);
+        p = buf.append(conv2d(p, w, Tensor<float>(), 1, 3, 1, 16));
+        out = buf.append(conv2d(p.narrow(1, 16, 16), w, Tensor<float>(), 1, 3, 1, 16) + p.narrow(1, 0, 16));
+      } else {
+        auto c1 = conv2d(h, w, Tensor<float>(), 1, 3, 1, 16);
+        auto p = concat({h, c1}, 1);
+        out = concat({p, conv2d(p.narrow(1, 16, 16), w, Tensor<float>(), 1, 3, 1, 16) + p.narrow(1, 0, 16)}, 1);
+      }
+      sum(out * out).backward();
+      r = {out.detach(), xi.grad()};
+    });
+    return r;
+  };
+  auto [y1, g1] = run(true, 1, x);
+  auto [y2, g2] = run(true, 2, x);
+  auto [yc, gc] = run(false, 1, x);
+  require_equal(y2, y1, "forward, 2 threads against 1");
+  require_equal(g2, g1, "dx, 2 threads against 1");
+  require_equal(y1, yc, "forward, buffer against concat");
+  require_equal(g1, gc, "dx, buffer against concat");
+  // the reference: each image alone (9,216 elements: the serial sums), images being independent
+  std::vector<Tensor<float>> ys, gs;
+  for (int64_t i = 0; i < x.size(0); ++i) {
+    auto [yi, gi] = run(true, 1, x.narrow(0, i, 1).contiguous());
+    ys.push_back(yi);
+    gs.push_back(gi);
+  }
+  require_equal(y2, concat(ys, 0), "forward, batch against image by image");
+  require_equal(g2, concat(gs, 0), "dx, batch against image by image");
 }
 
 // ---------------------------------------------------------------- caching allocator
