@@ -5,8 +5,6 @@
 // (bottleneck_width_ratio x the block's input channels), so this frees the largest of the
 // tensors a block saves, at the cost of one more GELU forward per block in backward. Values and
 // gradients are those of the two ops (the same kernels, the same order: bit for bit).
-// On the CPU in float, that recomputing pass also yields gelu'(h) for dh (one erf and exp per
-// element for both; one more h-sized buffer while the block's backward runs).
 // The selective counterpart of dg::checkpoint (which recomputes everything, convolutions too).
 // Shape legend: h (N, C_in, H, W), weight (C_out, C_in/groups, kH, kW), out (N, C_out, Ho, Wo).
 #pragma once
@@ -32,18 +30,6 @@ Tensor<T> gelu_conv2d(const Tensor<T>& h, const Tensor<T>& weight, const Tensor<
   if (!need_h && !need_w) hc = Tensor<T>();  // only the bias: dbias = sum of dout
   return autograd::record("gelu_conv2d", out, {h, weight, bias},
                           [hc, ws, g, need_h, need_w, need_b, tanh_approximation](const Tensor<T>& dout) {
-                            if constexpr (std::is_same_v<T, float>) {
-                              if (need_h && need_w && hc.device().is_cpu()) {
-                                // gelu(h) and gelu'(h) from one pass (one erf and exp per element)
-                                Tensor<float> a, d;
-                                cpu::gelu_and_derivative(hc, tanh_approximation, a, d);
-                                std::vector<Tensor<T>> grads = detail::conv2d_grads(dout, a, ws, g, true, true, need_b);
-                                a = Tensor<T>();
-                                grads[0] = contiguous(grads[0]);
-                                cpu::mul_inplace(grads[0], d);
-                                return grads;
-                              }
-                            }
                             Tensor<T> a = need_w ? detail::gelu_forward(hc, tanh_approximation) : Tensor<T>();
                             std::vector<Tensor<T>> grads = detail::conv2d_grads(dout, a, ws, g, need_h, need_w, need_b);
                             a = Tensor<T>();  // freed before dh is made

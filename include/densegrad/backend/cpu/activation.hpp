@@ -151,47 +151,4 @@ Tensor<T> gelu_backward(const Tensor<T>& dy, const Tensor<T>& x, bool tanh_appro
   return dx;
 }
 
-/// y = gelu(x) and d = gelu'(x) in one pass over a contiguous float x (the erf and exp behind
-/// both are computed once): what a backward that needs gelu(x) and dout * gelu'(x) reads.
-/// dx = dy * d then equals gelu_backward(dy, x) bit for bit (same packet formulas).
-inline void gelu_and_derivative(const Tensor<float>& x, bool tanh_approximation, Tensor<float>& y, Tensor<float>& d) {
-  DG_CHECK(x.is_contiguous(), "cpu::gelu_and_derivative: expected a contiguous input, got shape ", shape_str(x.shape()),
-           " strides ", shape_str(x.strides()));
-  y = Tensor<float>::empty(x.shape());
-  d = Tensor<float>::empty(x.shape());
-  const float* px = x.data();
-  float *py = y.data(), *pd = d.data();
-  using detail::GeluPacket;
-  detail::for_each_chunk(x.numel(), [&](int64_t i0, int64_t len) {
-    for (int64_t i = i0; i < i0 + len; i += 16) {
-      const int64_t m = std::min<int64_t>(16, i0 + len - i);
-      const GeluPacket v = detail::load(px + i, m);
-      if (tanh_approximation) {
-        const GeluPacket s = detail::gelu_tanh_sigmoid(v);
-        detail::store(GeluPacket(v * s), py + i, m);
-        detail::store(GeluPacket(s + 2.0f * v * s * (1.0f - s) * float(ref::kSqrt2OverPi) *
-                                         (1.0f + float(3 * ref::kGeluTanhCubic) * v * v)),
-                      pd + i, m);
-      } else {
-        GeluPacket cdf, pdf;
-        detail::gelu_cdf_pdf(v, cdf, pdf);
-        detail::store(GeluPacket(v * cdf), py + i, m);
-        detail::store(GeluPacket(cdf + v * pdf), pd + i, m);
-      }
-    }
-  });
-}
-
-/// a *= b elementwise, in place, for contiguous float tensors of one shape.
-inline void mul_inplace(Tensor<float>& a, const Tensor<float>& b) {
-  DG_CHECK(a.is_contiguous() && b.is_contiguous() && a.shape() == b.shape(),
-           "cpu::mul_inplace: expected contiguous tensors of one shape, got ", shape_str(a.shape()), " and ",
-           shape_str(b.shape()));
-  float* pa = a.data();
-  const float* pb = b.data();
-  const int64_t n = a.numel();
-  DENSEGRAD_OMP(parallel for schedule(static) if (n >= detail::kActivationParallelMin))
-  for (int64_t i = 0; i < n; ++i) pa[i] *= pb[i];
-}
-
 }  // namespace dg::cpu
