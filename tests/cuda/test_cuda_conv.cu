@@ -51,17 +51,30 @@ struct Case {
   bool bias = true;
 };
 
+/// One conv2d call's random operands on the CPU (drawn in this order: x, w, b, dout) and geometry.
+template <class T>
+struct ConvData {
+  Tensor<T> x, w, b, dout;
+  Conv2dGeometry g;
+};
+template <class T>
+ConvData<T> conv_data(const Case& c, uint64_t seed) {
+  Generator gen(seed);
+  ConvData<T> d;
+  d.x = randn<T>(c.x, gen);
+  d.w = randn<T>(c.w, gen);
+  if (c.bias) d.b = randn<T>({c.w[0]}, gen);
+  const Shape bshape{c.w[0]};
+  d.g = conv2d_geometry(c.x, c.w, c.bias ? &bshape : nullptr, c.stride, c.padding, c.dilation, c.groups);
+  d.dout = randn<T>(d.g.out_shape(), gen);
+  return d;
+}
+
 /// Forward, grad input, grad weight and grad bias on the GPU vs dg::ref on the CPU.
 template <class T>
 void check_conv(const Case& c, uint64_t seed) {
   INFO((std::is_same_v<T, float> ? "float" : "double") << ", x " << shape_str(c.x) << ", weight " << shape_str(c.w));
-  Generator gen(seed);
-  const Tensor<T> x = randn<T>(c.x, gen), w = randn<T>(c.w, gen);
-  const Tensor<T> b = c.bias ? randn<T>({c.w[0]}, gen) : Tensor<T>();
-  const Shape bshape{c.w[0]};
-  const Conv2dGeometry g =
-      conv2d_geometry(c.x, c.w, c.bias ? &bshape : nullptr, c.stride, c.padding, c.dilation, c.groups);
-  const Tensor<T> dout = randn<T>(g.out_shape(), gen);
+  const auto [x, w, b, dout, g] = conv_data<T>(c, seed);
   const Device gpu = Device::cuda();
   const Tensor<T> xd = x.to(gpu), wd = w.to(gpu), dd = dout.to(gpu);
   const Tensor<T> bd = c.bias ? b.to(gpu) : Tensor<T>();
@@ -113,15 +126,9 @@ double max_abs_diff(const Tensor<float>& a, const Tensor<float>& b) {
 /// products of the same call (so the rounding did happen). Grad bias never multiplies.
 void check_conv_bf16(const Case& c, uint64_t seed) {
   INFO("bf16, x " << shape_str(c.x) << ", weight " << shape_str(c.w));
-  Generator gen(seed);
-  const Tensor<float> x = randn<float>(c.x, gen), w = randn<float>(c.w, gen);
-  const Tensor<float> b = c.bias ? randn<float>({c.w[0]}, gen) : Tensor<float>();
-  const Shape bshape{c.w[0]};
-  const Conv2dGeometry g =
-      conv2d_geometry(c.x, c.w, c.bias ? &bshape : nullptr, c.stride, c.padding, c.dilation, c.groups);
+  const auto [x, w, b, dout, g] = conv_data<float>(c, seed);
   Conv2dGeometry gb = g;
   gb.bf16 = true;
-  const Tensor<float> dout = randn<float>(g.out_shape(), gen);
   const Device gpu = Device::cuda();
   const Tensor<float> xd = x.to(gpu), wd = w.to(gpu), dd = dout.to(gpu);
   const Tensor<float> bd = c.bias ? b.to(gpu) : Tensor<float>();
@@ -267,12 +274,8 @@ TEST_CASE("cuda conv2d with bf16 products equals float64 on bf16-rounded operand
 TEST_CASE("cuda conv2d: grouped and depthwise convs ignore bf16 (float products, as on the CPU)", "[cuda][bf16]") {
   if (dg::cuda::device_count() == 0) { WARN("no CUDA device: skipped"); return; }
   for (const Case& c : {Case{{2, 6, 9, 8}, {4, 3, 3, 3}, 1, 1, 1, 2}, Case{{2, 5, 9, 11}, {5, 1, 7, 7}, 1, 3, 1, 5}}) {
-    Generator gen(48);
-    const Tensor<float> x = randn<float>(c.x, gen), w = randn<float>(c.w, gen), b = randn<float>({c.w[0]}, gen);
-    const Shape bshape{c.w[0]};
-    Conv2dGeometry g = conv2d_geometry(c.x, c.w, &bshape, c.stride, c.padding, c.dilation, c.groups);
+    auto [x, w, b, dout, g] = conv_data<float>(c, 48);
     g.bf16 = true;
-    const Tensor<float> dout = randn<float>(g.out_shape(), gen);
     const Device gpu = Device::cuda();
     require_matches(cuda::conv2d_forward(x.to(gpu), w.to(gpu), b.to(gpu), g), ref::conv2d_forward(x, w, b, g),
                     "forward " + shape_str(c.w));

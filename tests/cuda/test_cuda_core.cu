@@ -321,24 +321,31 @@ rdnet::RDNetConfig small_config() {
   return c;
 }
 
-/// Gives both models the same random weights, with layer scale far from its 1e-6 init.
-void same_random_weights(rdnet::RDNet<float>& a, rdnet::RDNet<float>& b, uint64_t seed) {
-  dg::NoGradGuard ng;
-  dg::Generator gen(seed);
-  auto pa = a.parameters(), pb = b.parameters();
-  for (size_t i = 0; i < pa.size(); ++i) {
-    pa[i].copy_(dg::randn<float>(pa[i].shape(), gen, 0.0, 0.3));
-    pb[i].copy_(pa[i]);
+/// Two small RDNets with the same random weights (layer scale far from its 1e-6 init), one on
+/// the CPU and one moved to the GPU.
+struct TwinModels {
+  dg::Generator init;
+  rdnet::RDNet<float> cpu, gpu;
+  TwinModels(uint64_t init_seed, uint64_t weight_seed)
+      : init(init_seed), cpu(small_config(), init), gpu(small_config(), init) {
+    {
+      dg::NoGradGuard ng;
+      dg::Generator gen(weight_seed);
+      auto pa = cpu.parameters(), pb = gpu.parameters();
+      for (size_t i = 0; i < pa.size(); ++i) {
+        pa[i].copy_(dg::randn<float>(pa[i].shape(), gen, 0.0, 0.3));
+        pb[i].copy_(pa[i]);
+      }
+    }
+    gpu.to(kGpu);
   }
-}
+};
 
 TEST_CASE("cuda: a small RDNet trains the same on the GPU as on the CPU (logits, loss, grads, AdamW)") {
   DG_REQUIRE_GPU();
-  const rdnet::RDNetConfig c = small_config();
-  dg::Generator init(60);
-  rdnet::RDNet<float> cpu_model(c, init), gpu_model(c, init);
-  same_random_weights(cpu_model, gpu_model, 61);
-  gpu_model.to(kGpu);
+  TwinModels twins(60, 61);
+  rdnet::RDNet<float>& cpu_model = twins.cpu;
+  rdnet::RDNet<float>& gpu_model = twins.gpu;
   auto opts = dg::optim::AdamWOptions().lr(1e-3).weight_decay(0.05);
   dg::optim::AdamW<float> cpu_opt(dg::optim::timm_param_groups(cpu_model, 0.05), opts);
   dg::optim::AdamW<float> gpu_opt(dg::optim::timm_param_groups(gpu_model, 0.05), opts);
@@ -372,11 +379,9 @@ TEST_CASE("cuda: a small RDNet trains the same on the GPU as on the CPU (logits,
 
 TEST_CASE("cuda: bf16 products in a small RDNet stay close to fp32 (logits, grads) and train") {
   DG_REQUIRE_GPU();
-  const rdnet::RDNetConfig c = small_config();
-  dg::Generator init(63);
-  rdnet::RDNet<float> cpu_model(c, init), gpu_model(c, init);
-  same_random_weights(cpu_model, gpu_model, 64);
-  gpu_model.to(kGpu);
+  TwinModels twins(63, 64);
+  rdnet::RDNet<float>& cpu_model = twins.cpu;
+  rdnet::RDNet<float>& gpu_model = twins.gpu;
   dg::Generator data(65);
   const Tensor<float> x = dg::randn<float>({4, 3, 32, 32}, data);
   const Tensor<int64_t> y = dg::tensor<int64_t>({1, 4, 6, 0});

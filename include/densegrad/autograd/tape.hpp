@@ -111,10 +111,8 @@ constexpr int64_t kParallelAccumulate = int64_t(1) << 15;
 /// has at least kParallelAccumulate elements: f(offsets, n) as for_each_row's, each run once.
 template <size_t K, class F>
 void for_each_row_parallel(const Shape& shape, const std::array<const int64_t*, K>& strides, F&& f) {
-  int64_t numel = 1;
-  for (int64_t s : shape) numel *= s;
   const int64_t n0 = shape.empty() ? 1 : shape[0];
-  if (shape.empty() || n0 < 2 || numel < kParallelAccumulate) {
+  if (n0 < 2 || shape_numel(shape) < kParallelAccumulate) {
     for_each_row<K>(shape, strides, f);
     return;
   }
