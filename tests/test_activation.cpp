@@ -5,6 +5,8 @@
 
 #include <densegrad/ops/activation.hpp>
 
+namespace test_activation {
+
 using namespace dg;
 using Catch::Contains;
 
@@ -168,3 +170,5 @@ TEST_CASE("softmax and log_softmax reject a bad dim") {
   REQUIRE_THROWS_WITH(softmax(x, 2), Contains("softmax: dim 2 out of range for a 2-D tensor (expected in [-2, 1])"));
   REQUIRE_THROWS_WITH(log_softmax(x, -3), Contains("log_softmax: dim -3 out of range for a 2-D tensor"));
 }
+
+}  // namespace test_activation

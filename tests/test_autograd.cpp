@@ -7,6 +7,8 @@
 #include <thread>
 #include <vector>
 
+namespace test_autograd {
+
 using namespace dg;
 using Catch::Contains;
 
@@ -282,3 +284,5 @@ TEST_CASE("gradients flow through dtype conversions and only into inputs that ne
   CHECK_FALSE(c.grad().defined());
   REQUIRE_THROWS_WITH(x.to<int64_t>(), Contains("not differentiable"));
 }
+
+}  // namespace test_autograd

@@ -6,6 +6,8 @@
 #include <string>
 #include <vector>
 
+namespace test_autograd_hooks {
+
 using namespace dg;
 using Catch::Contains;
 
@@ -109,3 +111,5 @@ TEST_CASE("post-accumulate-grad hook: only on leaves that require grad", "[autog
                       Contains("expected a leaf tensor that requires grad"));
   REQUIRE_THROWS_WITH(autograd::register_post_accumulate_grad_hook<float>(w, nullptr), Contains("the hook is empty"));
 }
+
+}  // namespace test_autograd_hooks

@@ -6,6 +6,8 @@
 
 #include "test_util.hpp"
 
+namespace test_bf16 {
+
 using namespace dg;
 
 namespace {
@@ -166,3 +168,5 @@ TEST_CASE("bf16 products: conv2d and gelu_conv2d record the precision of their f
     for (int i = 0; i < 3; ++i) CHECK(max_abs_diff(both[i], unfused[i]) == 0);
   }
 }
+
+}  // namespace test_bf16

@@ -5,6 +5,8 @@
 
 #include <densegrad/ops/concat.hpp>
 
+namespace test_concat {
+
 using dg::Tensor;
 
 namespace {
@@ -147,3 +149,5 @@ TEST_CASE("concat and split errors") {
                       Catch::Contains("split: sizes [3, 3] add up to 6, but dim 1 has size 7"));
   REQUIRE_THROWS_WITH(dg::split(x, 2, 2), Catch::Contains("split: dim 2 out of range"));
 }
+
+}  // namespace test_concat

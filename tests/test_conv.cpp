@@ -5,6 +5,8 @@
 
 #include <densegrad/ops/conv.hpp>
 
+namespace test_conv {
+
 using namespace dg;
 using Catch::Contains;
 
@@ -284,3 +286,5 @@ TEST_CASE("conv2d output size floors like PyTorch") {
   // H: (9 - 2) / 2 + 1 = 4; W: (8 + 2 - 3) / 3 + 1 = 3
   REQUIRE(y.shape() == Shape{1, 1, 4, 3});
 }
+
+}  // namespace test_conv

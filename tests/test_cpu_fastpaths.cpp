@@ -12,6 +12,8 @@
 
 #include "test_util.hpp"
 
+namespace test_cpu_fastpaths {
+
 using namespace dg;
 
 namespace {
@@ -486,3 +488,5 @@ TEST_CASE("release_cached_cpu_memory frees what tensors gave back", "[fastpath][
   CHECK(release_cached_cpu_memory() >= 1000 * 17 * sizeof(float));
   CHECK(release_cached_cpu_memory() == 0);
 }
+
+}  // namespace test_cpu_fastpaths

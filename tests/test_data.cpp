@@ -14,6 +14,8 @@
 
 #include <densegrad/data/data.hpp>
 
+namespace test_data {
+
 using dg::Tensor;
 namespace data = dg::data;
 namespace fs = std::filesystem;
@@ -748,3 +750,5 @@ TEST_CASE("loader: uint8 images are scaled to [0, 1] and normalized, option erro
                       Catch::Contains("one mean and one std per channel (1), got 2 means"));
   REQUIRE_THROWS_WITH(data::DataLoader(ds, data::LoaderOptions().workers(-1)), Catch::Contains("num_workers >= 0"));
 }
+
+}  // namespace test_data

@@ -6,6 +6,8 @@
 
 #include "test_util.hpp"
 
+namespace test_dense {
+
 using namespace dg;
 
 namespace {
@@ -387,3 +389,5 @@ TEST_CASE("DenseStage gradcheck in double through the shared buffer, with and wi
                               {x.requires_grad_()});
   }
 }
+
+}  // namespace test_dense

@@ -3,6 +3,8 @@
 // exercises the whole path without a GPU.
 #include "test_util.hpp"
 
+namespace test_device {
+
 using dg::Device;
 using dg::Tensor;
 
@@ -73,3 +75,5 @@ TEST_CASE("set_data_ rebinds every handle and refuses while recording a paramete
   auto p = dg::zeros<float>({2}).requires_grad_();
   REQUIRE_THROWS_WITH(p.set_data_(dg::ones<float>({2})), Catch::Contains("set_data_: in-place change"));
 }
+
+}  // namespace test_device

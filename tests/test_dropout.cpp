@@ -6,6 +6,8 @@
 
 #include <densegrad/ops/dropout.hpp>
 
+namespace test_dropout {
+
 using dg::Tensor;
 
 namespace {
@@ -133,3 +135,5 @@ TEST_CASE("dropout and drop_path errors") {
   REQUIRE_THROWS_WITH(dg::drop_path(x, 2.0, true, gen), Catch::Contains("drop_path: drop_prob has to be between 0 and 1"));
   REQUIRE_THROWS_WITH(dg::drop_path(dg::scalar_tensor(1.f), 0.5, true, gen), Catch::Contains("batch dim"));
 }
+
+}  // namespace test_dropout

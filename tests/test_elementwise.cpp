@@ -7,6 +7,8 @@
 #include <functional>
 #include <vector>
 
+namespace test_elementwise {
+
 using namespace dg;
 using Catch::Contains;
 using Fn = std::function<Tensor<double>(const std::vector<Tensor<double>>&)>;
@@ -217,3 +219,5 @@ TEST_CASE("pow abs clamp and scalar operators parity with torch", "[elementwise]
   dgtest::check_parity("core", "scalar_ops", 1,
                [](const auto& v) { return (2.5 * v[0] + 1.0) - 3.0 / v[0] + v[0] / 4.0 - (1.5 - v[0]); });
 }
+
+}  // namespace test_elementwise

@@ -6,6 +6,8 @@
 
 #include <densegrad/ops/fused.hpp>
 
+namespace test_fused {
+
 using namespace dg;
 using Catch::Contains;
 using V = std::vector<Tensor<double>>;
@@ -115,3 +117,5 @@ TEST_CASE("gelu_conv2d rejects bad shapes and devices naming itself") {
   CHECK_THROWS_WITH(gelu_conv2d(h, w, {}, 0), Contains("gelu_conv2d: stride must be positive"));
   CHECK_THROWS_WITH(gelu_conv2d(Tensor<float>(), w), Contains("gelu_conv2d: x and weight must be defined"));
 }
+
+}  // namespace test_fused

@@ -16,6 +16,8 @@
 #include "densegrad/io/npy.hpp"
 #include "densegrad/io/safetensors.hpp"
 
+namespace test_io {
+
 using namespace dg;
 using namespace dg::io;
 using Catch::Contains;
@@ -635,3 +637,5 @@ TEST_CASE("safetensors: atomic writes and file errors name the path", "[io][safe
   REQUIRE_THROWS_WITH(read_safetensors(dir.file("cut.safetensors")),
                       Contains(dir.file("cut.safetensors")) && Contains("MetadataIncompleteBuffer"));
 }
+
+}  // namespace test_io

@@ -4,6 +4,8 @@
 
 #include <densegrad/ops/linear.hpp>
 
+namespace test_linear {
+
 using dg::Tensor;
 
 namespace {
@@ -61,3 +63,5 @@ TEST_CASE("linear errors") {
   REQUIRE_THROWS_WITH(dg::linear(dg::zeros<float>({3, 5}), w, dg::zeros<float>({5})),
                       Catch::Contains("linear: bias must be (4) for weight [4, 5], got shape [5]"));
 }
+
+}  // namespace test_linear

@@ -5,6 +5,8 @@
 
 #include <densegrad/ops/loss.hpp>
 
+namespace test_loss {
+
 using dg::Tensor;
 
 namespace {
@@ -100,3 +102,5 @@ TEST_CASE("cross_entropy errors") {
                       Catch::Contains("label_smoothing must be between 0.0 and 1.0, got -0.1"));
   REQUIRE_THROWS_WITH(dg::cross_entropy(x, dg::zeros<float>({3, 10}), 1.5), Catch::Contains("got 1.5"));
 }
+
+}  // namespace test_loss

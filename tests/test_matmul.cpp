@@ -7,6 +7,8 @@
 #include <functional>
 #include <vector>
 
+namespace test_matmul {
+
 using namespace dg;
 using Catch::Contains;
 
@@ -127,3 +129,5 @@ TEST_CASE("matmul parity with torch: 1-D, 2-D, batched and broadcast batch", "[m
     dgtest::check_parity("core", c, 2, [](const auto& v) { return matmul(v[0], v[1]); });
   }
 }
+
+}  // namespace test_matmul

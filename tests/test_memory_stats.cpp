@@ -10,6 +10,8 @@
 
 #include "test_util.hpp"
 
+namespace test_memory_stats {
+
 using namespace dg;
 
 TEST_CASE("cpu_memory_allocated: the requested bytes of live tensors, exactly, and views add nothing") {
@@ -147,3 +149,5 @@ TEST_CASE("cpu_max_memory_allocated: an RDNet step peaks lower with the shared b
   CHECK(recompute < buffer);
   CHECK(recompute * 10 < naive * 9);  // at least 10% below naive at 6 blocks
 }
+
+}  // namespace test_memory_stats

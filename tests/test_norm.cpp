@@ -5,6 +5,8 @@
 
 #include <densegrad/ops/norm.hpp>
 
+namespace test_norm {
+
 using namespace dg;
 using Catch::Contains;
 
@@ -259,3 +261,5 @@ TEST_CASE("layer_norm2d errors name the op, the rule and the shapes") {
   REQUIRE_THROWS_WITH(layer_norm2d(zeros<float>({1, 3, 4, 4}), zeros<float>({3}), zeros<float>({3, 1})),
                       Contains("layer_norm2d: bias has shape [3, 1], expected [3]"));
 }
+
+}  // namespace test_norm

@@ -9,6 +9,8 @@
 
 #include <densegrad/optim/optim.hpp>
 
+namespace test_optim {
+
 using dg::Tensor;
 namespace optim = dg::optim;
 
@@ -544,3 +546,5 @@ TEST_CASE("ModelEMA of a bfloat16 model keeps fp32 averages") {
   std::map<std::string, Tensor<float>> sd = ema.state_dict();
   REQUIRE(sd.at("w").at({0}) == Approx(1 - std::pow(0.9999, 10)).epsilon(1e-4));
 }
+
+}  // namespace test_optim

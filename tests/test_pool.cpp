@@ -4,6 +4,8 @@
 
 #include <densegrad/ops/pool.hpp>
 
+namespace test_pool {
+
 using dg::Tensor;
 
 namespace {
@@ -70,3 +72,5 @@ TEST_CASE("adaptive_avg_pool2d errors") {
   REQUIRE_THROWS_WITH(dg::adaptive_avg_pool2d(dg::zeros<float>({2, 3, 0, 9}), 1, 1),
                       Catch::Contains("input spatial size must be non-empty"));
 }
+
+}  // namespace test_pool

@@ -7,6 +7,8 @@
 
 #include "test_util.hpp"
 
+namespace test_rdnet {
+
 using dg::Tensor;
 
 namespace {
@@ -222,3 +224,5 @@ TEST_CASE("rdnet small block gradcheck in double") {
     }
   }
 }
+
+}  // namespace test_rdnet

@@ -8,6 +8,8 @@
 #include <functional>
 #include <vector>
 
+namespace test_reduce {
+
 using namespace dg;
 using Catch::Contains;
 
@@ -159,3 +161,5 @@ TEST_CASE("max parity with torch.amax over one, several and all dims", "[reduce]
   dgtest::check_parity("core", "max_dims02_keep", 1, [](const auto& v) { const auto& x = v[0]; return max(x, {0, 2}, true); });
   dgtest::check_parity("core", "max_all", 1, [](const auto& v) { const auto& x = v[0]; return x.max(); });
 }
+
+}  // namespace test_reduce

@@ -12,6 +12,8 @@
 
 #include "test_util.hpp"
 
+namespace test_reliability {
+
 using dg::Tensor;
 
 namespace {
@@ -296,3 +298,5 @@ TEST_CASE("reliability: linear and matmul name themselves when refusing devices"
   };
   check_refusals(cases);
 }
+
+}  // namespace test_reliability

@@ -7,6 +7,8 @@
 #include <functional>
 #include <vector>
 
+namespace test_shape {
+
 using namespace dg;
 using Catch::Contains;
 
@@ -124,3 +126,5 @@ TEST_CASE("view op parity with torch: values and gradients", "[shape][parity]") 
   dgtest::check_parity("core", "unsqueeze_squeeze", 1, [](const auto& v) { const auto& x = v[0]; return x.unsqueeze(1).squeeze(0); });
   dgtest::check_parity("core", "flatten", 1, [](const auto& v) { const auto& x = v[0]; return x.flatten(1, 2); });
 }
+
+}  // namespace test_shape

@@ -7,6 +7,8 @@
 #include <limits>
 #include <vector>
 
+namespace test_tensor {
+
 using namespace dg;
 using Catch::Contains;
 
@@ -327,3 +329,5 @@ TEST_CASE("dims out of range name the op and the valid range", "[tensor][errors]
   CHECK(x.size(-1) == 3);
   CHECK(x.stride(-2) == 3);
 }
+
+}  // namespace test_tensor

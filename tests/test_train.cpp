@@ -8,6 +8,8 @@
 #include "rdnet/train_util.hpp"
 #include "test_util.hpp"
 
+namespace test_train {
+
 namespace tu = train_util;
 
 namespace {
@@ -158,3 +160,5 @@ TEST_CASE("train_util write_text_atomic and has_fashion_mnist") {
   std::ofstream(dir + "/FashionMNIST/raw/train-images-idx3-ubyte.gz") << "x";
   CHECK(tu::has_fashion_mnist(dir));
 }
+
+}  // namespace test_train
