@@ -43,6 +43,7 @@ struct BenchArgs {
   int threads = 0;  // 0: OpenMP's default
   bool tf32 = false;
   bool naive_concat = false, memory_efficient = false;  // RDNetConfig::dense_buffer = !naive_concat, memory_efficient
+  double cache_budget = 0;  // dg::set_cpu_cache_budget; 0: 2, or 1.25 with --memory-efficient
   std::string op = "none";  // one op instead of the model: dwconv7, layernorm2d, pwconv, concat
   int64_t channels = 128;   // the op's input channels
   uint64_t seed = 0;
@@ -172,6 +173,10 @@ int main(int argc, char** argv) {
                "dense stages concat all features for every block (the naive path) instead of filling one buffer");
   app.add_flag("--memory-efficient", a.memory_efficient,
                "recompute each dense block in backward instead of keeping its activations");
+  app.add_option("--cache-budget", a.cache_budget,
+                 "the CPU allocator holds memory in use plus cached up to this factor of the most in use at once "
+                 "(default 2, or 1.25 with --memory-efficient)")
+      ->check(CLI::Range(1.0, 1e6));
   app.add_option("--op", a.op,
                  "time one op of a dense block instead of the model, on (batch, channels, res, res): depthwise 7x7 "
                  "conv, LayerNorm2d, 1x1 conv to 4 x channels, or concat with 32 more channels")
@@ -194,6 +199,7 @@ int main(int argc, char** argv) {
     std::printf("rdnet_bench: this build has no AVX512-BF16 (compile with -march=native on a CPU that has it): "
                 "--precision bf16 runs fp32 products\n");
   dg::set_matmul_precision(dg::parse_matmul_precision(a.precision));
+  dg::set_cpu_cache_budget(a.cache_budget > 0 ? a.cache_budget : a.memory_efficient ? 1.25 : 2.0);
 
 #ifdef DENSEGRAD_WITH_OPENMP
   if (a.threads > 0) omp_set_num_threads(a.threads);

@@ -3,6 +3,7 @@
 // dims (cpu::sum), concatenation (cpu::concat), depthwise padded-plane conv kernels, dense convs
 // as panel GEMMs over several images, GELU packets, in-place gradient accumulation on the tape
 // (threaded above 2^15 elements; a leaf's first gradient adopted), and the caching CPU allocator. Kernels that split work over OpenMP threads run on 1 and 2.
+#include <cstring>
 #include <random>
 #include <thread>
 
@@ -464,6 +465,53 @@ TEST_CASE("caching CPU allocator gives the oldest blocks back on a miss", "[fast
   for (size_t k = 0; k < live.size(); ++k) r.deallocate(live[k], sizes[k]);
   r.release_cached();
   CHECK(r.cached_bytes() == 0);
+}
+
+TEST_CASE("caching CPU allocator keeps in use + cached within its budget, big blocks included", "[fastpath][storage]") {
+  using A = CachingCpuAllocator;
+  // Sizes from 64 bytes to 8 MiB: blocks of 1 MiB and more are pages of their own (mmap on Linux).
+  for (double budget : {1.0, 1.25, 1.5, 3.0}) {
+    INFO("budget " << budget);
+    A r;
+    r.set_budget(budget);
+    std::mt19937 rng(11);
+    std::vector<size_t> sizes;
+    std::vector<void*> live;
+    size_t in_use = 0, peak = 0, worst = 0;
+    bool bounded = true, intact = true;
+    for (int i = 0; i < 600; ++i) {
+      if (live.empty() || rng() % 3 != 0) {
+        const size_t base = size_t(64) << (rng() % 17), n = base + rng() % base;
+        auto* p = static_cast<unsigned char*>(r.allocate(n));
+        std::memset(p, 0x5a, n);  // every byte of the block is there
+        live.push_back(p);
+        sizes.push_back(n);
+        in_use += A::size_class(n);
+      } else {
+        const size_t k = rng() % live.size();
+        auto* p = static_cast<unsigned char*>(live[k]);
+        if (p[0] != 0x5a || p[sizes[k] - 1] != 0x5a) intact = false;  // no other block overlapped it
+        r.deallocate(p, sizes[k]);
+        in_use -= A::size_class(sizes[k]);
+        live.erase(live.begin() + static_cast<std::ptrdiff_t>(k));
+        sizes.erase(sizes.begin() + static_cast<std::ptrdiff_t>(k));
+      }
+      peak = std::max(peak, in_use);
+      worst = std::max(worst, in_use + r.cached_bytes());
+      if (static_cast<double>(in_use + r.cached_bytes()) > budget * static_cast<double>(peak)) bounded = false;
+    }
+    CHECK(bounded);
+    CHECK(intact);
+    if (budget > 1.0) CHECK(worst > peak);  // above 1 the cache keeps blocks
+    for (size_t k = 0; k < live.size(); ++k) r.deallocate(live[k], sizes[k]);
+    r.release_cached();
+    CHECK(r.cached_bytes() == 0);
+  }
+  A a;
+  REQUIRE_THROWS_WITH(a.set_budget(0.5), Catch::Contains("expected a factor >= 1, got 0.5"));
+  REQUIRE_THROWS_WITH(a.set_budget(std::nan("")), Catch::Contains("expected a factor >= 1"));
+  REQUIRE_THROWS_WITH(set_cpu_cache_budget(0.9), Catch::Contains("expected a factor >= 1, got 0.9"));
+  set_cpu_cache_budget(2.0);  // the default
 }
 
 TEST_CASE("caching CPU allocator is thread-safe", "[fastpath][storage]") {

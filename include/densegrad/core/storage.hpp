@@ -10,6 +10,7 @@
 #include <array>
 #include <atomic>
 #include <cstdint>
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <list>
@@ -32,6 +33,10 @@
 #else
 #define DENSEGRAD_POISON_(p, n) ((void)(p), (void)(n))
 #define DENSEGRAD_UNPOISON_(p, n) ((void)(p), (void)(n))
+#endif
+
+#if defined(__linux__) && !defined(DENSEGRAD_ASAN)
+#include <sys/mman.h>
 #endif
 
 #include "device.hpp"
@@ -75,8 +80,8 @@ struct CpuAllocator final : Allocator {
 /// training step at batch 16, 224 px, --memory-efficient, reached 2554 MiB peak RSS with a cache
 /// that only grew (1059 MiB of tensors), 2420 MiB with this bound. A tighter bound trades speed
 /// for memory: at 1.25 x the peak, RDNet nano's steps kept giving back and re-faulting blocks
-/// and ran 20% slower. release_cached() frees every cached block; set_max_cached_bytes() caps
-/// the cache.
+/// and ran 20% slower. set_budget() changes the factor (set_cpu_cache_budget() for the default
+/// allocator); release_cached() frees every cached block; set_max_cached_bytes() caps the cache.
 class CachingCpuAllocator final : public Allocator {
  public:
   CachingCpuAllocator() = default;
@@ -102,7 +107,8 @@ class CachingCpuAllocator final : public Allocator {
       }
       // a miss: the oldest blocks go back first, until in use + cached fits the budget again
       peak_ = std::max(peak_, in_use_ + c);
-      while (!lru_.empty() && in_use_ + cached_ + c > 2 * peak_) {
+      const auto budget = static_cast<size_t>(budget_ * static_cast<double>(peak_));
+      while (!lru_.empty() && in_use_ + cached_ + c > budget) {
         const Block b = lru_.front();
         auto& same = free_[b.c];  // oldest first too: b is its front
         same.erase(same.begin());
@@ -160,6 +166,12 @@ class CachingCpuAllocator final : public Allocator {
     std::lock_guard<std::mutex> lock(mu_);
     max_cached_bytes_ = n;
   }
+  /// Memory in use plus cached may reach `factor` times the most ever in use (default 2; >= 1).
+  void set_budget(double factor) {
+    DG_CHECK(factor >= 1.0 && std::isfinite(factor), "cache budget: expected a factor >= 1, got ", factor);
+    std::lock_guard<std::mutex> lock(mu_);
+    budget_ = factor;
+  }
   /// The smallest class >= nbytes: a multiple of 64 up to 256 bytes, else a multiple of 1/8 of the
   /// power of two at or above nbytes.
   static size_t size_class(size_t nbytes) {
@@ -170,8 +182,24 @@ class CachingCpuAllocator final : public Allocator {
   }
 
  private:
+  // Blocks of 1 MiB and more are pages of their own (mmap), so a block given back leaves the RSS
+  // at once; from malloc's heap, freed memory may stay resident. Not under ASan: its malloc
+  // puts redzones around each block, which catch overflows.
+#if defined(__linux__) && !defined(DENSEGRAD_ASAN)
+  static constexpr size_t kMappedBytes = size_t{1} << 20;
+  static void* new_block(size_t c) {
+    if (c < kMappedBytes) return std::aligned_alloc(64, c);  // c is a multiple of 64
+    void* p = ::mmap(nullptr, c, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    return p == MAP_FAILED ? nullptr : p;
+  }
+  static void release_block(void* p, size_t c) {
+    if (c < kMappedBytes) std::free(p);
+    else ::munmap(p, c);
+  }
+#else
   static void* new_block(size_t c) { return std::aligned_alloc(64, c); }  // c is a multiple of 64
   static void release_block(void* p, size_t) { std::free(p); }
+#endif
   struct Block {
     void* p;
     size_t c;  // its size class
@@ -181,6 +209,7 @@ class CachingCpuAllocator final : public Allocator {
   std::map<size_t, std::vector<std::list<Block>::iterator>> free_;  // size class -> its blocks in lru_, oldest first
   size_t cached_ = 0, max_cached_bytes_ = SIZE_MAX;
   size_t in_use_ = 0, peak_ = 0;  // bytes handed out now and at most (size classes)
+  double budget_ = 2.0;           // in use + cached <= budget_ * peak_ after a miss
 };
 
 namespace detail {
@@ -240,6 +269,12 @@ inline size_t release_cached_cpu_memory() {
   detail::default_cpu_allocator().release_cached();
   return n;
 }
+
+/// How much memory the default CPU allocator may hold: in use plus cached up to `factor` times the
+/// most ever in use at once (default 2). Lower keeps the RSS nearer to what tensors need, at the
+/// cost of giving blocks back and faulting fresh pages more often. Frees nothing by itself.
+///   dg::set_cpu_cache_budget(1.25);  // e.g. with RDNetConfig::memory_efficient
+inline void set_cpu_cache_budget(double factor) { detail::default_cpu_allocator().set_budget(factor); }
 
 /// The allocator used for new storage on devices of `kind`.
 inline Allocator* get_allocator(Device::Kind kind) { return detail::allocator_table()[static_cast<int>(kind)]; }
