@@ -477,24 +477,29 @@ TEST_CASE("caching CPU allocator keeps in use + cached within its budget, big bl
     std::mt19937 rng(11);
     std::vector<size_t> sizes;
     std::vector<void*> live;
+    std::vector<unsigned char> tags;  // each block filled with its own byte
     size_t in_use = 0, peak = 0, worst = 0;
     bool bounded = true, intact = true;
     for (int i = 0; i < 600; ++i) {
       if (live.empty() || rng() % 3 != 0) {
         const size_t base = size_t(64) << (rng() % 17), n = base + rng() % base;
         auto* p = static_cast<unsigned char*>(r.allocate(n));
-        std::memset(p, 0x5a, n);  // every byte of the block is there
+        const auto tag = static_cast<unsigned char>(1 + i % 251);
+        std::memset(p, tag, n);  // every byte of the block is there
         live.push_back(p);
         sizes.push_back(n);
+        tags.push_back(tag);
         in_use += A::size_class(n);
       } else {
         const size_t k = rng() % live.size();
         auto* p = static_cast<unsigned char*>(live[k]);
-        if (p[0] != 0x5a || p[sizes[k] - 1] != 0x5a) intact = false;  // no other block overlapped it
+        if (p[0] != tags[k] || p[sizes[k] / 2] != tags[k] || p[sizes[k] - 1] != tags[k])
+          intact = false;  // a block handed out twice would carry another block's byte
         r.deallocate(p, sizes[k]);
         in_use -= A::size_class(sizes[k]);
         live.erase(live.begin() + static_cast<std::ptrdiff_t>(k));
         sizes.erase(sizes.begin() + static_cast<std::ptrdiff_t>(k));
+        tags.erase(tags.begin() + static_cast<std::ptrdiff_t>(k));
       }
       peak = std::max(peak, in_use);
       worst = std::max(worst, in_use + r.cached_bytes());
