@@ -199,7 +199,6 @@ int main(int argc, char** argv) {
     std::printf("rdnet_bench: this build has no AVX512-BF16 (compile with -march=native on a CPU that has it): "
                 "--precision bf16 runs fp32 products\n");
   dg::set_matmul_precision(dg::parse_matmul_precision(a.precision));
-  dg::set_cpu_cache_budget(a.cache_budget > 0 ? a.cache_budget : a.memory_efficient ? 1.25 : 2.0);
 
 #ifdef DENSEGRAD_WITH_OPENMP
   if (a.threads > 0) omp_set_num_threads(a.threads);
@@ -224,6 +223,7 @@ int main(int argc, char** argv) {
     rdnet::RDNetConfig cfg = rdnet::RDNetConfig::by_name(a.model);
     cfg.dense_buffer = !a.naive_concat;
     cfg.memory_efficient = a.memory_efficient;
+    rdnet::set_cache_budget_for(cfg, a.cache_budget);
     dg::Generator gen(a.seed);
     rdnet::RDNet<float> model(cfg, gen);
     model.to(device);

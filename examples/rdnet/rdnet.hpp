@@ -99,6 +99,13 @@ struct RDNetConfig {
   }
 };
 
+/// Sets the CPU allocator's cache budget for a program's run (dg::set_cpu_cache_budget): the
+/// requested factor when one was given (> 0), else 1.25 for a memory-efficient model (its memory
+/// is the point) and the allocator's default 2 otherwise.
+inline void set_cache_budget_for(const RDNetConfig& cfg, double requested) {
+  dg::set_cpu_cache_budget(requested > 0 ? requested : cfg.memory_efficient ? 1.25 : 2.0);
+}
+
 /// Multiply-accumulates of one forward pass on a (1, in_chans, h, w) image: convolutions and
 /// the classifier, the way timm's GMACs are counted (norms, activations and pooling excluded).
 /// tiny at 224 px: 5,032,673,424.

@@ -278,7 +278,7 @@ int train_main(int argc, char** argv) {
     cfg.drop_path_rate = a.drop_path;
     cfg.ls_init_value = a.ls_init;
     cfg.memory_efficient = a.memory_efficient;
-    dg::set_cpu_cache_budget(a.cache_budget > 0 ? a.cache_budget : a.memory_efficient ? 1.25 : 2.0);
+    rdnet::set_cache_budget_for(cfg, a.cache_budget);
     dg::Generator init_gen(a.seed);
     rdnet::RDNet<float> model(cfg, init_gen);
     // ---- device: the model moves before the optimizer is made (its state lives beside the weights)
