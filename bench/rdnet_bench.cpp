@@ -6,6 +6,7 @@
 //   rdnet_bench --model tiny --batch 64 --mode infer --device cuda --tf32
 //   rdnet_bench --model tiny --batch 16 --iters 1 --warmup 0 --naive-concat   (peak RSS per dense path)
 //   rdnet_bench --op dwconv7 --batch 8 --res 56 --channels 128   (one op: forward + backward, or forward)
+//   rdnet_bench --model tiny --batch 64 --device cuda --tf32 --profile shapes   (time per op, after the timing)
 // The last line is machine-readable (bench/compare and bench/gpu_compare.sh parse it):
 //   RESULT model=tiny mode=train batch=8 res=224 device=cpu img_per_s=X peak_rss_mb=Y peak_gpu_mb=Z
 //       peak_tensors_mb=T precision=fp32
@@ -47,6 +48,7 @@ struct BenchArgs {
   std::string op = "none";  // one op instead of the model: dwconv7, layernorm2d, pwconv, concat
   int64_t channels = 128;   // the op's input channels
   uint64_t seed = 0;
+  std::string profile = "none";  // after the timed iterations, profile as many more: by op name or by op and shapes
 };
 
 /// Waits for the device's queued work, so a clock read after it sees that work done.
@@ -94,6 +96,20 @@ std::vector<double> time_iterations(const BenchArgs& a, bool cuda, Step&& step) 
   std::printf("rdnet_bench: per iteration: median %.2f ms, mean %.2f ms, min %.2f ms, max %.2f ms\n", median_of(ms),
               mean, *std::min_element(ms.begin(), ms.end()), *std::max_element(ms.begin(), ms.end()));
   return ms;
+}
+
+/// Runs `step` a.iters more times under a Profiler and prints its table, times per step.
+template <class Step>
+void profile_steps(const BenchArgs& a, Step&& step) {
+  dg::autograd::ProfilerOptions opts;
+  opts.record_shapes = a.profile == "shapes";
+  dg::autograd::Profiler prof(opts);
+  for (int64_t i = 0; i < a.iters; ++i) step();
+  prof.stop();
+  std::printf("\nrdnet_bench: profile of %lld more iterations (%s), each op timed on its own: %.2f ms per "
+              "iteration\n\n%s\n",
+              static_cast<long long>(a.iters), opts.record_shapes ? "by op and input shapes" : "by op",
+              prof.wall_ms() / static_cast<double>(a.iters), prof.table(opts.record_shapes ? 60 : 40, a.iters).c_str());
 }
 
 /// Images per second over all timed iterations.
@@ -181,6 +197,10 @@ int main(int argc, char** argv) {
                  "time one op of a dense block instead of the model, on (batch, channels, res, res): depthwise 7x7 "
                  "conv, LayerNorm2d, 1x1 conv to 4 x channels, or concat with 32 more channels")
       ->check(CLI::IsMember({"none", "dwconv7", "layernorm2d", "pwconv", "concat"}));
+  app.add_option("--profile", a.profile,
+                 "after the timed iterations, run as many more under dg::autograd::Profiler and print where the time "
+                 "goes: per op name (ops), or per op and input shapes (shapes); ops then run one after another")
+      ->check(CLI::IsMember({"none", "ops", "shapes"}));
   app.add_option("--channels", a.channels, "--op: input channels")->check(CLI::Range(int64_t{1}, int64_t{1} << 16));
   CLI11_PARSE(app, argc, argv);
 
@@ -256,6 +276,7 @@ int main(int argc, char** argv) {
         Tensor<float> logits = model.forward(x);  // (N, num_classes)
         Tensor<float> loss = dg::cross_entropy(logits, labels, 0.1);
         loss.backward();
+        dg::autograd::ProfileScope scope("AdamW step + zero_grad");  // a row of its own under --profile
         opt.step();
         opt.zero_grad();
         last = loss.detach();
@@ -275,6 +296,7 @@ int main(int argc, char** argv) {
       std::printf("rdnet_bench: last loss %.4f\n", sum);
 
     const double img_per_s = images_per_second(a, ms);
+    if (a.profile != "none") profile_steps(a, step);
     std::printf("RESULT model=%s mode=%s batch=%lld res=%lld device=%s img_per_s=%.2f peak_rss_mb=%.1f "
                 "peak_gpu_mb=%.1f peak_tensors_mb=%.1f precision=%s\n",
                 a.model.c_str(), a.mode.c_str(), static_cast<long long>(a.batch), static_cast<long long>(a.res),

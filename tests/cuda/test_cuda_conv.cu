@@ -168,6 +168,52 @@ TEST_CASE("cuda conv2d depthwise 7x7 pad 3 vs ref", "[cuda]") {
   check_conv<double>(c, 2);
 }
 
+TEST_CASE("cuda conv2d depthwise stride 1, 3x3/5x5/7x7 (register kernels): strips, chunks, any padding vs ref",
+          "[cuda]") {
+  if (dg::cuda::device_count() == 0) { WARN("no CUDA device: skipped"); return; }
+  // 23 rows: the last strip of 7 is partial; 3 images of 37 channels: grad weight in 3 chunks
+  check_conv<float>({{3, 37, 23, 29}, {37, 1, 7, 7}, 1, 3, 1, 37}, 11);
+  check_conv<double>({{3, 37, 23, 29}, {37, 1, 7, 7}, 1, 3, 1, 37}, 12);
+  // no padding (the output is smaller), padding past K - 1 (the grad input's padding is negative)
+  for (int64_t pad : {0, 1, 3}) {
+    INFO("3x3, padding " << pad);
+    check_conv<float>({{2, 6, 13, 10}, {6, 1, 3, 3}, 1, pad, 1, 6}, 13 + pad);
+    check_conv<double>({{2, 6, 13, 10}, {6, 1, 3, 3}, 1, pad, 1, 6, false}, 17 + pad);
+  }
+  check_conv<float>({{1, 130, 7, 7}, {130, 1, 5, 5}, 1, Pair2(1, 2), 1, 130}, 21);  // one image, rows != cols padding
+  check_conv<double>({{70, 2, 14, 14}, {2, 1, 7, 7}, 1, 3, 1, 2}, 22);  // many images, few channels
+}
+
+TEST_CASE("cuda conv2d depthwise reads a batch-strided input (a window of channels) in place", "[cuda]") {
+  if (dg::cuda::device_count() == 0) { WARN("no CUDA device: skipped"); return; }
+  Generator gen(23);
+  const Tensor<float> big = randn<float>({3, 11, 16, 15}, gen), w = randn<float>({6, 1, 7, 7}, gen);
+  const Tensor<float> b = randn<float>({6}, gen), dout = randn<float>({3, 6, 16, 15}, gen);
+  const Tensor<float> x = big.narrow(1, 2, 6);  // images 11*16*15 apart: batch-strided, not contiguous
+  REQUIRE_FALSE(x.is_contiguous());
+  const Shape bshape{6};
+  const Conv2dGeometry g = conv2d_geometry(x.shape(), w.shape(), &bshape, 1, 3, 1, 6);
+  const Device gpu = Device::cuda();
+  const Tensor<float> xd = big.to(gpu).narrow(1, 2, 6);
+  REQUIRE(batch_stride(xd) == 11 * 16 * 15);
+  const Tensor<float> xc = x.contiguous();
+  require_matches(cuda::conv2d_forward(xd, w.to(gpu), b.to(gpu), g), ref::conv2d_forward(xc, w, b, g), "forward");
+  require_matches(cuda::conv2d_backward_weight(dout.to(gpu), xd, g), ref::conv2d_backward_weight(dout, xc, g),
+                  "grad weight");
+  // A stride-2 depthwise conv takes the tiled kernels, which copy such a view first.
+  const Conv2dGeometry g2 = conv2d_geometry(x.shape(), w.shape(), &bshape, 2, 3, 1, 6);
+  const Tensor<float> dout2 = randn<float>(g2.out_shape(), gen);
+  require_matches(cuda::conv2d_forward(xd, w.to(gpu), b.to(gpu), g2), ref::conv2d_forward(xc, w, b, g2),
+                  "forward, stride 2");
+  require_matches(cuda::conv2d_backward_weight(dout2.to(gpu), xd, g2), ref::conv2d_backward_weight(dout2, xc, g2),
+                  "grad weight, stride 2");
+  // Any other layout is refused by name.
+  const Tensor<float> t = big.to(gpu).narrow(3, 0, 6).narrow(1, 0, 6).narrow(2, 0, 6);
+  const Conv2dGeometry g3 = conv2d_geometry(t.shape(), w.shape(), &bshape, 1, 3, 1, 6);
+  CHECK_THROWS_WITH(cuda::conv2d_forward(t, w.to(gpu), b.to(gpu), g3),
+                    Catch::Contains("expects contiguous tensors (or batch-strided)"));
+}
+
 TEST_CASE("cuda conv2d depthwise 3x3 stride 2 dilation 2 (several tiles per plane) vs ref", "[cuda]") {
   if (dg::cuda::device_count() == 0) { WARN("no CUDA device: skipped"); return; }
   const Case c{{2, 3, 37, 70}, {3, 1, 3, 3}, 2, 1, 2, 3};
@@ -204,6 +250,17 @@ TEST_CASE("cuda conv2d 1x1 (N=3, 7->5 channels, 6x5) vs ref", "[cuda]") {
   const Case c{{3, 7, 6, 5}, {5, 7, 1, 1}};
   check_conv<float>(c, 11);
   check_conv<double>(c, 12);
+}
+
+TEST_CASE("cuda conv2d 1x1 on 64x64 maps (grad weight one image at a time) and on 7x7 (bias on small planes) vs ref",
+          "[cuda]") {
+  if (dg::cuda::device_count() == 0) { WARN("no CUDA device: skipped"); return; }
+  const Case big{{3, 6, 64, 64}, {10, 6, 1, 1}};  // 4096 positions: grad weight one image at a time
+  check_conv<float>(big, 41);
+  check_conv<double>(big, 42);
+  check_conv_bf16(big, 43);
+  const Case small{{5, 9, 7, 7}, {300, 9, 1, 1}};  // 49 positions per plane, 300 channels
+  check_conv<float>(small, 44);
 }
 
 TEST_CASE("cuda conv2d stem-like 4x4 stride 4 (3->8, 12x16) vs ref", "[cuda]") {

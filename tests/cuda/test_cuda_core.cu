@@ -148,6 +148,13 @@ TEST_CASE("cuda: reductions, views, concat and split match the CPU") {
   check_op<float>("sum of a permuted view", [](const V& v) { return v[0].permute({2, 0, 3, 1}).sum({1, 3}); }, {x},
                   1e-5);
   check_op<float>("max over dim 1", [](const V& v) { return v[0].max({1}); }, {x}, 1e-6);
+  // reduced dims ending in a dense run of >= 128 elements: rows of runs split over blocks
+  Tensor<float> big = rnd<float>({37, 3, 16, 17}, 13);
+  check_op<float>("sum (0, 2, 3) in runs", [](const V& v) { return v[0].sum({0, 2, 3}); }, {big}, 1e-5);
+  check_op<float>("max (0, 2, 3) in runs", [](const V& v) { return v[0].max({0, 2, 3}); }, {big}, 1e-6);
+  check_op<float>("sum (0, 2, 3) of a channel window", [](const V& v) { return v[0].narrow(1, 1, 2).sum({0, 2, 3}); },
+                  {big}, 1e-5);
+  check_op<float>("mean (1, 2, 3) in runs", [](const V& v) { return v[0].mean({1, 2, 3}); }, {big}, 1e-6);
   check_op<float>("concat dim 1", [](const V& v) { return dg::concat(std::vector<Tensor<float>>{v[0], v[1], v[0]}, 1); },
                   {x, rnd<float>({3, 2, 5, 6}, 11)}, 1e-6);
   check_op<float>("concat of views dim 3",

@@ -82,10 +82,13 @@ TEMPLATE_TEST_CASE("cuda layer_norm2d matches ref on NCHW", "[cuda][norm]", floa
   if (dg::cuda::device_count() == 0) { WARN("no CUDA device: skipped"); return; }
   const DeviceKernels<TestType> k = kernels<TestType>();
   Generator gen(11);
-  for (int64_t C : {7, 1}) {
+  // one block of 32 pixels; blocks across images with C not a multiple of the 8 channel groups;
+  // planes over 512 pixels (the dweight/dbias threads step across images)
+  for (const Shape& shape : {Shape{2, 7, 5, 3}, Shape{2, 1, 5, 3}, Shape{3, 37, 9, 13}, Shape{2, 9, 23, 25}}) {
+    const int64_t C = shape[1];
     for (bool affine : {true, false}) {
-      INFO("C = " << C << (affine ? ", weight and bias" : ", no affine"));
-      const auto x = randn<TestType>({2, C, 5, 3}, gen, 0.5, 2.0), dy = randn<TestType>({2, C, 5, 3}, gen);
+      INFO("x " << shape_str(shape) << (affine ? ", weight and bias" : ", no affine"));
+      const auto x = randn<TestType>(shape, gen, 0.5, 2.0), dy = randn<TestType>(shape, gen);
       const Tensor<TestType> w = affine ? randn<TestType>({C}, gen, 1.0, 0.5) : Tensor<TestType>();
       const Tensor<TestType> b = affine ? randn<TestType>({C}, gen) : Tensor<TestType>();
       const auto want = ref::layer_norm2d_forward(x, w, b, 1e-6);

@@ -20,6 +20,7 @@
 #include "../backend/cpu/parallel.hpp"
 #include "../core/tensor.hpp"
 #include "grad_mode.hpp"
+#include "profiler.hpp"
 
 namespace dg::autograd {
 
@@ -28,6 +29,7 @@ struct Node {
   const char* name = "";
   uint64_t seq = 0;
   bool released = false;  // saved tensors freed by a backward() without retain_graph
+  std::string profile_shapes;  // the inputs' shapes, kept only while a Profiler records shapes
   virtual ~Node() = default;
   /// Calls f on each input that requires grad (the graph's edges).
   virtual void for_each_input(const std::function<void(ImplBase&)>& f) const = 0;
@@ -260,6 +262,8 @@ struct FunctionNode final : TypedNode<TO> {
 /// Returns `out`, now part of the graph.
 template <class TO, class TI, class F>
 Tensor<TO> record(const char* name, const Tensor<TO>& out, std::vector<Tensor<TI>> inputs, F&& backward_fn) {
+  detail::ProfileState* prof = detail::ProfileState::active();
+  std::string shapes = prof ? prof->forward_op(name, inputs) : std::string();
   if (!is_grad_enabled()) return out;
   bool any = std::any_of(inputs.begin(), inputs.end(), [](const Tensor<TI>& t) { return t.requires_grad(); });
   if (!any) return out;
@@ -267,6 +271,7 @@ Tensor<TO> record(const char* name, const Tensor<TO>& out, std::vector<Tensor<TI
            "autograd: op '", name, "' must return a fresh tensor to record");
   auto node = std::make_shared<detail::FunctionNode<TO, TI>>();
   node->name = name;
+  node->profile_shapes = std::move(shapes);
   node->out_shape = out.shape();
   node->inputs = std::move(inputs);
   node->backward_fn = std::forward<F>(backward_fn);
@@ -451,11 +456,24 @@ void backward(const Tensor<T>& root, Tensor<T> grad = Tensor<T>(), bool retain_g
   detail::PendingHooks hooks;  // leaves with post-accumulate-grad hooks, and their edges to go
   hooks.collect(order);
   static_cast<TypedNode<T>&>(*root.impl()->grad_fn).pending = grad.impl();
+  detail::ProfileState* prof = detail::ProfileState::active();
+  if (prof && prof->nested > 0) prof = nullptr;  // a backward inside a profiled node: its time
+  if (prof) prof->gap();
   for (auto& n : order) {
-    n->apply();
+    if (prof) {
+      const auto t0 = prof->now();
+      {
+        detail::ProfileState::Nest nest(*prof);
+        n->apply();
+      }
+      prof->add_backward(n->name, n->profile_shapes, detail::ProfileState::ms(t0, prof->now()));
+    } else {
+      n->apply();
+    }
     hooks.applied(*n);  // before release(), which forgets the node's inputs
     if (!retain_graph) n->release();
   }
+  if (prof) prof->last = prof->now();
 }
 
 }  // namespace dg::autograd

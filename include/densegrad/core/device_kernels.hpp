@@ -92,7 +92,7 @@ struct DeviceKernels {
   double (*sum_squares)(const Tensor<T>& x) = nullptr;  // for clip_grad_norm_
   // ---- matmul: (B, M, K) x (B, K, N) -> (B, M, N), both contiguous
   Tensor<T> (*bmm)(const Tensor<T>& a, const Tensor<T>& b) = nullptr;
-  // ---- conv2d, as backend/ref/conv.hpp; x, weight and dout contiguous
+  // ---- conv2d, as backend/ref/conv.hpp; weight and dout contiguous, x contiguous or batch-strided (dg::batch_stride)
   Tensor<T> (*conv2d_forward)(const Tensor<T>& x, const Tensor<T>& w, const Tensor<T>& b,
                               const Conv2dGeometry& g) = nullptr;
   Tensor<T> (*conv2d_backward_input)(const Tensor<T>& dout, const Tensor<T>& w, const Conv2dGeometry& g) = nullptr;

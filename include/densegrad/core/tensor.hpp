@@ -364,4 +364,23 @@ std::ostream& operator<<(std::ostream& os, const Tensor<T>& t) {
   return os << t.str();
 }
 
+/// The distance in elements from image n to image n + 1 of an (N, C, H, W) tensor that is
+/// "batch-strided": its C, H, W dims laid out densely (strides (S_n, H*W, W, 1), size-1 dims
+/// aside) and its images at least C*H*W apart. A contiguous tensor is one (S_n = C*H*W); so is
+/// a window of channels of one, such as a dense stage's prefix view (S_n = C_total*H*W), which
+/// the CPU kernels of conv2d and layer_norm2d and the CUDA depthwise conv read in place. -1 for
+/// any other layout.
+template <class T>
+int64_t batch_stride(const Tensor<T>& t) {
+  if (t.dim() != 4) return -1;
+  const Shape &s = t.shape(), &st = t.strides();
+  int64_t image = 1;  // C*H*W once the loop is done
+  for (int64_t i = 3; i >= 1; --i) {
+    if (s[i] != 1 && st[i] != image) return -1;
+    image *= s[i];
+  }
+  if (s[0] <= 1 || image == 0) return image;  // one image (or none): its distance to the next is moot
+  return st[0] >= image ? st[0] : -1;
+}
+
 }  // namespace dg

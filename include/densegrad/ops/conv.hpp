@@ -70,7 +70,7 @@ std::vector<Tensor<T>> conv2d_grads(const Tensor<T>& dout, const Tensor<T>& xs, 
     const DeviceKernels<T>& k = cuda_kernels<T>("conv2d backward");
     Tensor<T> d = dout.contiguous();
     if (need_x) grads[0] = k.conv2d_backward_input(d, ws.contiguous(), g);
-    if (need_w) grads[1] = k.conv2d_backward_weight(d, xs.contiguous(), g);
+    if (need_w) grads[1] = k.conv2d_backward_weight(d, batch_stride(xs) >= 0 ? xs : xs.contiguous(), g);
     if (need_b) grads[2] = k.conv2d_backward_bias(d, g);
     return grads;
   }
@@ -80,12 +80,16 @@ std::vector<Tensor<T>> conv2d_grads(const Tensor<T>& dout, const Tensor<T>& xs, 
   return grads;
 }
 
-/// conv2d's forward without recording: the CUDA kernels (on contiguous copies) or the CPU ones.
+/// conv2d's forward without recording: the CUDA kernels (x batch-strided or a contiguous copy,
+/// the rest contiguous) or the CPU ones.
 template <class T>
 Tensor<T> conv2d_forward(const Tensor<T>& x, const Tensor<T>& weight, const Tensor<T>& bias, const Conv2dGeometry& g) {
-  if (x.device().is_cuda())
-    return cuda_kernels<T>("conv2d").conv2d_forward(x.contiguous().detach(), weight.contiguous().detach(),
+  if (x.device().is_cuda()) {
+    NoGradGuard no_grad;  // copies made here are the kernel's business, not the graph's
+    return cuda_kernels<T>("conv2d").conv2d_forward(batch_stride(x) >= 0 ? x.detach() : x.contiguous().detach(),
+                                                    weight.contiguous().detach(),
                                                     bias.defined() ? bias.contiguous().detach() : bias, g);
+  }
   return cpu::conv2d_forward(x, weight, bias, g);
 }
 
@@ -117,7 +121,7 @@ Tensor<T> conv2d(const Tensor<T>& x, const Tensor<T>& weight, const Tensor<T>& b
   // Dispatch, once: the CUDA kernels or the fast CPU kernels. backend/ref/conv.hpp holds the
   // plain-loop kernels that the tests use as the oracle for both. The CPU kernels read x (and, in
   // backward, dout) in place when contiguous or batch-strided, as a dense stage's prefix view is
-  // (ops/dense.hpp); the CUDA kernels get contiguous copies of such views.
+  // (ops/dense.hpp); so do the CUDA kernels of stride-1 depthwise convs (the others copy it).
   Tensor<T> out = detail::conv2d_forward(x, weight, bias, g);
   // Saves x only when weight needs a gradient (dweight = dout * x) and the weight only when x
   // does (dx = dout * weight); bias's gradient needs neither. x is saved as the view it is: for a

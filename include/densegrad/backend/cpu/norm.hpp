@@ -1,9 +1,8 @@
 // densegrad/backend/cpu/norm.hpp: fast timm LayerNorm2d, forward and backward, straight on
 // NCHW: the statistics over C of each pixel are read at channel stride H*W, so every inner loop
 // runs over contiguous pixels and vectorizes (OpenMP simd) — no permute, no copy. x and dy may be
-// batch-strided views (see batch_stride below), read in place. Also batch_stride itself, which
-// the conv2d kernels share. Not a general layer norm (ref::layer_norm_forward serves that);
-// ref::layer_norm2d_* is its oracle.
+// batch-strided views (dg::batch_stride, core/tensor.hpp), read in place. Not a general layer
+// norm (ref::layer_norm_forward serves that); ref::layer_norm2d_* is its oracle.
 // Shape legend: x, dy: (N, C, H, W) batch-strided; y, dx: (N, C, H, W) contiguous, P = H * W
 // pixels per image; weight, bias: (C) contiguous or undefined; mean, rstd: (N, H, W) in acc_t<T>.
 #pragma once
@@ -19,23 +18,7 @@
 
 namespace dg::cpu {
 
-/// The distance in elements from image n to image n + 1 of an (N, C, H, W) tensor that is
-/// "batch-strided": its C, H, W dims laid out densely (strides (S_n, H*W, W, 1), size-1 dims
-/// aside) and its images at least C*H*W apart. A contiguous tensor is one (S_n = C*H*W); so is
-/// a window of channels of one, such as a dense stage's prefix view (S_n = C_total*H*W), which
-/// the CPU kernels of conv2d and layer_norm2d then read in place. -1 for any other layout.
-template <class T>
-int64_t batch_stride(const Tensor<T>& t) {
-  if (t.dim() != 4) return -1;
-  const Shape &s = t.shape(), &st = t.strides();
-  int64_t image = 1;  // C*H*W once the loop is done
-  for (int64_t i = 3; i >= 1; --i) {
-    if (s[i] != 1 && st[i] != image) return -1;
-    image *= s[i];
-  }
-  if (s[0] <= 1 || image == 0) return image;  // one image (or none): its distance to the next is moot
-  return st[0] >= image ? st[0] : -1;
-}
+using dg::batch_stride;  // core/tensor.hpp: the layout the fast kernels read in place
 
 namespace detail {
 /// Pixels per task: a tile of all C channels stays in L2 (C * 256 * 4 bytes = 64 KB at C = 64).

@@ -53,6 +53,14 @@ inline unsigned blocks_for(int64_t n, int threads = kThreads) {
   return static_cast<unsigned>(b > 65535 * 8 ? 65535 * 8 : b);
 }
 
+/// Streaming multiprocessors of the current device (sizes grids that must fill the GPU).
+inline int sm_count() {
+  int dev = 0, n = 0;
+  DG_CUDA_CHECK(cudaGetDevice(&dev));
+  DG_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev));
+  return n > 0 ? n : 1;
+}
+
 /// Number of CUDA devices (0 when there is no driver or no GPU); `why` gets the driver's reason.
 inline int device_count(std::string* why = nullptr) {
   int n = 0;

@@ -1,8 +1,13 @@
 // densegrad/backend/cuda/conv.cuh: CUDA conv2d kernels (forward, grad input, grad weight, grad
 // bias) for any stride, padding, dilation and groups. Three paths:
-//   depthwise (groups == C_in == C_out): tiled direct kernels, one block per output tile of one
-//     (image, channel) plane with the input patch and the channel's taps staged in shared memory;
-//     grad input is the same gather with the taps transposed; grad weight is a per-channel
+//   depthwise (groups == C_in == C_out), stride 1, 3x3/5x5/7x7 (RDNet's 7x7 pad 3): the taps in
+//     registers, each thread a strip of output rows of one column, every input row loaded once
+//     per strip; grad input is the same kernel with the taps transposed; grad weight keeps the
+//     K*K sums per thread in registers and adds them per block in a fixed order. x is read in
+//     place when batch-strided (a dense stage's prefix view).
+//   other depthwise convs: tiled direct kernels, one block per output tile of one (image,
+//     channel) plane with the input patch and the channel's taps staged in shared memory; grad
+//     input is the same gather with the taps transposed; grad weight is a per-channel
 //     reduction, deterministic (partial sums per block, then summed in a fixed order).
 //   pointwise (1x1, stride 1, no padding): the image is its own column matrix, so forward and
 //     grad input are strided-batched cuBLAS GEMMs straight on the tensors.
@@ -57,14 +62,6 @@ inline int pow2_at_least(int64_t v, int cap) {
   int p = 1;
   while (p < v && p < cap) p *= 2;
   return p;
-}
-
-/// Streaming multiprocessors of the current device (sizes grids that must fill the GPU).
-inline int sm_count() {
-  int dev = 0, n = 0;
-  DG_CUDA_CHECK(cudaGetDevice(&dev));
-  DG_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev));
-  return n > 0 ? n : 1;
 }
 
 /// Runs f(I{}) with I = int when every index of a kernel stays below 2^30 (32-bit division is
@@ -341,6 +338,140 @@ __global__ void depthwise_backward_weight_kernel(const T* __restrict__ dout, con
   }
 }
 
+// ---------------------------------------------------------------- kernels: depthwise, stride 1, K x K taps
+// The common case (RDNet's 7x7 pad 3) with the taps in registers: thread (plane, column ow, strip of
+// kStrip output rows) slides down the kStrip + K - 1 input rows under its strip, loads each row's K
+// values once and adds them into every output of the strip that uses that row. Per output that is
+// (kStrip + K - 1) * K / kStrip loads (13 for 7x7) instead of 2 * K * K shared-memory reads, and
+// consecutive threads read consecutive columns (coalesced, no shared memory, no barriers).
+// Sums run bias first, then the taps in (kh, kw) order, as the ref kernel. Images may lie any
+// distance apart (x_sn): a dense stage's prefix view is read in place.
+
+/// Output rows one thread computes (56, 28, 14 and 7, RDNet's sizes, are multiples of it).
+constexpr int kStrip = 7;
+
+/// y[n, c, oh, ow] = b[c] + sum over (kh, kw) of w[c, kh, kw] * x[n, c, oh - pH + kh, ow - pW + kw]
+/// (zero outside the image), for a strip of kStrip rows oh. With kFlip, the taps are read
+/// transposed, w[c, K-1-kh, K-1-kw]: then the kernel computes a stride-1 conv's grad input from
+/// its dout (input dout, output dx, padding K - 1 - pH, which may be negative).
+template <class T, int K, bool kFlip>
+__global__ void depthwise_s1_kernel(const T* __restrict__ x, int64_t x_sn, const T* __restrict__ w,
+                                    const T* __restrict__ b, int64_t bs, T* __restrict__ y, int C, int H, int W,
+                                    int Ho, int Wo, int pH, int pW, int strips, int64_t total) {
+  using A = acc_t<T>;
+  const int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (i >= total) return;
+  const int ow = int(i % Wo);
+  const int64_t rest = i / Wo;
+  const int strip = int(rest % strips);
+  const int64_t plane = rest / strips;  // n * C + c
+  const int c = int(plane % C);
+  const int64_t n = plane / C;
+  const T* xp = x + n * x_sn + int64_t(c) * H * W;
+  A wr[K][K];
+#pragma unroll
+  for (int kh = 0; kh < K; ++kh)
+#pragma unroll
+    for (int kw = 0; kw < K; ++kw)
+      wr[kh][kw] = A(w[int64_t(c) * K * K + (kFlip ? (K - 1 - kh) * K + (K - 1 - kw) : kh * K + kw)]);
+  const int oh0 = strip * kStrip;
+  const A bias = b ? A(b[c * bs]) : A(0);
+  A acc[kStrip];
+#pragma unroll
+  for (int j = 0; j < kStrip; ++j) acc[j] = bias;
+#pragma unroll
+  for (int t = 0; t < kStrip + K - 1; ++t) {  // input row oh0 - pH + t feeds output row oh0 + t - kh
+    const int ih = oh0 - pH + t;
+    if (ih < 0 || ih >= H) continue;
+    const T* row = xp + int64_t(ih) * W;
+    A xr[K];
+#pragma unroll
+    for (int kw = 0; kw < K; ++kw) {
+      const int iw = ow - pW + kw;
+      xr[kw] = (iw >= 0 && iw < W) ? A(row[iw]) : A(0);
+    }
+#pragma unroll
+    for (int kh = 0; kh < K; ++kh) {
+      const int j = t - kh;
+      if (j < 0 || j >= kStrip) continue;
+#pragma unroll
+      for (int kw = 0; kw < K; ++kw) acc[j] += wr[kh][kw] * xr[kw];
+    }
+  }
+  T* yp = y + plane * Ho * Wo + ow;
+#pragma unroll
+  for (int j = 0; j < kStrip; ++j)
+    if (oh0 + j < Ho) yp[int64_t(oh0 + j) * Wo] = T(acc[j]);
+}
+
+/// Grad weight of a stride-1 K x K depthwise conv, stage 1: block (chunk k, channel c) sums
+/// dout[n, c, oh, ow] * x[n, c, oh - pH + kh, ow - pW + kw] over the images [k*per, (k+1)*per)
+/// into part[(k*C + c)*K*K + kh*K + kw]. Each thread walks (image, strip, column) items, keeps
+/// the K*K sums in registers (the strip's dout values in registers too, each input row loaded
+/// once), then the block adds the threads' sums in a fixed order: deterministic.
+template <class T, int K>
+__global__ void depthwise_s1_weight_kernel(const T* __restrict__ dout, const T* __restrict__ x, int64_t x_sn,
+                                           T* __restrict__ part, int C, int H, int W, int Ho, int Wo, int pH,
+                                           int pW, int strips, int N, int per, int chunks) {
+  using A = acc_t<T>;
+  __shared__ A warp_part[K * K][32];
+  const int k = blockIdx.x % chunks, c = blockIdx.x / chunks;
+  const int n_lo = k * per, n_hi = min(N, n_lo + per);
+  A acc[K][K];
+#pragma unroll
+  for (int kh = 0; kh < K; ++kh)
+#pragma unroll
+    for (int kw = 0; kw < K; ++kw) acc[kh][kw] = A(0);
+  const int64_t items = int64_t(n_hi - n_lo) * strips * Wo;
+  for (int64_t it = threadIdx.x; it < items; it += blockDim.x) {
+    const int ow = int(it % Wo);
+    const int64_t rest = it / Wo;
+    const int strip = int(rest % strips);
+    const int64_t n = n_lo + rest / strips;
+    const T* dp = dout + (n * C + c) * int64_t(Ho) * Wo + ow;
+    const T* xp = x + n * x_sn + int64_t(c) * H * W;
+    const int oh0 = strip * kStrip;
+    A dv[kStrip];
+#pragma unroll
+    for (int j = 0; j < kStrip; ++j) dv[j] = oh0 + j < Ho ? A(dp[int64_t(oh0 + j) * Wo]) : A(0);
+#pragma unroll
+    for (int t = 0; t < kStrip + K - 1; ++t) {
+      const int ih = oh0 - pH + t;
+      if (ih < 0 || ih >= H) continue;
+      const T* row = xp + int64_t(ih) * W;
+      A xr[K];
+#pragma unroll
+      for (int kw = 0; kw < K; ++kw) {
+        const int iw = ow - pW + kw;
+        xr[kw] = (iw >= 0 && iw < W) ? A(row[iw]) : A(0);
+      }
+#pragma unroll
+      for (int kh = 0; kh < K; ++kh) {
+        const int j = t - kh;
+        if (j < 0 || j >= kStrip) continue;
+#pragma unroll
+        for (int kw = 0; kw < K; ++kw) acc[kh][kw] += dv[j] * xr[kw];
+      }
+    }
+  }
+  // Each tap's sum over the block: a fixed shuffle tree per warp, then the warps in order.
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, nwarps = blockDim.x / 32;
+#pragma unroll
+  for (int kh = 0; kh < K; ++kh)
+#pragma unroll
+    for (int kw = 0; kw < K; ++kw) {
+      A v = acc[kh][kw];
+      for (int off = 16; off > 0; off /= 2) v += __shfl_down_sync(0xffffffffu, v, off);
+      if (lane == 0) warp_part[kh * K + kw][warp] = v;
+    }
+  __syncthreads();
+  for (int tap = threadIdx.x; tap < K * K; tap += blockDim.x) {
+    A s = A(0);
+    for (int q = 0; q < nwarps; ++q) s += warp_part[tap][q];
+    part[(int64_t(k) * C + c) * K * K + tap] = T(s);
+  }
+}
+
 /// Stage 2 of the reductions split over image chunks (grad weight of depthwise convs, grad
 /// bias): out[i] = sum over chunks k, in order, of part[k*n + i].
 template <class T>
@@ -356,8 +487,11 @@ __global__ void sum_chunks_kernel(const T* __restrict__ part, T* __restrict__ ou
 
 /// Checks what every conv entry point trusts: CUDA tensors on one device, contiguous, with the
 /// geometry's shapes. Returns the device.
+/// A tensor named as `batch_strided` may also be batch-strided (dg::batch_stride: images any distance
+/// apart, each dense), as a dense stage's prefix view is.
 template <class T>
-Device check_inputs(const char* op, std::initializer_list<std::pair<const Tensor<T>*, Shape>> ts) {
+Device check_inputs(const char* op, std::initializer_list<std::pair<const Tensor<T>*, Shape>> ts,
+                    const Tensor<T>* batch_strided = nullptr) {
   static_assert(std::is_same_v<T, float> || std::is_same_v<T, double>, "CUDA conv2d: float and double only");
   const Device dev = ts.begin()->first->device();
   DG_CHECK(dev.is_cuda(), op, ": expected CUDA tensors, got one on ", dev.str());
@@ -366,8 +500,9 @@ Device check_inputs(const char* op, std::initializer_list<std::pair<const Tensor
     DG_CHECK(t->device() == dev, op, ": expected all tensors on ", dev.str(), ", got one on ", t->device().str());
     DG_CHECK(t->shape() == shape, op, ": expected a tensor of shape ", shape_str(shape), " for this geometry, got ",
              shape_str(t->shape()));
-    DG_CHECK(t->is_contiguous() || t->dim() == 1, op, ": the CUDA kernel expects contiguous tensors, got strides ",
-             shape_str(t->strides()), " for shape ", shape_str(t->shape()));
+    DG_CHECK(t->is_contiguous() || t->dim() == 1 || (t == batch_strided && batch_stride(*t) >= 0), op,
+             ": the CUDA kernel expects contiguous tensors", t == batch_strided ? " (or batch-strided)" : "",
+             ", got strides ", shape_str(t->strides()), " for shape ", shape_str(t->shape()));
   }
   return dev;
 }
@@ -717,6 +852,65 @@ bool depthwise_backward_weight(const T* dy, const T* x, T* dw, const Conv2dGeome
   return true;
 }
 
+// ---------------------------------------------------------------- launchers: depthwise, stride 1, K x K
+
+/// True when the register kernels apply: depthwise, stride 1, dilation 1, a square 3x3, 5x5 or
+/// 7x7 kernel, sizes that fit their int indices.
+inline bool depthwise_s1_applies(const Conv2dGeometry& g) {
+  const int64_t big = int64_t(1) << 29;
+  return is_depthwise(g) && g.sH == 1 && g.sW == 1 && g.dH == 1 && g.dW == 1 && g.kH == g.kW &&
+         (g.kH == 3 || g.kH == 5 || g.kH == 7) && g.H < big && g.W < big && g.Ho < big && g.Wo < big &&
+         g.C_in < big && g.pH < big && g.pW < big && g.N < INT_MAX;
+}
+
+/// Runs f(std::integral_constant<int, K>{}) for K = 3, 5 or 7.
+template <class F>
+void with_taps(int64_t K, F&& f) {
+  if (K == 3) f(std::integral_constant<int, 3>{});
+  else if (K == 5) f(std::integral_constant<int, 5>{});
+  else f(std::integral_constant<int, 7>{});
+}
+
+/// One launch of depthwise_s1_kernel over an (N, C, rows, cols) output from an input of
+/// in_h x in_w planes, images x_sn apart.
+template <class T, bool kFlip>
+void depthwise_s1_launch(const T* x, int64_t x_sn, const T* w, const T* b, int64_t bs, T* y, int64_t N, int64_t C,
+                         int64_t in_h, int64_t in_w, int64_t rows, int64_t cols, int64_t pH, int64_t pW, int64_t K,
+                         const char* what) {
+  const int64_t strips = (rows + kStrip - 1) / kStrip;
+  const int64_t total = N * C * strips * cols;
+  DG_CHECK((total + kThreads - 1) / kThreads < INT_MAX, what, ": too many outputs for one launch");
+  with_taps(K, [&](auto k) {
+    depthwise_s1_kernel<T, decltype(k)::value, kFlip><<<unsigned((total + kThreads - 1) / kThreads), kThreads, 0,
+                                                        stream()>>>(
+        x, x_sn, w, b, bs, y, int(C), int(in_h), int(in_w), int(rows), int(cols), int(pH), int(pW), int(strips), total);
+  });
+  check_launch(what);
+}
+
+/// Grad weight of a stride-1 depthwise conv (depthwise_s1_applies): per-chunk sums, then the
+/// chunks added in order when the images are split.
+template <class T>
+void depthwise_s1_backward_weight(const T* dy, const T* x, int64_t x_sn, T* dw, const Conv2dGeometry& g, Device dev) {
+  const int64_t strips = (g.Ho + kStrip - 1) / kStrip, taps = g.kH * g.kW;
+  // about 8 blocks per multiprocessor over channels x image chunks
+  const int64_t want = std::clamp<int64_t>((8 * int64_t(sm_count()) + g.C_in - 1) / g.C_in, 1, g.N);
+  const int64_t per = (g.N + want - 1) / want, chunks = (g.N + per - 1) / per;
+  DG_CHECK(chunks * g.C_in < INT_MAX, "conv2d_backward_weight: C = ", g.C_in, " is too large");
+  Tensor<T> part = chunks > 1 ? empty<T>({chunks * g.C_in * taps}, dev) : Tensor<T>();
+  with_taps(g.kH, [&](auto k) {
+    depthwise_s1_weight_kernel<T, decltype(k)::value><<<unsigned(chunks * g.C_in), kThreads, 0, stream()>>>(
+        dy, x, x_sn, chunks > 1 ? part.data() : dw, int(g.C_in), int(g.H), int(g.W), int(g.Ho), int(g.Wo),
+        int(g.pH), int(g.pW), int(strips), int(g.N), int(per), int(chunks));
+  });
+  check_launch("conv2d_backward_weight (depthwise, stride 1)");
+  if (chunks > 1) {
+    sum_chunks_kernel<T><<<blocks_for(g.C_in * taps), kThreads, 0, stream()>>>(part.data(), dw, g.C_in * taps,
+                                                                                int(chunks));
+    check_launch("conv2d_backward_weight (depthwise, stride 1, sum)");
+  }
+}
+
 }  // namespace conv_detail
 
 // ---------------------------------------------------------------- the table's entries
@@ -727,13 +921,20 @@ bool depthwise_backward_weight(const T* dy, const T* x, T* dw, const Conv2dGeome
 template <class T>
 Tensor<T> conv2d_forward(const Tensor<T>& x, const Tensor<T>& w, const Tensor<T>& b, const Conv2dGeometry& g) {
   using namespace conv_detail;
-  const Device dev = check_inputs<T>("conv2d", {{&x, g.x_shape()}, {&w, g.w_shape()}, {&b, Shape{g.C_out}}});
+  const Device dev =
+      check_inputs<T>("conv2d", {{&x, g.x_shape()}, {&w, g.w_shape()}, {&b, Shape{g.C_out}}}, /*batch_strided=*/&x);
   Tensor<T> y = empty<T>(g.out_shape(), dev);
   if (y.numel() == 0) return y;
   const T* pb = b.defined() ? b.data() : nullptr;
   const int64_t bs = b.defined() ? b.strides()[0] : 0;
-  if (is_depthwise(g) && depthwise_forward(x.data(), w.data(), pb, bs, y.data(), g)) return y;
-  gemm_path_forward(x.data(), w.data(), pb, bs, y.data(), g, dev);
+  if (depthwise_s1_applies(g)) {  // reads a batch-strided x in place
+    depthwise_s1_launch<T, false>(x.data(), batch_stride(x), w.data(), pb, bs, y.data(), g.N, g.C_in, g.H, g.W, g.Ho,
+                                  g.Wo, g.pH, g.pW, g.kH, "conv2d (depthwise, stride 1)");
+    return y;
+  }
+  const Tensor<T> xc = x.is_contiguous() ? x : x.contiguous();
+  if (is_depthwise(g) && depthwise_forward(xc.data(), w.data(), pb, bs, y.data(), g)) return y;
+  gemm_path_forward(xc.data(), w.data(), pb, bs, y.data(), g, dev);
   return y;
 }
 
@@ -748,6 +949,12 @@ Tensor<T> conv2d_backward_input(const Tensor<T>& dout, const Tensor<T>& w, const
     zero(dx.data(), dx.numel());
     return dx;
   }
+  if (depthwise_s1_applies(g)) {  // a stride-1 conv of dout with the taps transposed
+    depthwise_s1_launch<T, true>(dout.data(), g.C_out * g.Ho * g.Wo, w.data(), nullptr, 0, dx.data(), g.N, g.C_in,
+                                 g.Ho, g.Wo, g.H, g.W, g.kH - 1 - g.pH, g.kW - 1 - g.pW, g.kH,
+                                 "conv2d_backward_input (depthwise, stride 1)");
+    return dx;
+  }
   if (is_depthwise(g) && depthwise_backward_input(dout.data(), w.data(), dx.data(), g)) return dx;
   gemm_path_backward_input(dout.data(), w.data(), dx.data(), g, dev);
   return dx;
@@ -757,15 +964,21 @@ Tensor<T> conv2d_backward_input(const Tensor<T>& dout, const Tensor<T>& w, const
 template <class T>
 Tensor<T> conv2d_backward_weight(const Tensor<T>& dout, const Tensor<T>& x, const Conv2dGeometry& g) {
   using namespace conv_detail;
-  const Device dev = check_inputs<T>("conv2d_backward_weight", {{&dout, g.out_shape()}, {&x, g.x_shape()}});
+  const Device dev = check_inputs<T>("conv2d_backward_weight", {{&dout, g.out_shape()}, {&x, g.x_shape()}},
+                                     /*batch_strided=*/&x);
   Tensor<T> dw = empty<T>(g.w_shape(), dev);
   if (dw.numel() == 0) return dw;
   if (dout.numel() == 0) {  // an empty sum
     zero(dw.data(), dw.numel());
     return dw;
   }
-  if (is_depthwise(g) && depthwise_backward_weight(dout.data(), x.data(), dw.data(), g, dev)) return dw;
-  gemm_path_backward_weight(dout.data(), x.data(), dw.data(), g, dev);
+  if (depthwise_s1_applies(g)) {  // reads a batch-strided x in place
+    depthwise_s1_backward_weight(dout.data(), x.data(), batch_stride(x), dw.data(), g, dev);
+    return dw;
+  }
+  const Tensor<T> xc = x.is_contiguous() ? x : x.contiguous();
+  if (is_depthwise(g) && depthwise_backward_weight(dout.data(), xc.data(), dw.data(), g, dev)) return dw;
+  gemm_path_backward_weight(dout.data(), xc.data(), dw.data(), g, dev);
   return dw;
 }
 

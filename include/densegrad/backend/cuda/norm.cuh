@@ -1,6 +1,7 @@
 // densegrad/backend/cuda/norm.cuh: layer norm on CUDA, forward and backward: over the last k dims
 // of a contiguous tensor (a warp per row, or a block for rows over 1024 elements), and timm's
-// LayerNorm2d straight on NCHW (a thread per pixel, its channels at stride H*W; no permute).
+// LayerNorm2d straight on NCHW (blocks of 32 pixels x 8 warps splitting the channels, which lie
+// at stride H*W; no permute).
 // Also the warp/block reductions and row geometry that softmax.cuh and pool.cuh reuse (rowwise::).
 // float and double only; sums in acc_t<T>, variance two-pass. ref::layer_norm_* is the oracle.
 // Shape legend: x, y, dy, dx: (*outer, *normalized), rows = prod(outer), n = prod(normalized);
@@ -8,6 +9,7 @@
 // NCHW: x, y, dy, dx: (N, C, H, W), P = H * W pixels; weight, bias: (C); mean, rstd: (N, H, W).
 #pragma once
 
+#include <climits>
 #include <type_traits>
 
 #include "../ref/norm.hpp"  // LayerNormForward / LayerNormGrads: the CUDA path returns what the oracle returns
@@ -204,56 +206,84 @@ __global__ void layer_norm_backward_dwb_kernel(const T* __restrict__ dy, const T
   }
 }
 
-/// LayerNorm2d forward, one thread per pixel (n, p): adjacent threads read adjacent pixels of
-/// each channel plane, so the loops over C are coalesced. mean/rstd index n * P + p = the pixel.
+/// Threads per pixel in the LayerNorm2d kernels: a block is 32 pixels (the lanes) x kNormGroups
+/// warps, warp g taking channels g, g + kNormGroups, ... of its lane's pixel. Lanes read adjacent
+/// pixels of a channel plane (coalesced); the warps' partial sums meet in shared memory; and a
+/// block holds few pixels at a time, so the second and third passes over them find the channels
+/// still in cache (a thread per pixel kept so many pixels in flight that every pass went to DRAM,
+/// and left small images, 14x14 x 64, with too few threads to fill the GPU).
+constexpr int kNormGroups = 8;
+
+/// The sum over the block's warps of v, for this thread's lane (every warp gets it).
+template <class A>
+__device__ inline A sum_over_groups(A v, A (*part)[33]) {
+  part[threadIdx.y][threadIdx.x] = v;
+  __syncthreads();
+  A s = 0;
+  for (int q = 0; q < kNormGroups; ++q) s += part[q][threadIdx.x];
+  __syncthreads();  // part is read by all before a next call overwrites it
+  return s;
+}
+
+/// LayerNorm2d forward, blocks of 32 pixels x kNormGroups warps (see kNormGroups); pixel i = n * P + p
+/// is also the index of mean/rstd. Two-pass variance, as the ref kernel.
 template <class T>
 __global__ void layer_norm2d_forward_kernel(const T* __restrict__ x, const T* __restrict__ w,
                                             const T* __restrict__ b, T* __restrict__ y, acc_t<T>* __restrict__ mean,
                                             acc_t<T>* __restrict__ rstd, int64_t N, int64_t C, int64_t P,
                                             acc_t<T> eps) {
   using A = acc_t<T>;
-  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < N * P; i += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t nn = i / P, p = i - nn * P;
-    const T* xp = x + nn * C * P + p;  // channel c of this pixel: xp[c * P]
-    T* yp = y + nn * C * P + p;
-    A s = 0;
-    for (int64_t c = 0; c < C; ++c) s += A(xp[c * P]);
-    const A m = s / A(C);
-    A ss = 0;
-    for (int64_t c = 0; c < C; ++c) {
+  __shared__ A part[kNormGroups][33];
+  const int64_t i = int64_t(blockIdx.x) * 32 + threadIdx.x;
+  const bool ok = i < N * P;
+  const int64_t nn = ok ? i / P : 0, p = ok ? i - nn * P : 0;
+  const T* xp = x + nn * C * P + p;  // channel c of this pixel: xp[c * P]
+  T* yp = y + nn * C * P + p;
+  A s = 0;
+  if (ok)
+    for (int64_t c = threadIdx.y; c < C; c += kNormGroups) s += A(xp[c * P]);
+  const A m = sum_over_groups(s, part) / A(C);
+  A ss = 0;
+  if (ok)
+    for (int64_t c = threadIdx.y; c < C; c += kNormGroups) {
       const A d = A(xp[c * P]) - m;
       ss += d * d;
     }
-    const A r = A(1) / std::sqrt(ss / A(C) + eps);
-    for (int64_t c = 0; c < C; ++c)
-      yp[c * P] = T((A(xp[c * P]) - m) * r * (w ? A(w[c]) : A(1)) + (b ? A(b[c]) : A(0)));
+  const A r = A(1) / std::sqrt(sum_over_groups(ss, part) / A(C) + eps);
+  if (!ok) return;
+  for (int64_t c = threadIdx.y; c < C; c += kNormGroups)
+    yp[c * P] = T((A(xp[c * P]) - m) * r * (w ? A(w[c]) : A(1)) + (b ? A(b[c]) : A(0)));
+  if (threadIdx.y == 0) {
     mean[i] = m;
     rstd[i] = r;
   }
 }
 
-/// LayerNorm2d dx, one thread per pixel, the row formula of layer_norm_backward_dx_kernel over C.
+/// LayerNorm2d dx, blocks as the forward's, the row formula of layer_norm_backward_dx_kernel over C.
 template <class T>
 __global__ void layer_norm2d_backward_dx_kernel(const T* __restrict__ dy, const T* __restrict__ x,
                                                 const acc_t<T>* __restrict__ mean,
                                                 const acc_t<T>* __restrict__ rstd, const T* __restrict__ w,
                                                 T* __restrict__ dx, int64_t N, int64_t C, int64_t P) {
   using A = acc_t<T>;
-  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < N * P; i += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t nn = i / P, p = i - nn * P, base = nn * C * P + p;
-    const A m = mean[i], r = rstd[i];
-    A s1 = 0, s2 = 0;
-    for (int64_t c = 0; c < C; ++c) {
+  __shared__ A part[kNormGroups][33];
+  const int64_t i = int64_t(blockIdx.x) * 32 + threadIdx.x;
+  const bool ok = i < N * P;
+  const int64_t nn = ok ? i / P : 0, p = ok ? i - nn * P : 0, base = nn * C * P + p;
+  const A m = ok ? mean[i] : A(0), r = ok ? rstd[i] : A(0);
+  A s1 = 0, s2 = 0;
+  if (ok)
+    for (int64_t c = threadIdx.y; c < C; c += kNormGroups) {
       const A xhat = (A(x[base + c * P]) - m) * r, dnorm = rowwise::mul_rn(A(dy[base + c * P]), w ? A(w[c]) : A(1));
       s1 += dnorm;
       s2 += dnorm * xhat;
     }
-    s1 /= A(C);
-    s2 /= A(C);
-    for (int64_t c = 0; c < C; ++c) {
-      const A xhat = (A(x[base + c * P]) - m) * r, dnorm = rowwise::mul_rn(A(dy[base + c * P]), w ? A(w[c]) : A(1));
-      dx[base + c * P] = T(r * (dnorm - s1 - xhat * s2));
-    }
+  s1 = sum_over_groups(s1, part) / A(C);
+  s2 = sum_over_groups(s2, part) / A(C);
+  if (!ok) return;
+  for (int64_t c = threadIdx.y; c < C; c += kNormGroups) {
+    const A xhat = (A(x[base + c * P]) - m) * r, dnorm = rowwise::mul_rn(A(dy[base + c * P]), w ? A(w[c]) : A(1));
+    dx[base + c * P] = T(r * (dnorm - s1 - xhat * s2));
   }
 }
 
@@ -267,11 +297,20 @@ __global__ void layer_norm2d_backward_dwb_kernel(const T* __restrict__ dy, const
   using A = acc_t<T>;
   for (int64_t c = blockIdx.x; c < C; c += gridDim.x) {
     A aw = 0, ab = 0;
+    // pixel i = nn * P + p, stepped without a division per element
+    int64_t nn = threadIdx.x / P, p = threadIdx.x - nn * P;
+    const int64_t step_n = blockDim.x / P, step_p = blockDim.x - step_n * P;
     for (int64_t i = threadIdx.x; i < N * P; i += blockDim.x) {
-      const int64_t nn = i / P, off = (nn * C + c) * P + (i - nn * P);
+      const int64_t off = (nn * C + c) * P + p;
       const A d = A(dy[off]);
       aw += d * ((A(x[off]) - mean[i]) * rstd[i]);
       ab += d;
+      nn += step_n;
+      p += step_p;
+      if (p >= P) {
+        p -= P;
+        ++nn;
+      }
     }
     aw = rowwise::block_sum(aw);
     ab = rowwise::block_sum(ab);
@@ -387,7 +426,9 @@ ref::LayerNormForward<T> layer_norm2d_forward(const Tensor<T>& x, const Tensor<T
   const Shape stats{N, x.size(2), x.size(3)};
   ref::LayerNormForward<T> r{empty<T>(x.shape(), dev), empty<A>(stats, dev), empty<A>(stats, dev)};
   if (N * P == 0) return r;
-  norm_detail::layer_norm2d_forward_kernel<T><<<blocks_for(N * P), kThreads, 0, stream()>>>(
+  const int64_t tiles = (N * P + 31) / 32;
+  DG_CHECK(tiles < INT_MAX, "cuda::layer_norm2d_forward: ", N * P, " pixels are too many for one launch");
+  norm_detail::layer_norm2d_forward_kernel<T><<<unsigned(tiles), dim3(32, norm_detail::kNormGroups), 0, stream()>>>(
       x.data(), rowwise::data_or_null(w), rowwise::data_or_null(b), r.y.data(), r.mean.data(), r.rstd.data(), N, C,
       P, A(eps));
   check_launch("cuda::layer_norm2d_forward");
@@ -418,7 +459,10 @@ ref::LayerNormGrads<T> layer_norm2d_backward(const Tensor<T>& dy, const Tensor<T
   if (need_w) g.dweight = empty<T>({C}, dev);
   if (need_b) g.dbias = empty<T>({C}, dev);
   if (need_x && N * P > 0) {
-    norm_detail::layer_norm2d_backward_dx_kernel<T><<<blocks_for(N * P), kThreads, 0, stream()>>>(
+    const int64_t tiles = (N * P + 31) / 32;
+    DG_CHECK(tiles < INT_MAX, "cuda::layer_norm2d_backward: ", N * P, " pixels are too many for one launch");
+    norm_detail::layer_norm2d_backward_dx_kernel<T><<<unsigned(tiles), dim3(32, norm_detail::kNormGroups), 0,
+                                                      stream()>>>(
         dy.data(), x.data(), mean.data(), rstd.data(), rowwise::data_or_null(w), g.dx.data(), N, C, P);
     check_launch("cuda::layer_norm2d_backward (dx)");
   }
