@@ -419,6 +419,7 @@ TEST_CASE("caching CPU allocator reuses, caps and releases blocks", "[fastpath][
 TEST_CASE("caching CPU allocator gives the oldest blocks back on a miss", "[fastpath][storage]") {
   using A = CachingCpuAllocator;
   A a;
+  a.set_budget(2.0);  // the default is no bound
   // One block at a time, each size once: the cache fills with sizes never asked for again. A
   // miss gives back the oldest blocks while in use + cached + the request passes 2 x the peak:
   // 4096+5120 cached, 6144 asked (peak 6144): 15360 > 12288, 4096 goes; 7168 asked: 5120 goes;
@@ -439,6 +440,7 @@ TEST_CASE("caching CPU allocator gives the oldest blocks back on a miss", "[fast
 
   // Random requests of mixed sizes: in use + cached never exceeds twice the most ever in use.
   A r;  // a fresh one: its peak is this part's
+  r.set_budget(2.0);
   std::mt19937 rng(7);
   std::vector<size_t> sizes;
   std::vector<void*> live;
@@ -470,7 +472,7 @@ TEST_CASE("caching CPU allocator gives the oldest blocks back on a miss", "[fast
 TEST_CASE("caching CPU allocator keeps in use + cached within its budget, big blocks included", "[fastpath][storage]") {
   using A = CachingCpuAllocator;
   // Sizes from 64 bytes to 8 MiB: blocks of 1 MiB and more are pages of their own (mmap on Linux).
-  for (double budget : {1.0, 1.25, 1.5, 3.0}) {
+  for (double budget : {1.0, 1.25, 1.5, 3.0, HUGE_VAL}) {  // HUGE_VAL: no bound, the default
     INFO("budget " << budget);
     A r;
     r.set_budget(budget);
@@ -478,8 +480,8 @@ TEST_CASE("caching CPU allocator keeps in use + cached within its budget, big bl
     std::vector<size_t> sizes;
     std::vector<void*> live;
     std::vector<unsigned char> tags;  // each block filled with its own byte
-    size_t in_use = 0, peak = 0, worst = 0;
-    bool bounded = true, intact = true;
+    size_t in_use = 0, peak = 0, worst = 0, held = 0;
+    bool bounded = true, intact = true, kept_all = true;
     for (int i = 0; i < 600; ++i) {
       if (live.empty() || rng() % 3 != 0) {
         const size_t base = size_t(64) << (rng() % 17), n = base + rng() % base;
@@ -504,8 +506,11 @@ TEST_CASE("caching CPU allocator keeps in use + cached within its budget, big bl
       peak = std::max(peak, in_use);
       worst = std::max(worst, in_use + r.cached_bytes());
       if (static_cast<double>(in_use + r.cached_bytes()) > budget * static_cast<double>(peak)) bounded = false;
+      if (in_use + r.cached_bytes() < held) kept_all = false;  // something went back to the OS
+      held = in_use + r.cached_bytes();
     }
     CHECK(bounded);
+    if (budget == HUGE_VAL) CHECK(kept_all);  // no bound: every freed block stays cached
     CHECK(intact);
     if (budget > 1.0) CHECK(worst > peak);  // above 1 the cache keeps blocks
     for (size_t k = 0; k < live.size(); ++k) r.deallocate(live[k], sizes[k]);
@@ -516,7 +521,7 @@ TEST_CASE("caching CPU allocator keeps in use + cached within its budget, big bl
   REQUIRE_THROWS_WITH(a.set_budget(0.5), Catch::Contains("expected a factor >= 1, got 0.5"));
   REQUIRE_THROWS_WITH(a.set_budget(std::nan("")), Catch::Contains("expected a factor >= 1"));
   REQUIRE_THROWS_WITH(set_cpu_cache_budget(0.9), Catch::Contains("expected a factor >= 1, got 0.9"));
-  set_cpu_cache_budget(2.0);  // the default
+  set_cpu_cache_budget(HUGE_VAL);  // the default
 }
 
 TEST_CASE("caching CPU allocator is thread-safe", "[fastpath][storage]") {

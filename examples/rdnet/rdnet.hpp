@@ -13,6 +13,7 @@
 #include <densegrad/densegrad.hpp>
 #include <densegrad/nn/layers.hpp>
 
+#include <cmath>
 #include <string>
 #include <vector>
 
@@ -101,9 +102,9 @@ struct RDNetConfig {
 
 /// Sets the CPU allocator's cache budget for a program's run (dg::set_cpu_cache_budget): the
 /// requested factor when one was given (> 0), else 1.25 for a memory-efficient model (its memory
-/// is the point) and the allocator's default 2 otherwise.
+/// is the point) and no bound (the allocator's default) otherwise.
 inline void set_cache_budget_for(const RDNetConfig& cfg, double requested) {
-  dg::set_cpu_cache_budget(requested > 0 ? requested : cfg.memory_efficient ? 1.25 : 2.0);
+  dg::set_cpu_cache_budget(requested > 0 ? requested : cfg.memory_efficient ? 1.25 : HUGE_VAL);
 }
 
 /// Multiply-accumulates of one forward pass on a (1, in_chans, h, w) image: convolutions and
