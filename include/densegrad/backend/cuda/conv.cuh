@@ -350,6 +350,32 @@ __global__ void depthwise_backward_weight_kernel(const T* __restrict__ dout, con
 /// Output rows one thread computes (56, 28, 14 and 7, RDNet's sizes, are multiples of it).
 constexpr int kStrip = 7;
 
+/// The walk both stride-1 kernels share: for the output rows oh0 .. oh0 + kStrip - 1 of column ow,
+/// loads each of the kStrip + K - 1 input rows under them once (xr[kw] = xp[ih, ow - pW + kw], 0
+/// outside the plane) and calls f(j, kh, xr) for every strip row j that input row feeds through
+/// tap row kh: per output row, kh rises, so sums follow the ref kernel's (kh, kw) order.
+template <class A, int K, class T, class F>
+__device__ __forceinline__ void for_each_strip_row(const T* __restrict__ xp, int H, int W, int oh0, int ow, int pH,
+                                                   int pW, F&& f) {
+#pragma unroll
+  for (int t = 0; t < kStrip + K - 1; ++t) {  // input row oh0 - pH + t feeds output row oh0 + t - kh
+    const int ih = oh0 - pH + t;
+    if (ih < 0 || ih >= H) continue;
+    const T* row = xp + int64_t(ih) * W;
+    A xr[K];
+#pragma unroll
+    for (int kw = 0; kw < K; ++kw) {
+      const int iw = ow - pW + kw;
+      xr[kw] = (iw >= 0 && iw < W) ? A(row[iw]) : A(0);
+    }
+#pragma unroll
+    for (int kh = 0; kh < K; ++kh) {
+      const int j = t - kh;
+      if (j >= 0 && j < kStrip) f(j, kh, xr);
+    }
+  }
+}
+
 /// y[n, c, oh, ow] = b[c] + sum over (kh, kw) of w[c, kh, kw] * x[n, c, oh - pH + kh, ow - pW + kw]
 /// (zero outside the image), for a strip of kStrip rows oh. With kFlip, the taps are read
 /// transposed, w[c, K-1-kh, K-1-kw]: then the kernel computes a stride-1 conv's grad input from
@@ -379,25 +405,10 @@ __global__ void depthwise_s1_kernel(const T* __restrict__ x, int64_t x_sn, const
   A acc[kStrip];
 #pragma unroll
   for (int j = 0; j < kStrip; ++j) acc[j] = bias;
+  for_each_strip_row<A, K>(xp, H, W, oh0, ow, pH, pW, [&](int j, int kh, const A* xr) {
 #pragma unroll
-  for (int t = 0; t < kStrip + K - 1; ++t) {  // input row oh0 - pH + t feeds output row oh0 + t - kh
-    const int ih = oh0 - pH + t;
-    if (ih < 0 || ih >= H) continue;
-    const T* row = xp + int64_t(ih) * W;
-    A xr[K];
-#pragma unroll
-    for (int kw = 0; kw < K; ++kw) {
-      const int iw = ow - pW + kw;
-      xr[kw] = (iw >= 0 && iw < W) ? A(row[iw]) : A(0);
-    }
-#pragma unroll
-    for (int kh = 0; kh < K; ++kh) {
-      const int j = t - kh;
-      if (j < 0 || j >= kStrip) continue;
-#pragma unroll
-      for (int kw = 0; kw < K; ++kw) acc[j] += wr[kh][kw] * xr[kw];
-    }
-  }
+    for (int kw = 0; kw < K; ++kw) acc[j] += wr[kh][kw] * xr[kw];
+  });
   T* yp = y + plane * Ho * Wo + ow;
 #pragma unroll
   for (int j = 0; j < kStrip; ++j)
@@ -434,25 +445,10 @@ __global__ void depthwise_s1_weight_kernel(const T* __restrict__ dout, const T* 
     A dv[kStrip];
 #pragma unroll
     for (int j = 0; j < kStrip; ++j) dv[j] = oh0 + j < Ho ? A(dp[int64_t(oh0 + j) * Wo]) : A(0);
+    for_each_strip_row<A, K>(xp, H, W, oh0, ow, pH, pW, [&](int j, int kh, const A* xr) {
 #pragma unroll
-    for (int t = 0; t < kStrip + K - 1; ++t) {
-      const int ih = oh0 - pH + t;
-      if (ih < 0 || ih >= H) continue;
-      const T* row = xp + int64_t(ih) * W;
-      A xr[K];
-#pragma unroll
-      for (int kw = 0; kw < K; ++kw) {
-        const int iw = ow - pW + kw;
-        xr[kw] = (iw >= 0 && iw < W) ? A(row[iw]) : A(0);
-      }
-#pragma unroll
-      for (int kh = 0; kh < K; ++kh) {
-        const int j = t - kh;
-        if (j < 0 || j >= kStrip) continue;
-#pragma unroll
-        for (int kw = 0; kw < K; ++kw) acc[kh][kw] += dv[j] * xr[kw];
-      }
-    }
+      for (int kw = 0; kw < K; ++kw) acc[kh][kw] += dv[j] * xr[kw];
+    });
   }
   // Each tap's sum over the block: a fixed shuffle tree per warp, then the warps in order.
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, nwarps = blockDim.x / 32;
