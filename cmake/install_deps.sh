@@ -7,8 +7,10 @@ set -eu
 # clang-14, libclang-rt-14-dev (libFuzzer, sanitizer runtimes) and llvm-14 (llvm-symbolizer, for
 # readable sanitizer reports) build and run the fuzz tests of tests/fuzz and the sanitizer build
 # (preset asan), which needs clang's OpenMP runtime, libomp-14-dev, too.
+# ocl-icd-opencl-dev: Debian's libdnnl-dev only recommends it, yet its CMake package config
+# requires the OpenCL headers (it was built with oneDNN's OpenCL GPU runtime).
 PACKAGES="build-essential cmake ninja-build pkg-config libeigen3-dev libdnnl-dev catch2 \
-libcli11-dev zlib1g-dev libopenmpi-dev openmpi-bin dataset-fashion-mnist \
+libcli11-dev zlib1g-dev libopenmpi-dev openmpi-bin dataset-fashion-mnist ocl-icd-opencl-dev \
 clang-14 libclang-rt-14-dev libomp-14-dev llvm-14"
 
 say() { echo "install_deps: $*"; }
