@@ -1,4 +1,4 @@
-// densegrad/backend/cpu/conv.hpp: fast CPU conv2d kernels. With AVX-512, ungrouped convs are
+// densegrad/backend/cpu/conv.hpp: fast CPU conv2d kernels. With AVX-512 or AVX2, ungrouped convs are
 // register-blocked GEMMs of their own over several images at a time (pointwise convs read x and
 // write y in place, im2col convs gather G images' columns side by side); without it, and for
 // grouped convs, im2col + Eigen GEMM per (image, group), pointwise convs without im2col and, on
@@ -18,7 +18,7 @@
 #include <algorithm>
 #include <type_traits>
 #include <vector>
-#ifdef __AVX512F__
+#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
@@ -325,11 +325,13 @@ void folded_backward_input(Planes<A> dout, const A* w, A* dx, const Conv2dGeomet
 }
 
 // ---------------------------------------------------------------- dense convs as panel GEMMs over several images
-// With AVX-512, an ungrouped conv runs as register-blocked GEMMs of its own (gemm_panels): the
-// micro-kernel holds an 8 x 48 block of the product (24 AVX-512 registers of floats; 8 x 24 for
-// doubles) while the contraction runs; each step loads 3 vectors of one row of B, broadcasts 8
-// elements of A and issues 24 FMAs. B's rows must hold whole vectors; A is read by elements, so
-// it may be any strided matrix, even one split over images (segments).
+// With AVX-512 or AVX2, an ungrouped conv runs as register-blocked GEMMs of its own
+// (gemm_panels): the micro-kernel holds a block of the product in registers while the contraction
+// runs. AVX-512 (32 registers): 8 x 48 floats in 24 registers (8 x 24 doubles); each step loads 3
+// vectors of one row of B, broadcasts 8 elements of A and issues 24 FMAs. AVX2 + FMA (16
+// registers): 6 x 16 floats in 12 (gemm_tile_avx2), 2 loads of B and 6 broadcasts per 12 FMAs.
+// B's rows must hold whole vectors; A is read by elements, so it may be any strided matrix, even
+// one split over images (segments).
 //   forward and dx: out (C_out, P) = W (C_out, K) @ col (K, P) per image. A pointwise conv's image
 // is its own col, read in place: its first P - P % 16 columns go straight from x to y, and the
 // last P % 16 columns of G images are gathered side by side into one matrix (16 images of 7x7:
@@ -340,32 +342,48 @@ void folded_backward_input(Planes<A> dout, const A* w, A* dx, const Conv2dGeomet
 // the pixels of G images, read as G segments in place. One operand becomes B, gathered transposed
 // (the one with fewer rows): x for a pointwise conv with C_in < C_out (giving dW), else dout
 // (giving dW^T). Each thread sums its chunks into its own copy, added up in thread order.
-// Measured on RDNet nano (batch 128, one core): the pointwise GEMMs about 25% faster than the
-// per-image Eigen GEMMs and on par with oneDNN's batched matmul (brgemm) on these shapes, and no
-// copies of x, y, dout or dx in and out of the GEMM but the tails.
+// Measured on RDNet nano (batch 128, one core of a Zen 4): the pointwise GEMMs about 25% faster
+// than the per-image Eigen GEMMs and on par with oneDNN's batched matmul (brgemm) on these shapes,
+// and no copies of x, y, dout or dx in and out of the GEMM but the tails. On 2 cores of a Zen 3
+// (AVX2): nano's 1x1 convs 10-40% faster than Eigen's, the nano training step 308-366 -> 357-372
+// img/s, RDNet-T inference 7.3 -> 7.8-8.4 img/s (the weight gradient on large maps stays with Eigen,
+// see panel_weight_ok).
 
-#ifdef EIGEN_VECTORIZE_AVX512
+#if defined(EIGEN_VECTORIZE_AVX512)
 constexpr bool kPanelGemm = true;
+constexpr int64_t kVecBytes = 64;
+constexpr int kTileRows = 8, kTileVecs = 3;
+constexpr int64_t kPanelCacheBytes = 0;  // no column blocks (see gemm_panels)
+#define DENSEGRAD_AVX2_TILE 0
+#elif defined(__AVX2__) && defined(__FMA__)
+constexpr bool kPanelGemm = true;
+constexpr int64_t kVecBytes = 32;
+constexpr int kTileRows = 6, kTileVecs = 2;
+constexpr int64_t kPanelCacheBytes = 192 << 10;
+#define DENSEGRAD_AVX2_TILE 1
 #else
-// 24 accumulators need AVX-512's 32 registers; the Eigen GEMMs above serve. AVX2 tiles of 4 rows x
-// 3 (or 2) vectors of 8 floats were tried on a Zen 3: over nano's 1x1 and k2 s2 shapes and RDNet-T's
-// 56x56 1x1 convs they took 134.7 / 129.1 / 171.5 ms (forward, dx, dW) against Eigen's 125.9 /
-// 117.6 / 117.0 ms (AVX2 has no embedded broadcast, and B no longer fits in registers).
 constexpr bool kPanelGemm = false;
+constexpr int64_t kVecBytes = 16;
+constexpr int kTileRows = 6, kTileVecs = 2;
+constexpr int64_t kPanelCacheBytes = 0;
+#define DENSEGRAD_AVX2_TILE 0
 #endif
+/// Rows per block of a packed operand: one full tile's rows. kPanelCacheBytes: with AVX2 (L2 of
+/// 512 KiB on a Zen 3), a B larger than this goes by column blocks that fit (gemm_panels).
+constexpr int64_t kPackRows = kTileRows;
 /// Columns per chunk of images: a (K, 768) panel of B stays in L2 for K up to a few hundred.
 constexpr int64_t kPanelCols = 768;
-/// Elements of A in one AVX-512 register: 16 floats or 8 doubles.
-template <class A> constexpr int64_t kLanes = 64 / static_cast<int64_t>(sizeof(A));
+/// Elements of A in one vector register: 16 floats or 8 doubles with AVX-512, 8 or 4 with AVX2.
+template <class A> constexpr int64_t kLanes = kVecBytes / static_cast<int64_t>(sizeof(A));
 template <class A> using LaneVec = Eigen::Array<A, kLanes<A>, 1>;
 
 inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 
 /// A (M, K) operand read by elements: row i at a + i*lda, its contraction index k = s*seg_len + j
 /// (segment s, element j) at + s*seg_stride + j. One segment: a plain row-major matrix; several:
-/// the pixels of several images, each image's plane in place. Packed (pack_rows): blocks of 8
-/// rows, each k-major (element (i, k) at a + (i/8)*8*K + k*8 + i%8), so the 8 elements a tile
-/// broadcasts at each step share one cache line.
+/// the pixels of several images, each image's plane in place. Packed (pack_rows): blocks of R =
+/// kPackRows rows, each k-major (element (i, k) at a + (i/R)*R*K + k*R + i%R), so the R elements a
+/// tile broadcasts at each step share one cache line.
 template <class A>
 struct Operand {
   const A* a;
@@ -375,8 +393,61 @@ struct Operand {
 
 /// c[MR rows ldc apart, NV vectors] = init + a (MR rows, K) @ b (K rows ldb apart, NV vectors),
 /// K = segs * seg_len: the block of c stays in registers for the whole contraction.
+#if DENSEGRAD_AVX2_TILE
+/// The full AVX2 + FMA tile for floats: 6 rows x 2 vectors of 8 in twelve named registers (GCC
+/// kept an array of them on the stack, storing it at every step), B's two vectors loaded once
+/// per step, one broadcast per row. Partial tiles take the generic gemm_tile.
+template <TileInit Init>
+void gemm_tile_avx2(const Operand<float>& op, int64_t row0, const float* b, int64_t ldb, float* c, int64_t ldc,
+                    const float* row_init) {
+  auto start = [&](int i, int v) {
+    if constexpr (Init == TileInit::Load) return _mm256_loadu_ps(c + i * ldc + v * 8);
+    else if constexpr (Init == TileInit::Row) return _mm256_set1_ps(row_init ? row_init[i] : 0.0f);
+    else return _mm256_setzero_ps();
+  };
+  __m256 c00 = start(0, 0), c01 = start(0, 1), c10 = start(1, 0), c11 = start(1, 1), c20 = start(2, 0),
+         c21 = start(2, 1), c30 = start(3, 0), c31 = start(3, 1), c40 = start(4, 0), c41 = start(4, 1),
+         c50 = start(5, 0), c51 = start(5, 1);
+  // packed: element (i, k) at a + k*kPackRows + i; else at a + i*lda + k within each segment, whose
+  // B rows follow each other: one flat loop over all K steps, a jumping to each segment's start
+  const bool packed = op.packed;
+  const int64_t ka = packed ? kPackRows : 1, ia = packed ? 1 : op.lda;
+  const int64_t steps = packed ? op.seg_len : op.segs * op.seg_len;
+  const float* a0 = packed ? op.a + row0 * op.seg_len : op.a + row0 * op.lda;
+  const float* a = a0;
+  const float* bs = b;
+  for (int64_t k = 0, left = op.seg_len, seg = 0; k < steps; ++k, bs += ldb) {
+    const __m256 b0 = _mm256_loadu_ps(bs), b1 = _mm256_loadu_ps(bs + 8);
+    __m256 e = _mm256_broadcast_ss(a);
+    c00 = _mm256_fmadd_ps(e, b0, c00), c01 = _mm256_fmadd_ps(e, b1, c01);
+    e = _mm256_broadcast_ss(a + ia);
+    c10 = _mm256_fmadd_ps(e, b0, c10), c11 = _mm256_fmadd_ps(e, b1, c11);
+    e = _mm256_broadcast_ss(a + 2 * ia);
+    c20 = _mm256_fmadd_ps(e, b0, c20), c21 = _mm256_fmadd_ps(e, b1, c21);
+    e = _mm256_broadcast_ss(a + 3 * ia);
+    c30 = _mm256_fmadd_ps(e, b0, c30), c31 = _mm256_fmadd_ps(e, b1, c31);
+    e = _mm256_broadcast_ss(a + 4 * ia);
+    c40 = _mm256_fmadd_ps(e, b0, c40), c41 = _mm256_fmadd_ps(e, b1, c41);
+    e = _mm256_broadcast_ss(a + 5 * ia);
+    c50 = _mm256_fmadd_ps(e, b0, c50), c51 = _mm256_fmadd_ps(e, b1, c51);
+    a += ka;
+    if (--left == 0) {
+      left = op.seg_len;
+      a = a0 + (++seg) * op.seg_stride;
+    }
+  }
+  const __m256 out[6][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41}, {c50, c51}};
+  for (int i = 0; i < 6; ++i)
+    for (int v = 0; v < 2; ++v) _mm256_storeu_ps(c + i * ldc + v * 8, out[i][v]);
+}
+#endif
+
 template <int MR, int NV, TileInit Init, class A>
 void gemm_tile(const Operand<A>& op, int64_t row0, const A* b, int64_t ldb, A* c, int64_t ldc, const A* row_init) {
+#if DENSEGRAD_AVX2_TILE
+  if constexpr (std::is_same_v<A, float> && MR == 6 && NV == 2)
+    return gemm_tile_avx2<Init>(op, row0, b, ldb, c, ldc, row_init);
+#endif
   using V = LaneVec<A>;
   constexpr int64_t L = kLanes<A>;
   V acc[MR][NV];
@@ -386,13 +457,13 @@ void gemm_tile(const Operand<A>& op, int64_t row0, const A* b, int64_t ldb, A* c
       else if constexpr (Init == TileInit::Row) acc[i][v] = V::Constant(row_init ? row_init[i] : A(0));
       else acc[i][v] = V::Zero();
     }
-  if (op.packed) {  // row0 is a multiple of 8: its block starts at row0 * K
+  if (op.packed) {  // row0 is a multiple of kPackRows: its block starts at row0 * K
     const A* a = op.a + row0 * op.seg_len;
     for (int64_t k = 0; k < op.seg_len; ++k) {
       V bv[NV];
       for (int v = 0; v < NV; ++v) bv[v] = Eigen::Map<const V>(b + k * ldb + v * L);
       for (int i = 0; i < MR; ++i) {
-        const A e = a[k * 8 + i];
+        const A e = a[k * kPackRows + i];
         for (int v = 0; v < NV; ++v) acc[i][v] += e * bv[v];
       }
     }
@@ -417,32 +488,42 @@ void gemm_tile(const Operand<A>& op, int64_t row0, const A* b, int64_t ldb, A* c
 }
 
 /// c (M, N) = init + a (M, K) @ b (K, N): b and c row-major (row strides ldb, ldc), N a multiple
-/// of kLanes<A>; row_init: M per-row start values for TileInit::Row (null: 0). Tiles of 8 rows x
-/// 3 vectors, in the order that re-reads the smaller operand: when a is the larger (M > N, as
-/// for a 1x1 conv's weight times 48 pixels), blocks of 8 rows go outside and each stays in L1
-/// while it meets every column panel of b; otherwise column panels go outside and each panel of b
+/// of kLanes<A>; row_init: M per-row start values for TileInit::Row (null: 0). Tiles of kTileRows
+/// rows x kTileVecs vectors, in the order that re-reads the smaller operand: when a is the larger
+/// (M > N, as for a 1x1 conv's weight times 48 pixels), row blocks go outside and each stays in L1
+/// while it meets every column panel of b (of one column block, with kPanelCacheBytes); otherwise column panels go outside and each panel of b
 /// stays in cache while every row block of a meets it.
 template <TileInit Init, class A>
 void gemm_panels(const Operand<A>& a, const A* b, int64_t ldb, A* c, int64_t ldc, int64_t M, int64_t N,
                  const A* row_init = nullptr) {
   constexpr int64_t L = kLanes<A>;
   auto tile = [&](int64_t i, int64_t j) {
-    const int64_t mr = std::min<int64_t>(8, M - i), nv = std::min<int64_t>(3, (N - j) / L);
+    const int64_t mr = std::min<int64_t>(kTileRows, M - i), nv = std::min<int64_t>(kTileVecs, (N - j) / L);
     const A* ri = row_init ? row_init + i : nullptr;
     A* cij = c + i * ldc + j;
-    with_rows(mr, [&](auto rows) {
+    with_rows<kTileRows>(mr, [&](auto rows) {
       constexpr int MR = decltype(rows)::value;
-      if (nv == 3) gemm_tile<MR, 3, Init>(a, i, b + j, ldb, cij, ldc, ri);
-      else if (nv == 2) gemm_tile<MR, 2, Init>(a, i, b + j, ldb, cij, ldc, ri);
+      if constexpr (kTileVecs >= 3) {
+        if (nv == 3) return gemm_tile<MR, 3, Init>(a, i, b + j, ldb, cij, ldc, ri);
+      }
+      if (nv == 2) gemm_tile<MR, 2, Init>(a, i, b + j, ldb, cij, ldc, ri);
       else gemm_tile<MR, 1, Init>(a, i, b + j, ldb, cij, ldc, ri);
     });
   };
+  constexpr int64_t NC = kTileVecs * L;  // columns per tile
   if (M > N) {
-    for (int64_t i = 0; i < M; i += 8)
-      for (int64_t j = 0; j < N; j += 3 * L) tile(i, j);
+    // with kPanelCacheBytes, B goes by blocks of columns that fit that much cache (each row block
+    // of a meets one block, not all of a B that would be re-read from L3 for every row block)
+    const int64_t K = a.segs * a.seg_len;
+    const int64_t nc = kPanelCacheBytes > 0 && K * N * int64_t(sizeof(A)) > kPanelCacheBytes
+                           ? std::max<int64_t>(NC, kPanelCacheBytes / (K * int64_t(sizeof(A))) / NC * NC)
+                           : N;
+    for (int64_t j0 = 0; j0 < N; j0 += nc)
+      for (int64_t i = 0; i < M; i += kTileRows)
+        for (int64_t j = j0; j < std::min(N, j0 + nc); j += NC) tile(i, j);
   } else {
-    for (int64_t j = 0; j < N; j += 3 * L)
-      for (int64_t i = 0; i < M; i += 8) tile(i, j);
+    for (int64_t j = 0; j < N; j += NC)
+      for (int64_t i = 0; i < M; i += kTileRows) tile(i, j);
   }
 }
 
@@ -455,9 +536,9 @@ Operand<A> matrix(const A* a, int64_t lda, int64_t K) { return {a, lda, 0, K, 1}
 /// conv's weight, once per image).
 template <class A, class F>
 Operand<A> pack_rows(int64_t M, int64_t K, F at, std::vector<A>& buf) {
-  buf.assign(static_cast<size_t>(round_up(M, 8) * K), A(0));
+  buf.assign(static_cast<size_t>(round_up(M, kPackRows) * K), A(0));
   for (int64_t i = 0; i < M; ++i)
-    for (int64_t k = 0; k < K; ++k) buf[(i / 8) * 8 * K + k * 8 + i % 8] = at(i, k);
+    for (int64_t k = 0; k < K; ++k) buf[(i / kPackRows) * kPackRows * K + k * kPackRows + i % kPackRows] = at(i, k);
   return {buf.data(), 0, 0, K, 1, true};
 }
 
@@ -535,6 +616,13 @@ inline int64_t panel_images(const Conv2dGeometry& g) {
 /// Eigen's own threading).
 inline bool panel_ok(const Conv2dGeometry& g) {
   return kPanelGemm && g.groups == 1 && g.N >= max_threads();
+}
+
+/// True when a conv's weight gradient runs as panel GEMMs. With AVX2 only on maps of up to 256
+/// pixels: on 56x56 maps (RDNet-T's first stage) Eigen's per-image GEMMs measured faster on a Zen 3
+/// (about 30 against 35-45 ms for (8, 128, 56, 56) -> 512 and (8, 512, 56, 56) -> 128).
+inline bool panel_weight_ok(const Conv2dGeometry& g) {
+  return panel_ok(g) && (kTileRows == 8 || g.Ho * g.Wo <= 256);
 }
 
 /// Columns of each image that the GEMMs read in place: whole vectors of a pointwise conv's
@@ -1313,7 +1401,7 @@ Tensor<T> conv2d_backward_weight(const Tensor<T>& dout, const Tensor<T>& x, cons
   else if (plane_sweep_ok(g)) plane_backward_weight(dp, xp, dw.data(), g);
   else if (is_depthwise(g) && g.sW == 1) depthwise_backward_weight<1>(dp, xp, dw.data(), g);
   else if (is_depthwise(g)) depthwise_backward_weight<0>(dp, xp, dw.data(), g);
-  else if (panel_ok(g)) panel_backward_weight(dp, xp, dw.data(), g);
+  else if (panel_weight_ok(g)) panel_backward_weight(dp, xp, dw.data(), g);
   else gemm_backward_weight(dp, xp, dw.data(), g);
   return rounded<T>(dw);
 }
