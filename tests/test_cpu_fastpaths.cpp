@@ -236,16 +236,19 @@ TEMPLATE_TEST_CASE("conv2d panel GEMMs (several images per GEMM) match the ref k
     int64_t c_out, kh, kw, s, p, d;
   };
   // pointwise on 14x14, 7x7, 3x3, 1x1 and odd maps, C_in above and below C_out (dW gathers the
-  // other operand transposed), row counts off the 8-row tiles and the 16-lane vectors, batches that
-  // leave a short last chunk; im2col convs: the k2 s2 transitions, padding, dilation, a strided
-  // 1x1, a rectangular kernel
+  // other operand transposed), row counts off the tiles (8 rows with AVX-512, 6 with AVX2) and the
+  // vectors (16 or 8 floats), batches that leave a short last chunk; im2col convs: the k2 s2
+  // transitions, padding, dilation, a strided 1x1, a rectangular kernel
   std::vector<Case> cases{{{6, 9, 14, 14}, 20, 1, 1, 1, 0, 1}, {{17, 13, 7, 7}, 35, 1, 1, 1, 0, 1},
                           {{41, 7, 3, 3}, 5, 1, 1, 1, 0, 1},   {{41, 5, 3, 3}, 13, 1, 1, 1, 0, 1},
                           {{67, 3, 1, 1}, 19, 1, 1, 1, 0, 1},  {{3, 19, 5, 7}, 8, 1, 1, 1, 0, 1},
                           {{1, 4, 6, 5}, 3, 1, 1, 1, 0, 1},    {{5, 6, 9, 9}, 7, 2, 2, 2, 0, 1},
                           {{9, 12, 7, 7}, 17, 2, 2, 2, 0, 1},  {{3, 4, 8, 7}, 9, 3, 3, 1, 1, 1},
                           {{4, 3, 11, 10}, 10, 3, 3, 2, 2, 2}, {{2, 5, 6, 6}, 6, 1, 1, 2, 0, 1},
-                          {{3, 2, 9, 8}, 5, 2, 3, 1, 1, 1}};
+                          {{3, 2, 9, 8}, 5, 2, 3, 1, 1, 1},
+                          // contractions over 256 (blocks of K with AVX2): forward, dx, an im2col conv
+                          {{3, 300, 5, 5}, 13, 1, 1, 1, 0, 1}, {{3, 7, 5, 5}, 300, 1, 1, 1, 0, 1},
+                          {{3, 70, 6, 6}, 9, 2, 2, 2, 0, 1}};
   for (int threads : {1, 2})
     for (const Case& c : cases) {
       INFO("threads " << threads << " x " << shape_str(c.x) << " C_out " << c.c_out << " k " << c.kh << "x" << c.kw

@@ -353,19 +353,19 @@ void folded_backward_input(Planes<A> dout, const A* w, A* dx, const Conv2dGeomet
 constexpr bool kPanelGemm = true;
 constexpr int64_t kVecBytes = 64;
 constexpr int kTileRows = 8, kTileVecs = 3;
-constexpr int64_t kPanelCacheBytes = 0;  // no column blocks (see gemm_panels)
+constexpr int64_t kPanelCacheBytes = 0, kPanelKBlock = 0;  // no column or K blocks (see gemm_panels)
 #define DENSEGRAD_AVX2_TILE 0
 #elif defined(__AVX2__) && defined(__FMA__)
 constexpr bool kPanelGemm = true;
 constexpr int64_t kVecBytes = 32;
 constexpr int kTileRows = 6, kTileVecs = 2;
-constexpr int64_t kPanelCacheBytes = 192 << 10;
+constexpr int64_t kPanelCacheBytes = 192 << 10, kPanelKBlock = 256;
 #define DENSEGRAD_AVX2_TILE 1
 #else
 constexpr bool kPanelGemm = false;
 constexpr int64_t kVecBytes = 16;
 constexpr int kTileRows = 6, kTileVecs = 2;
-constexpr int64_t kPanelCacheBytes = 0;
+constexpr int64_t kPanelCacheBytes = 0, kPanelKBlock = 0;
 #define DENSEGRAD_AVX2_TILE 0
 #endif
 /// Rows per block of a packed operand: one full tile's rows. kPanelCacheBytes: with AVX2 (L2 of
@@ -389,7 +389,14 @@ struct Operand {
   const A* a;
   int64_t lda, seg_stride, seg_len, segs;
   bool packed = false;
+  int64_t block_stride = 0;  // packed: elements from one block of rows to the next (0: kPackRows * seg_len)
 };
+
+/// Where a packed operand's block of rows starting at row0 (a multiple of kPackRows) begins.
+template <class A>
+const A* packed_block(const Operand<A>& op, int64_t row0) {
+  return op.a + row0 / kPackRows * (op.block_stride ? op.block_stride : kPackRows * op.seg_len);
+}
 
 /// c[MR rows ldc apart, NV vectors] = init + a (MR rows, K) @ b (K rows ldb apart, NV vectors),
 /// K = segs * seg_len: the block of c stays in registers for the whole contraction.
@@ -413,7 +420,7 @@ void gemm_tile_avx2(const Operand<float>& op, int64_t row0, const float* b, int6
   const bool packed = op.packed;
   const int64_t ka = packed ? kPackRows : 1, ia = packed ? 1 : op.lda;
   const int64_t steps = packed ? op.seg_len : op.segs * op.seg_len;
-  const float* a0 = packed ? op.a + row0 * op.seg_len : op.a + row0 * op.lda;
+  const float* a0 = packed ? packed_block(op, row0) : op.a + row0 * op.lda;
   const float* a = a0;
   const float* bs = b;
   for (int64_t k = 0, left = op.seg_len, seg = 0; k < steps; ++k, bs += ldb) {
@@ -457,8 +464,8 @@ void gemm_tile(const Operand<A>& op, int64_t row0, const A* b, int64_t ldb, A* c
       else if constexpr (Init == TileInit::Row) acc[i][v] = V::Constant(row_init ? row_init[i] : A(0));
       else acc[i][v] = V::Zero();
     }
-  if (op.packed) {  // row0 is a multiple of kPackRows: its block starts at row0 * K
-    const A* a = op.a + row0 * op.seg_len;
+  if (op.packed) {  // row0 is a multiple of kPackRows
+    const A* a = packed_block(op, row0);
     for (int64_t k = 0; k < op.seg_len; ++k) {
       V bv[NV];
       for (int v = 0; v < NV; ++v) bv[v] = Eigen::Map<const V>(b + k * ldb + v * L);
@@ -496,34 +503,54 @@ void gemm_tile(const Operand<A>& op, int64_t row0, const A* b, int64_t ldb, A* c
 template <TileInit Init, class A>
 void gemm_panels(const Operand<A>& a, const A* b, int64_t ldb, A* c, int64_t ldc, int64_t M, int64_t N,
                  const A* row_init = nullptr) {
-  constexpr int64_t L = kLanes<A>;
-  auto tile = [&](int64_t i, int64_t j) {
+  constexpr int64_t L = kLanes<A>, NC = kTileVecs * L;  // columns per tile
+  auto tile = [&](auto init, const Operand<A>& op, const A* bb, const A* ri0, int64_t i, int64_t j) {
+    constexpr TileInit I = decltype(init)::value;
     const int64_t mr = std::min<int64_t>(kTileRows, M - i), nv = std::min<int64_t>(kTileVecs, (N - j) / L);
-    const A* ri = row_init ? row_init + i : nullptr;
+    const A* ri = ri0 ? ri0 + i : nullptr;
     A* cij = c + i * ldc + j;
     with_rows<kTileRows>(mr, [&](auto rows) {
       constexpr int MR = decltype(rows)::value;
       if constexpr (kTileVecs >= 3) {
-        if (nv == 3) return gemm_tile<MR, 3, Init>(a, i, b + j, ldb, cij, ldc, ri);
+        if (nv == 3) return gemm_tile<MR, 3, I>(op, i, bb + j, ldb, cij, ldc, ri);
       }
-      if (nv == 2) gemm_tile<MR, 2, Init>(a, i, b + j, ldb, cij, ldc, ri);
-      else gemm_tile<MR, 1, Init>(a, i, b + j, ldb, cij, ldc, ri);
+      if (nv == 2) gemm_tile<MR, 2, I>(op, i, bb + j, ldb, cij, ldc, ri);
+      else gemm_tile<MR, 1, I>(op, i, bb + j, ldb, cij, ldc, ri);
     });
   };
-  constexpr int64_t NC = kTileVecs * L;  // columns per tile
-  if (M > N) {
+  using First = std::integral_constant<TileInit, Init>;
+  const int64_t K = a.segs * a.seg_len;
+  if (kPanelKBlock > 0 && a.packed && K > kPanelKBlock) {
+    // With kPanelKBlock (AVX2), a long contraction goes by blocks of kc steps, each over chunks
+    // of mc rows of a (mc x kc, about kPanelCacheBytes, stays in L2) that meet one column panel of
+    // b (kc x NC, stays in L1) after the other; the blocks after the first add to c.
+    const int64_t kc = kPanelKBlock;
+    const int64_t mc = std::max<int64_t>(kTileRows, kPanelCacheBytes / (kc * int64_t(sizeof(A))) / kTileRows * kTileRows);
+    Operand<A> sub = a;
+    sub.block_stride = kPackRows * K;
+    for (int64_t k0 = 0; k0 < K; k0 += kc) {
+      sub.a = a.a + k0 * kPackRows;
+      sub.seg_len = std::min(kc, K - k0);
+      const A* bk = b + k0 * ldb;
+      for (int64_t i0 = 0; i0 < M; i0 += mc)
+        for (int64_t j = 0; j < N; j += NC)
+          for (int64_t i = i0; i < std::min(M, i0 + mc); i += kTileRows) {
+            if (k0 == 0) tile(First{}, sub, bk, row_init, i, j);
+            else tile(std::integral_constant<TileInit, TileInit::Load>{}, sub, bk, static_cast<const A*>(nullptr), i, j);
+          }
+    }
+  } else if (M > N) {
     // with kPanelCacheBytes, B goes by blocks of columns that fit that much cache (each row block
     // of a meets one block, not all of a B that would be re-read from L3 for every row block)
-    const int64_t K = a.segs * a.seg_len;
     const int64_t nc = kPanelCacheBytes > 0 && K * N * int64_t(sizeof(A)) > kPanelCacheBytes
                            ? std::max<int64_t>(NC, kPanelCacheBytes / (K * int64_t(sizeof(A))) / NC * NC)
                            : N;
     for (int64_t j0 = 0; j0 < N; j0 += nc)
       for (int64_t i = 0; i < M; i += kTileRows)
-        for (int64_t j = j0; j < std::min(N, j0 + nc); j += NC) tile(i, j);
+        for (int64_t j = j0; j < std::min(N, j0 + nc); j += NC) tile(First{}, a, b, row_init, i, j);
   } else {
     for (int64_t j = 0; j < N; j += NC)
-      for (int64_t i = 0; i < M; i += kTileRows) tile(i, j);
+      for (int64_t i = 0; i < M; i += kTileRows) tile(First{}, a, b, row_init, i, j);
   }
 }
 
