@@ -345,9 +345,9 @@ void folded_backward_input(Planes<A> dout, const A* w, A* dx, const Conv2dGeomet
 // Measured on RDNet nano (batch 128, one core of a Zen 4): the pointwise GEMMs about 25% faster
 // than the per-image Eigen GEMMs and on par with oneDNN's batched matmul (brgemm) on these shapes,
 // and no copies of x, y, dout or dx in and out of the GEMM but the tails. On 2 cores of a Zen 3
-// (AVX2): nano's 1x1 convs 10-40% faster than Eigen's, the nano training step 308-366 -> 357-372
-// img/s, RDNet-T inference 7.3 -> 7.8-8.4 img/s (the weight gradient on large maps stays with Eigen,
-// see panel_weight_ok).
+// (AVX2), against the per-image Eigen GEMMs: the nano training step 308-366 -> 353-372 img/s,
+// RDNet-T inference about 12% faster (docs/performance.md); the weight gradient on large maps
+// stays with Eigen (panel_weight_ok).
 
 #if defined(EIGEN_VECTORIZE_AVX512)
 constexpr bool kPanelGemm = true;
@@ -398,8 +398,6 @@ const A* packed_block(const Operand<A>& op, int64_t row0) {
   return op.a + row0 / kPackRows * (op.block_stride ? op.block_stride : kPackRows * op.seg_len);
 }
 
-/// c[MR rows ldc apart, NV vectors] = init + a (MR rows, K) @ b (K rows ldb apart, NV vectors),
-/// K = segs * seg_len: the block of c stays in registers for the whole contraction.
 #if DENSEGRAD_AVX2_TILE
 /// The full AVX2 + FMA tile for floats: 6 rows x 2 vectors of 8 in twelve named registers (GCC
 /// kept an array of them on the stack, storing it at every step), B's two vectors loaded once
@@ -438,7 +436,7 @@ void gemm_tile_avx2(const Operand<float>& op, int64_t row0, const float* b, int6
     e = _mm256_broadcast_ss(a + 5 * ia);
     c50 = _mm256_fmadd_ps(e, b0, c50), c51 = _mm256_fmadd_ps(e, b1, c51);
     a += ka;
-    if (--left == 0) {
+    if (--left == 0 && k + 1 < steps) {  // the next segment
       left = op.seg_len;
       a = a0 + (++seg) * op.seg_stride;
     }
@@ -449,6 +447,8 @@ void gemm_tile_avx2(const Operand<float>& op, int64_t row0, const float* b, int6
 }
 #endif
 
+/// c[MR rows ldc apart, NV vectors] = init + a (MR rows, K) @ b (K rows ldb apart, NV vectors),
+/// K = segs * seg_len: the block of c stays in registers for the whole contraction.
 template <int MR, int NV, TileInit Init, class A>
 void gemm_tile(const Operand<A>& op, int64_t row0, const A* b, int64_t ldb, A* c, int64_t ldc, const A* row_init) {
 #if DENSEGRAD_AVX2_TILE
