@@ -368,9 +368,15 @@ constexpr int kTileRows = 6, kTileVecs = 2;
 constexpr int64_t kPanelCacheBytes = 0, kPanelKBlock = 0;
 #define DENSEGRAD_AVX2_TILE 0
 #endif
-/// Rows per block of a packed operand: one full tile's rows. kPanelCacheBytes: with AVX2 (L2 of
-/// 512 KiB on a Zen 3), a B larger than this goes by column blocks that fit (gemm_panels).
+/// Rows per block of a packed operand: one full tile's rows.
 constexpr int64_t kPackRows = kTileRows;
+/// With AVX2 (L2 of 512 KiB on a Zen 3), gemm_panels blocks what would not stay in cache: a B over
+/// kPanelCacheBytes goes by column blocks that fit, and a packed operand's contraction over
+/// kPanelKBlock by K blocks. This many items of item_bytes each fit kPanelCacheBytes, rounded down
+/// to a multiple of unit (at least one unit).
+inline int64_t fitting(int64_t item_bytes, int64_t unit) {
+  return std::max<int64_t>(unit, kPanelCacheBytes / item_bytes / unit * unit);
+}
 /// Columns per chunk of images: a (K, 768) panel of B stays in L2 for K up to a few hundred.
 constexpr int64_t kPanelCols = 768;
 /// Elements of A in one vector register: 16 floats or 8 doubles with AVX-512, 8 or 4 with AVX2.
@@ -417,7 +423,7 @@ void gemm_tile_avx2(const Operand<float>& op, int64_t row0, const float* b, int6
   // B rows follow each other: one flat loop over all K steps, a jumping to each segment's start
   const bool packed = op.packed;
   const int64_t ka = packed ? kPackRows : 1, ia = packed ? 1 : op.lda;
-  const int64_t steps = packed ? op.seg_len : op.segs * op.seg_len;
+  const int64_t steps = op.segs * op.seg_len;  // a packed operand is one segment
   const float* a0 = packed ? packed_block(op, row0) : op.a + row0 * op.lda;
   const float* a = a0;
   const float* bs = b;
@@ -498,8 +504,8 @@ void gemm_tile(const Operand<A>& op, int64_t row0, const A* b, int64_t ldb, A* c
 /// of kLanes<A>; row_init: M per-row start values for TileInit::Row (null: 0). Tiles of kTileRows
 /// rows x kTileVecs vectors, in the order that re-reads the smaller operand: when a is the larger
 /// (M > N, as for a 1x1 conv's weight times 48 pixels), row blocks go outside and each stays in L1
-/// while it meets every column panel of b (of one column block, with kPanelCacheBytes); otherwise column panels go outside and each panel of b
-/// stays in cache while every row block of a meets it.
+/// while it meets every column panel of b (of one column block, with kPanelCacheBytes); otherwise
+/// column panels go outside and each panel of b stays in cache while every row block of a meets it.
 template <TileInit Init, class A>
 void gemm_panels(const Operand<A>& a, const A* b, int64_t ldb, A* c, int64_t ldc, int64_t M, int64_t N,
                  const A* row_init = nullptr) {
@@ -525,7 +531,7 @@ void gemm_panels(const Operand<A>& a, const A* b, int64_t ldb, A* c, int64_t ldc
     // of mc rows of a (mc x kc, about kPanelCacheBytes, stays in L2) that meet one column panel of
     // b (kc x NC, stays in L1) after the other; the blocks after the first add to c.
     const int64_t kc = kPanelKBlock;
-    const int64_t mc = std::max<int64_t>(kTileRows, kPanelCacheBytes / (kc * int64_t(sizeof(A))) / kTileRows * kTileRows);
+    const int64_t mc = fitting(kc * int64_t(sizeof(A)), kTileRows);
     Operand<A> sub = a;
     sub.block_stride = kPackRows * K;
     for (int64_t k0 = 0; k0 < K; k0 += kc) {
@@ -543,7 +549,7 @@ void gemm_panels(const Operand<A>& a, const A* b, int64_t ldb, A* c, int64_t ldc
     // with kPanelCacheBytes, B goes by blocks of columns that fit that much cache (each row block
     // of a meets one block, not all of a B that would be re-read from L3 for every row block)
     const int64_t nc = kPanelCacheBytes > 0 && K * N * int64_t(sizeof(A)) > kPanelCacheBytes
-                           ? std::max<int64_t>(NC, kPanelCacheBytes / (K * int64_t(sizeof(A))) / NC * NC)
+                           ? fitting(K * int64_t(sizeof(A)), NC)
                            : N;
     for (int64_t j0 = 0; j0 < N; j0 += nc)
       for (int64_t i = 0; i < M; i += kTileRows)
