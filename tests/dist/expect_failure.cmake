@@ -1,6 +1,6 @@
 # tests/dist/expect_failure.cmake: CTest driver for the tests that a failing rank ends the
 # whole job (dist_fail_*, registered in tests/CMakeLists.txt):
-#   cmake -D "CMD=mpiexec;-n;2;dist_fail;throw" -D "EXPECT=<regex>" -D TIMEOUT=<s> -P expect_failure.cmake
+#   cmake -D "CMD=mpiexec;-n;2;test_dist;--inject-failure;throw" -D "EXPECT=<regex>" -D TIMEOUT=<s> -P expect_failure.cmake
 # Passes when the job ends within TIMEOUT seconds (no rank left waiting in a collective), with a
 # non-zero status, and its output (stdout and stderr together) matches EXPECT.
 cmake_minimum_required(VERSION 3.25)

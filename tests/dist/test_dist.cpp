@@ -3,12 +3,20 @@
 // the Reducer's bucket sums against a manual sum over the ranks, up to an RDNet whose averaged
 // gradients equal one process's gradients for the global batch. Every test case makes the same
 // collective calls on every rank (in the same order), so a failed CHECK never leaves a rank waiting.
+// With --inject-failure throw|abort instead of Catch2's options, it runs no test cases but a short
+// data-parallel training in which rank 1 fails at step 3, for the CTest tests that the whole job
+// then ends, at once, with a clear error (dist_fail_throw, dist_fail_abort):
+//   mpiexec -n 2 test_dist --inject-failure throw  # rank 1 throws dg::Error: one line naming the rank, then MPI_Abort
+//   mpiexec -n 2 test_dist --inject-failure abort  # rank 1 calls std::abort(): the launcher ends the other ranks
+// Rank 0 is inside a collective (the bucket sums of step 3) when rank 1 fails; without the abort it
+// would wait there forever.
 #define CATCH_CONFIG_RUNNER
 #include "../test_util.hpp"
 
 #include <densegrad/dist/dist.hpp>
 
 #include <cstdio>
+#include <cstdlib>
 #include <string>
 #include <vector>
 
@@ -217,11 +225,48 @@ TEST_CASE("dist: RDNet on 2 ranks x batch 2 has the gradients of 1 process x bat
   }
 }
 
+/// --inject-failure: trains a linear layer data-parallel for 10 steps; rank 1 fails at step 3.
+int train_until_failure(const std::string& mode) {
+  try {
+    Generator g(1);
+    nn::Linear<float> model(16, 4, true, g);
+    dist::broadcast_parameters(model);
+    dist::MpiCollective collective;
+    dist::Reducer<float> reducer(model, collective);
+    optim::SGD<float> opt(model.parameters(), optim::SGDOptions().lr(0.1));
+    Generator data_gen(10 + static_cast<uint64_t>(dist::rank()));
+    for (int step = 1; step <= 10; ++step) {
+      if (step == 3 && dist::rank() == 1) {
+        if (mode == "abort") std::abort();
+        DG_THROW("injected failure at step ", step);
+      }
+      Tensor<float> loss = sum(pow(model.forward(randn<float>({8, 16}, data_gen)), 2.0));
+      loss.backward();
+      reducer.finish();
+      opt.step();
+      opt.zero_grad();
+      std::printf("step %d: loss %.4f\n", step, double(loss.item()));
+    }
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "test_dist: error: %s%s\n", dist::rank_tag().c_str(), e.what());
+    return 1;
+  }
+  return 0;
+}
+
 int main(int argc, char** argv) {
   dist::Environment mpi(argc, argv);
   if (dist::world_size() < 2) {
     std::fprintf(stderr, "test_dist: needs several ranks: run it as `mpiexec -n 2 test_dist`\n");
     return mpi.exit(1);
+  }
+  if (argc == 3 && std::string(argv[1]) == "--inject-failure") {
+    const std::string mode = argv[2];
+    if (mode != "throw" && mode != "abort") {
+      std::fprintf(stderr, "test_dist: --inject-failure: expected throw or abort, got '%s'\n", mode.c_str());
+      return mpi.exit(1);
+    }
+    return mpi.exit(train_until_failure(mode));  // non-zero on rank 1: MPI_Abort ends rank 0 too
   }
   const int failed = Catch::Session().run(argc, argv);
   return mpi.exit(dist::all_true(failed == 0) ? 0 : 1);

@@ -1,15 +1,17 @@
-// tests/dist/test_reducer.cpp: dist::Reducer's bookkeeping without MPI, against a simulated
+// tests/test_reducer.cpp: dist::Reducer's bookkeeping without MPI, against a simulated
 // world in which every rank has this process's gradients: bucket layout, sums started during
 // backward() in index order, set_sync(false) for gradient accumulation, parameters without a
 // gradient, and misuse; and the DataLoader's shards, whose batch k together are the global batch k.
 // The sums over real ranks are tested under mpiexec (test_dist.cpp).
-#include "../test_util.hpp"
+#include "test_util.hpp"
 
 #include <densegrad/dist/reducer.hpp>
 
 #include <algorithm>
 #include <string>
 #include <vector>
+
+namespace test_reducer {
 
 using namespace dg;
 using Catch::Contains;
@@ -202,3 +204,5 @@ TEST_CASE("DataLoader shards: the ranks' batch k together are the single-process
     }
   }
 }
+
+}  // namespace test_reducer
