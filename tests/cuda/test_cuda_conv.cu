@@ -13,6 +13,8 @@
 #include <type_traits>
 #include <vector>
 
+namespace test_cuda_conv {  // one namespace per file: test_cuda compiles them as one unit
+
 using namespace dg;
 
 namespace {
@@ -377,3 +379,5 @@ TEST_CASE("cuda conv2d and bmm are in the kernel table", "[cuda]") {
   CHECK(kd.conv2d_backward_weight != nullptr);
   CHECK(kd.conv2d_backward_bias != nullptr);
 }
+
+}  // namespace test_cuda_conv

@@ -12,6 +12,8 @@
 
 #include "rdnet/rdnet.hpp"
 
+namespace test_cuda_core {  // one namespace per file: test_cuda compiles them as one unit
+
 using dg::Device;
 using dg::Tensor;
 
@@ -425,3 +427,5 @@ TEST_CASE("cuda: without a GPU, moving a tensor to cuda fails with a clear error
   REQUIRE_THROWS_WITH(x.to(kGpu), Catch::Contains("no CUDA device available"));
   REQUIRE_THROWS_WITH(dg::zeros<float>({3}, kGpu), Catch::Contains("no CUDA device available"));
 }
+
+}  // namespace test_cuda_core

@@ -11,6 +11,8 @@
 #include <string>
 #include <type_traits>
 
+namespace test_cuda_norm {  // one namespace per file: test_cuda compiles them as one unit
+
 using namespace dg;
 
 namespace {
@@ -208,3 +210,5 @@ TEST_CASE("cuda norm, softmax and pool kernels name the op on bad inputs", "[cud
   REQUIRE_THROWS_WITH(dg::cuda::adaptive_avg_pool2d(x, 1, 1), Catch::Contains("cuda::adaptive_avg_pool2d"));
   REQUIRE_THROWS_WITH(dg::cuda::cross_entropy_mean(x, x), Catch::Contains("cuda::cross_entropy_mean"));
 }
+
+}  // namespace test_cuda_norm
