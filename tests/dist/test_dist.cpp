@@ -6,8 +6,10 @@
 // With --inject-failure throw|abort instead of Catch2's options, it runs no test cases but a short
 // data-parallel training in which rank 1 fails at step 3, for the CTest tests that the whole job
 // then ends, at once, with a clear error (dist_fail_throw, dist_fail_abort):
-//   mpiexec -n 2 test_dist --inject-failure throw  # rank 1 throws dg::Error: one line naming the rank, then MPI_Abort
-//   mpiexec -n 2 test_dist --inject-failure abort  # rank 1 calls std::abort(): the launcher ends the other ranks
+//   mpiexec -n 2 test_dist --inject-failure throw  # rank 1 throws dg::Error: one line naming
+//                                                  # the rank, then MPI_Abort
+//   mpiexec -n 2 test_dist --inject-failure abort  # rank 1 calls std::abort(): the launcher
+//                                                  # ends the other ranks
 // Rank 0 is inside a collective (the bucket sums of step 3) when rank 1 fails; without the abort it
 // would wait there forever.
 #define CATCH_CONFIG_RUNNER
@@ -225,6 +227,7 @@ TEST_CASE("dist: RDNet on 2 ranks x batch 2 has the gradients of 1 process x bat
   }
 }
 
+namespace {
 /// --inject-failure: trains a linear layer data-parallel for 10 steps; rank 1 fails at step 3.
 int train_until_failure(const std::string& mode) {
   try {
@@ -253,6 +256,7 @@ int train_until_failure(const std::string& mode) {
   }
   return 0;
 }
+}  // namespace
 
 int main(int argc, char** argv) {
   dist::Environment mpi(argc, argv);

@@ -524,7 +524,8 @@ void gemm_panels(const Operand<A>& a, const A* b, int64_t ldb, A* c, int64_t ldc
       else gemm_tile<MR, 1, I>(op, i, bb + j, ldb, cij, ldc, ri);
     });
   };
-  using First = std::integral_constant<TileInit, Init>;
+  using First = std::integral_constant<TileInit, Init>;                  // the only or first K block
+  using Accumulate = std::integral_constant<TileInit, TileInit::Load>;  // a later K block adds to c
   const int64_t K = a.segs * a.seg_len;
   if (kPanelKBlock > 0 && a.packed && K > kPanelKBlock) {
     // With kPanelKBlock (AVX2), a long contraction goes by blocks of kc steps, each over chunks
@@ -542,7 +543,7 @@ void gemm_panels(const Operand<A>& a, const A* b, int64_t ldb, A* c, int64_t ldc
         for (int64_t j = 0; j < N; j += NC)
           for (int64_t i = i0; i < std::min(M, i0 + mc); i += kTileRows) {
             if (k0 == 0) tile(First{}, sub, bk, row_init, i, j);
-            else tile(std::integral_constant<TileInit, TileInit::Load>{}, sub, bk, static_cast<const A*>(nullptr), i, j);
+            else tile(Accumulate{}, sub, bk, static_cast<const A*>(nullptr), i, j);
           }
     }
   } else if (M > N) {
