@@ -3,7 +3,9 @@
 // dims (cpu::sum), concatenation (cpu::concat), depthwise padded-plane conv kernels, dense convs
 // as panel GEMMs over several images, GELU packets, in-place gradient accumulation on the tape
 // (threaded above 2^15 elements; a leaf's first gradient adopted), and the caching CPU allocator. Kernels that split work over OpenMP threads run on 1 and 2.
+#include <cmath>
 #include <cstring>
+#include <limits>
 #include <random>
 #include <thread>
 
@@ -297,6 +299,35 @@ TEMPLATE_TEST_CASE("gelu packets match ref::gelu on every tail length, 1 and 2 t
                                 ref::gelu_backward(dyd, xd, tanh_form), tol, tol * 0.1, "backward");
         });
     }
+}
+
+TEST_CASE("gelu packets on a grid into both tails, and at +-inf and NaN", "[fastpath]") {
+  // every 1/64 from -90 to 90: the tails where the density's exp underflows (x^2 / 2 > 87) and the
+  // negative side where 1 + erf cancels; then the values that must come out exactly. atol: the erf
+  // formula's own error (1.5e-7) times |x| / 2 peaks near |x| = 3-4; the tanh form's derivative
+  // has 1 - s for s near 1 (as torch's 1 - tanh^2), 1.6e-6 of it at x = 5 known to a float ulp
+  std::vector<float> grid;
+  for (int i = -90 * 64; i <= 90 * 64; ++i) grid.push_back(float(i) / 64.0f);
+  auto x = tensor<float>(grid);
+  auto dy = ones<float>({int64_t(grid.size())});
+  auto xd = x.to<double>(), dyd = dy.to<double>();
+  for (bool tanh_form : {false, true}) {
+    INFO("tanh form " << tanh_form);
+    const double atol = tanh_form ? 2e-6 : 5e-7;
+    dgtest::require_close(cpu::gelu(x, tanh_form).to<double>(), ref::gelu(xd, tanh_form), 1e-6, atol, "forward");
+    dgtest::require_close(cpu::gelu_backward(dy, x, tanh_form).to<double>(), ref::gelu_backward(dyd, xd, tanh_form),
+                          1e-6, atol, "backward");
+    const float inf = std::numeric_limits<float>::infinity(), nan = std::numeric_limits<float>::quiet_NaN();
+    auto special = tensor<float>({inf, -inf, nan, 0.0f});
+    auto y = cpu::gelu(special, tanh_form), d = cpu::gelu_backward(ones<float>({4}), special, tanh_form);
+    CHECK(y.data()[0] == inf);
+    CHECK(std::isnan(y.data()[1]));  // -inf * Phi(-inf) = -inf * 0, as torch
+    CHECK(std::isnan(y.data()[2]));
+    CHECK(y.data()[3] == 0.0f);
+    CHECK(std::isnan(d.data()[0]));  // 1 + inf * phi(inf) = 1 + inf * 0, as ref and torch
+    CHECK(std::isnan(d.data()[2]));
+    CHECK(d.data()[3] == 0.5f);
+  }
 }
 
 // ---------------------------------------------------------------- tape accumulation

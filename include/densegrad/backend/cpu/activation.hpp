@@ -1,8 +1,9 @@
 // densegrad/backend/cpu/activation.hpp: fast GELU forward and backward over contiguous tensors,
-// in chunks of 4096 elements spread over OpenMP threads. float and bfloat16 run vectorized, 16
-// floats at a time in registers (fixed-size Eigen arrays, no temporaries in memory): erf by
-// Abramowitz & Stegun 7.1.26 (|error| <= 1.5e-7, the formula of ATen's own vectorized float erf)
-// and Eigen's exp; double runs the exact libm math of ref::gelu_scalar.
+// in chunks of 4096 elements spread over OpenMP threads. float and bfloat16 run vectorized, one
+// SIMD register of floats at a time (Eigen's native packet: 16 floats with AVX-512, 8 with AVX2,
+// 4 with SSE or NEON): erf by Abramowitz & Stegun 7.1.26 (|error| <= 1.5e-7, the formula of ATen's
+// own vectorized float erf), its exp(-z^2) by exp_nonpositive below; double runs the exact libm
+// math of ref::gelu_scalar, and so does a build without SIMD.
 // Not other activations (they are cheap; the ref kernels serve them). ref::gelu is the oracle.
 // Shape legend: x, dy, y, dx: any shape, contiguous, all the same.
 #pragma once
@@ -14,16 +15,29 @@
 #include "../ref/activation.hpp"
 
 
+#if defined(__GNUC__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wignored-attributes"  // Eigen's packet types as template arguments
+#endif
+
 namespace dg::cpu {
 
 namespace detail {
+namespace ei = Eigen::internal;
 /// Below this many elements one thread is faster than waking the others.
 constexpr int64_t kActivationParallelMin = int64_t(1) << 15;
 /// Elements per task: 16 KB of floats, so a task is worth a thread's scheduling.
 constexpr int64_t kGeluChunk = 4096;
-/// 16 floats: one AVX-512 register. Fixed size, so every expression below is evaluated in
-/// registers, packet by packet, with no temporary arrays in memory.
-using GeluPacket = Eigen::Array<float, 16, 1>;
+#if defined(EIGEN_VECTORIZE)
+constexpr bool kGeluPackets = true;
+#else
+constexpr bool kGeluPackets = false;  // no SIMD: the scalar libm path of double
+#endif
+/// One SIMD register of floats, operated on by Eigen's packet functions (ei::pmadd, ...): every
+/// step below is one instruction on registers, no temporaries in memory.
+using GeluPacket = ei::packet_traits<float>::type;
+constexpr int64_t kGeluLanes = ei::unpacket_traits<GeluPacket>::size;
+inline GeluPacket splat(float v) { return ei::pset1<GeluPacket>(v); }
 
 /// Calls f(begin, length) for consecutive chunks of [0, n), in parallel when n is large.
 template <class F>
@@ -32,58 +46,78 @@ void for_each_chunk(int64_t n, F f) {
   DENSEGRAD_OMP(parallel for schedule(static) if (n >= kActivationParallelMin))
   for (int64_t c = 0; c < chunks; ++c) f(c * kGeluChunk, std::min(kGeluChunk, n - c * kGeluChunk));
 }
-/// len <= 16 elements of T as a packet of floats (the lanes past len are 0), and back.
+/// len <= kGeluLanes elements of T as a packet of floats (the lanes past len are 0), and back.
 template <class T>
 GeluPacket load(const T* p, int64_t len) {
   if constexpr (std::is_same_v<T, float>) {
-    if (len == 16) return Eigen::Map<const GeluPacket>(p);
+    if (len == kGeluLanes) return ei::ploadu<GeluPacket>(p);
   }
-  GeluPacket v = GeluPacket::Zero();
+  alignas(64) float v[kGeluLanes] = {};
   for (int64_t j = 0; j < len; ++j) v[j] = float(p[j]);
-  return v;
+  return ei::pload<GeluPacket>(v);
 }
 template <class T>
 void store(const GeluPacket& v, T* p, int64_t len) {
   if constexpr (std::is_same_v<T, float>) {
-    if (len == 16) {
-      Eigen::Map<GeluPacket> o(p);
-      o = v;
-      return;
-    }
+    if (len == kGeluLanes) return ei::pstoreu(p, v);
   }
-  for (int64_t j = 0; j < len; ++j) p[j] = T(v[j]);
+  alignas(64) float o[kGeluLanes];
+  ei::pstore(o, v);
+  for (int64_t j = 0; j < len; ++j) p[j] = T(o[j]);
 }
-/// out[i, i + m) = f(p[i, i + m) as a packet, i, m) for the packets of [0, len); m = 16 but for
-/// a partial last packet (f sees the offset and length to load its other inputs alike).
+/// out[i, i + m) = f(p[i, i + m) as a packet, i, m) for the packets of [0, len); m = kGeluLanes
+/// but for a partial last packet (f sees the offset and length to load its other inputs alike).
 template <class T, class F>
 void map_packets(const T* p, T* out, int64_t len, F f) {
-  for (int64_t i = 0; i < len; i += 16) {
-    const int64_t m = std::min<int64_t>(16, len - i);
+  for (int64_t i = 0; i < len; i += kGeluLanes) {
+    const int64_t m = std::min<int64_t>(kGeluLanes, len - i);
     store(f(load(p + i, m), i, m), out + i, m);
   }
+}
+
+#if defined(EIGEN_VECTORIZE)
+/// exp(y) for y <= 0 (the density's exp(-x^2 / 2)), within 1e-7 relative: y = n ln 2 + r with n =
+/// round(y / ln 2) and |r| <= ln(2) / 2, exp(r) by its Taylor series to r^7 (remainder below
+/// 6e-9), times 2^n made by writing n + 127 into the exponent bits. Below y = -87 (so that n >= -126
+/// and 2^n stays a normal float) the result is 0, as libm's would be to within 1.6e-38. Half the
+/// work of Eigen's general pexp, which also handles overflow and denormal results.
+inline GeluPacket exp_nonpositive(const GeluPacket& y) {
+  using Int = ei::unpacket_traits<GeluPacket>::integer_packet;
+  const GeluPacket in_range = ei::pcmp_le(splat(-87.0f), y);  // all ones where y >= -87 (false for NaN)
+  const GeluPacket yc = ei::pmax(y, splat(-87.0f));
+  const GeluPacket round = splat(12582912.0f);  // 1.5 * 2^23: adding then subtracting it rounds to an integer
+  const GeluPacket n = ei::psub(ei::pmadd(yc, splat(1.44269504088896341f), round), round);
+  // r = y - n ln 2 with ln 2 in two parts: n * 0.693359375 (9 significant bits) is exact
+  const GeluPacket r = ei::pmadd(n, splat(2.12194440e-4f), ei::pmadd(n, splat(-0.693359375f), yc));
+  GeluPacket p = splat(1.0f / 5040);
+  for (float c : {1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f}) p = ei::pmadd(p, r, splat(c));
+  const Int bits = ei::plogical_shift_left<23>(ei::padd(ei::pcast<GeluPacket, Int>(n), ei::pset1<Int>(127)));
+  return ei::pand(in_range, ei::pmul(p, ei::preinterpret<GeluPacket>(bits)));
 }
 
 /// Phi(x) = (1 + erf(x / sqrt 2)) / 2 and phi(x) = exp(-x^2 / 2) / sqrt(2 pi) for a packet.
 /// erf(z) = sign(z) (1 - t (a1 + t (a2 + ... + t a5)) exp(-z^2)), t = 1 / (1 + p |z|), z = x / sqrt 2,
 /// so exp(-z^2) = exp(-x^2 / 2) serves the density too: one exp per element.
 inline void gelu_cdf_pdf(const GeluPacket& x, GeluPacket& cdf, GeluPacket& pdf) {
-  const GeluPacket z = x * float(ref::kSqrt1_2);
-  const GeluPacket t = (1.0f + 0.3275911f * z.abs()).inverse();
-  const GeluPacket e = (-(z * z)).exp();
-  // sign(z) by clamping z * 1e30 to [-1, 1]: Eigen's sign() has no packet version and would make
-  // the whole expression scalar; |z| < 1e-30 (a ramp instead of a step) changes nothing in float
-  const GeluPacket sign = (z * 1e30f).max(-1.0f).min(1.0f);
-  const GeluPacket poly =
-      t * (0.254829592f + t * (-0.284496736f + t * (1.421413741f + t * (-1.453152027f + t * 1.061405429f))));
-  cdf = 0.5f + 0.5f * sign * (1.0f - poly * e);  // (1 + erf(z)) / 2
-  pdf = float(ref::kInvSqrt2Pi) * e;
+  const GeluPacket z = ei::pmul(x, splat(float(ref::kSqrt1_2)));
+  const GeluPacket t = ei::pdiv(splat(1.0f), ei::pmadd(splat(0.3275911f), ei::pabs(z), splat(1.0f)));
+  const GeluPacket e = exp_nonpositive(ei::pnegate(ei::pmul(z, z)));
+  GeluPacket poly = splat(1.061405429f);
+  for (float a : {-1.453152027f, 1.421413741f, -0.284496736f, 0.254829592f}) poly = ei::pmadd(poly, t, splat(a));
+  poly = ei::pmul(poly, t);
+  // erf(|z|) / 2, then z's sign bit on it: (1 + erf(z)) / 2
+  const GeluPacket half_erf = ei::pmul(splat(0.5f), ei::psub(splat(1.0f), ei::pmul(poly, e)));
+  cdf = ei::padd(splat(0.5f), ei::pxor(half_erf, ei::pand(z, splat(-0.0f))));
+  pdf = ei::pmul(splat(float(ref::kInvSqrt2Pi)), e);
 }
 /// The tanh form through 1 + tanh(u) = 2 sigmoid(2u): s = 1 / (1 + exp(-2u)),
-/// u = sqrt(2/pi) (x + 0.044715 x^3); no cancellation in either tail.
+/// u = sqrt(2/pi) (x + 0.044715 x^3); no cancellation in either tail (Eigen's exp: -2u may be > 0).
 inline GeluPacket gelu_tanh_sigmoid(const GeluPacket& x) {
-  const GeluPacket u = float(ref::kSqrt2OverPi) * (x + float(ref::kGeluTanhCubic) * x * x * x);
-  return (1.0f + (-2.0f * u).exp()).inverse();
+  const GeluPacket x3 = ei::pmul(ei::pmul(x, x), x);
+  const GeluPacket u = ei::pmul(splat(float(ref::kSqrt2OverPi)), ei::pmadd(splat(float(ref::kGeluTanhCubic)), x3, x));
+  return ei::pdiv(splat(1.0f), ei::padd(splat(1.0f), ei::pexp(ei::pmul(splat(-2.0f), u))));
 }
+#endif
 }  // namespace detail
 
 /// torch.nn.functional.gelu on a contiguous x (= ref::gelu up to the erf approximation for float).
@@ -94,24 +128,28 @@ Tensor<T> gelu(const Tensor<T>& x, bool tanh_approximation) {
   Tensor<T> y = Tensor<T>::empty(x.shape());
   const T* px = x.data();
   T* py = y.data();
-  if constexpr (std::is_same_v<T, double>) {  // exact libm math, threads only
+  if constexpr (std::is_same_v<T, double> || !detail::kGeluPackets) {  // exact libm math, threads only
+    using A = std::conditional_t<std::is_same_v<T, double>, double, float>;
     const int64_t n = x.numel();
     DENSEGRAD_OMP(parallel for schedule(static) if (n >= detail::kActivationParallelMin))
-    for (int64_t i = 0; i < n; ++i) py[i] = ref::gelu_scalar(px[i], tanh_approximation);
+    for (int64_t i = 0; i < n; ++i) py[i] = T(ref::gelu_scalar(A(px[i]), tanh_approximation));
   } else {
+#if defined(EIGEN_VECTORIZE)
     using detail::GeluPacket;
+    namespace ei = Eigen::internal;
     detail::for_each_chunk(x.numel(), [&](int64_t i0, int64_t len) {
       if (tanh_approximation)  // s = (1 + tanh(u)) / 2
-        detail::map_packets(px + i0, py + i0, len, [](const GeluPacket& v, int64_t, int64_t) -> GeluPacket {
-          return v * detail::gelu_tanh_sigmoid(v);
+        detail::map_packets(px + i0, py + i0, len, [](const GeluPacket& v, int64_t, int64_t) {
+          return ei::pmul(v, detail::gelu_tanh_sigmoid(v));
         });
       else
-        detail::map_packets(px + i0, py + i0, len, [](const GeluPacket& v, int64_t, int64_t) -> GeluPacket {
+        detail::map_packets(px + i0, py + i0, len, [](const GeluPacket& v, int64_t, int64_t) {
           GeluPacket cdf, pdf;
           detail::gelu_cdf_pdf(v, cdf, pdf);
-          return v * cdf;
+          return ei::pmul(v, cdf);
         });
     });
+#endif
   }
   return y;
 }
@@ -126,29 +164,39 @@ Tensor<T> gelu_backward(const Tensor<T>& dy, const Tensor<T>& x, bool tanh_appro
   Tensor<T> dx = Tensor<T>::empty(x.shape());
   const T *pdy = dy.data(), *px = x.data();
   T* pdx = dx.data();
-  if constexpr (std::is_same_v<T, double>) {
+  if constexpr (std::is_same_v<T, double> || !detail::kGeluPackets) {
+    using A = std::conditional_t<std::is_same_v<T, double>, double, float>;
     const int64_t n = x.numel();
     DENSEGRAD_OMP(parallel for schedule(static) if (n >= detail::kActivationParallelMin))
-    for (int64_t i = 0; i < n; ++i) pdx[i] = pdy[i] * ref::gelu_grad_scalar(px[i], tanh_approximation);
+    for (int64_t i = 0; i < n; ++i) pdx[i] = T(A(pdy[i]) * ref::gelu_grad_scalar(A(px[i]), tanh_approximation));
   } else {
-    using detail::GeluPacket;
+#if defined(EIGEN_VECTORIZE)
+    using detail::GeluPacket, detail::splat;
+    namespace ei = Eigen::internal;
     detail::for_each_chunk(x.numel(), [&](int64_t i0, int64_t len) {
       const T* g = pdy + i0;  // dy of the packet at offset i of this chunk: g + i
-      if (tanh_approximation)
-        detail::map_packets(px + i0, pdx + i0, len, [g](const GeluPacket& v, int64_t i, int64_t m) -> GeluPacket {
+      if (tanh_approximation)  // s + x s (1 - s) q, q = 2 sqrt(2/pi) (1 + 3 * 0.044715 x^2)
+        detail::map_packets(px + i0, pdx + i0, len, [g](const GeluPacket& v, int64_t i, int64_t m) {
           const GeluPacket s = detail::gelu_tanh_sigmoid(v);
-          return detail::load(g + i, m) * (s + 2.0f * v * s * (1.0f - s) * float(ref::kSqrt2OverPi) *
-                                                   (1.0f + float(3 * ref::kGeluTanhCubic) * v * v));
+          const GeluPacket q = ei::pmadd(splat(float(6 * ref::kGeluTanhCubic * ref::kSqrt2OverPi)), ei::pmul(v, v),
+                                         splat(float(2 * ref::kSqrt2OverPi)));
+          const GeluPacket ds = ei::pmul(ei::pmul(v, s), ei::psub(splat(1.0f), s));
+          return ei::pmul(detail::load(g + i, m), ei::pmadd(ds, q, s));
         });
       else
-        detail::map_packets(px + i0, pdx + i0, len, [g](const GeluPacket& v, int64_t i, int64_t m) -> GeluPacket {
+        detail::map_packets(px + i0, pdx + i0, len, [g](const GeluPacket& v, int64_t i, int64_t m) {
           GeluPacket cdf, pdf;
           detail::gelu_cdf_pdf(v, cdf, pdf);
-          return detail::load(g + i, m) * (cdf + v * pdf);
+          return ei::pmul(detail::load(g + i, m), ei::pmadd(v, pdf, cdf));
         });
     });
+#endif
   }
   return dx;
 }
 
 }  // namespace dg::cpu
+
+#if defined(__GNUC__)
+#pragma GCC diagnostic pop
+#endif
