@@ -28,11 +28,6 @@ namespace ei = Eigen::internal;
 constexpr int64_t kActivationParallelMin = int64_t(1) << 15;
 /// Elements per task: 16 KB of floats, so a task is worth a thread's scheduling.
 constexpr int64_t kGeluChunk = 4096;
-#if defined(EIGEN_VECTORIZE)
-constexpr bool kGeluPackets = true;
-#else
-constexpr bool kGeluPackets = false;  // no SIMD: the scalar libm path of double
-#endif
 /// One SIMD register of floats, operated on by Eigen's packet functions (ei::pmadd, ...): every
 /// step below is one instruction on registers, no temporaries in memory.
 using GeluPacket = ei::packet_traits<float>::type;
@@ -78,21 +73,20 @@ void map_packets(const T* p, T* out, int64_t len, F f) {
 #if defined(EIGEN_VECTORIZE)
 /// exp(y) for y <= 0 (the density's exp(-x^2 / 2)), within 1e-7 relative: y = n ln 2 + r with n =
 /// round(y / ln 2) and |r| <= ln(2) / 2, exp(r) by its Taylor series to r^7 (remainder below
-/// 6e-9), times 2^n made by writing n + 127 into the exponent bits. Below y = -87 (so that n >= -126
-/// and 2^n stays a normal float) the result is 0, as libm's would be to within 1.6e-38. Half the
-/// work of Eigen's general pexp, which also handles overflow and denormal results.
+/// 6e-9), times 2^n made by writing n + 127 into the exponent bits. Below y = -87 (where n < -126
+/// would leave the normal floats) and for NaN the result is 0, as libm's would be to within 1.6e-38.
+/// Half the work of Eigen's general pexp, which also handles overflow and denormal results.
 inline GeluPacket exp_nonpositive(const GeluPacket& y) {
   using Int = ei::unpacket_traits<GeluPacket>::integer_packet;
   const GeluPacket in_range = ei::pcmp_le(splat(-87.0f), y);  // all ones where y >= -87 (false for NaN)
-  const GeluPacket yc = ei::pmax(y, splat(-87.0f));
   const GeluPacket round = splat(12582912.0f);  // 1.5 * 2^23: adding then subtracting it rounds to an integer
-  const GeluPacket n = ei::psub(ei::pmadd(yc, splat(1.44269504088896341f), round), round);
+  const GeluPacket n = ei::psub(ei::pmadd(y, splat(1.44269504088896341f), round), round);
   // r = y - n ln 2 with ln 2 in two parts: n * 0.693359375 (9 significant bits) is exact
-  const GeluPacket r = ei::pmadd(n, splat(2.12194440e-4f), ei::pmadd(n, splat(-0.693359375f), yc));
+  const GeluPacket r = ei::pmadd(n, splat(2.12194440e-4f), ei::pmadd(n, splat(-0.693359375f), y));
   GeluPacket p = splat(1.0f / 5040);
   for (float c : {1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f}) p = ei::pmadd(p, r, splat(c));
   const Int bits = ei::plogical_shift_left<23>(ei::padd(ei::pcast<GeluPacket, Int>(n), ei::pset1<Int>(127)));
-  return ei::pand(in_range, ei::pmul(p, ei::preinterpret<GeluPacket>(bits)));
+  return ei::pand(in_range, ei::pmul(p, ei::preinterpret<GeluPacket>(bits)));  // out of range: whatever bits, 0
 }
 
 /// Phi(x) = (1 + erf(x / sqrt 2)) / 2 and phi(x) = exp(-x^2 / 2) / sqrt(2 pi) for a packet.
@@ -128,13 +122,8 @@ Tensor<T> gelu(const Tensor<T>& x, bool tanh_approximation) {
   Tensor<T> y = Tensor<T>::empty(x.shape());
   const T* px = x.data();
   T* py = y.data();
-  if constexpr (std::is_same_v<T, double> || !detail::kGeluPackets) {  // exact libm math, threads only
-    using A = std::conditional_t<std::is_same_v<T, double>, double, float>;
-    const int64_t n = x.numel();
-    DENSEGRAD_OMP(parallel for schedule(static) if (n >= detail::kActivationParallelMin))
-    for (int64_t i = 0; i < n; ++i) py[i] = T(ref::gelu_scalar(A(px[i]), tanh_approximation));
-  } else {
 #if defined(EIGEN_VECTORIZE)
+  if constexpr (!std::is_same_v<T, double>) {
     using detail::GeluPacket;
     namespace ei = Eigen::internal;
     detail::for_each_chunk(x.numel(), [&](int64_t i0, int64_t len) {
@@ -149,8 +138,14 @@ Tensor<T> gelu(const Tensor<T>& x, bool tanh_approximation) {
           return ei::pmul(v, cdf);
         });
     });
-#endif
+    return y;
   }
+#endif
+  // double, or no SIMD: exact libm math, threads only
+  using A = std::conditional_t<std::is_same_v<T, double>, double, float>;
+  const int64_t n = x.numel();
+  DENSEGRAD_OMP(parallel for schedule(static) if (n >= detail::kActivationParallelMin))
+  for (int64_t i = 0; i < n; ++i) py[i] = T(ref::gelu_scalar(A(px[i]), tanh_approximation));
   return y;
 }
 
@@ -164,13 +159,8 @@ Tensor<T> gelu_backward(const Tensor<T>& dy, const Tensor<T>& x, bool tanh_appro
   Tensor<T> dx = Tensor<T>::empty(x.shape());
   const T *pdy = dy.data(), *px = x.data();
   T* pdx = dx.data();
-  if constexpr (std::is_same_v<T, double> || !detail::kGeluPackets) {
-    using A = std::conditional_t<std::is_same_v<T, double>, double, float>;
-    const int64_t n = x.numel();
-    DENSEGRAD_OMP(parallel for schedule(static) if (n >= detail::kActivationParallelMin))
-    for (int64_t i = 0; i < n; ++i) pdx[i] = T(A(pdy[i]) * ref::gelu_grad_scalar(A(px[i]), tanh_approximation));
-  } else {
 #if defined(EIGEN_VECTORIZE)
+  if constexpr (!std::is_same_v<T, double>) {
     using detail::GeluPacket, detail::splat;
     namespace ei = Eigen::internal;
     detail::for_each_chunk(x.numel(), [&](int64_t i0, int64_t len) {
@@ -190,8 +180,13 @@ Tensor<T> gelu_backward(const Tensor<T>& dy, const Tensor<T>& x, bool tanh_appro
           return ei::pmul(detail::load(g + i, m), ei::pmadd(v, pdf, cdf));
         });
     });
-#endif
+    return dx;
   }
+#endif
+  using A = std::conditional_t<std::is_same_v<T, double>, double, float>;
+  const int64_t n = x.numel();
+  DENSEGRAD_OMP(parallel for schedule(static) if (n >= detail::kActivationParallelMin))
+  for (int64_t i = 0; i < n; ++i) pdx[i] = T(A(pdy[i]) * ref::gelu_grad_scalar(A(px[i]), tanh_approximation));
   return dx;
 }
 
