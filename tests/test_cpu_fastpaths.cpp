@@ -453,7 +453,8 @@ TEST_CASE("caching CPU allocator reuses, caps and releases blocks", "[fastpath][
 TEST_CASE("caching CPU allocator gives the oldest blocks back on a miss", "[fastpath][storage]") {
   using A = CachingCpuAllocator;
   A a;
-  a.set_budget(2.0);  // the default is no bound
+  a.set_budget(2.0);     // the default is no bound
+  a.set_fit_ratio(1.0);  // blocks of the request's own class only (best fit is tested below)
   // One block at a time, each size once: the cache fills with sizes never asked for again. A
   // miss gives back the oldest blocks while in use + cached + the request passes 2 x the peak:
   // 4096+5120 cached, 6144 asked (peak 6144): 15360 > 12288, 4096 goes; 7168 asked: 5120 goes;
@@ -485,14 +486,13 @@ TEST_CASE("caching CPU allocator gives the oldest blocks back on a miss", "[fast
       const size_t base = size_t(64) << (rng() % 12), n = base + rng() % base;
       live.push_back(r.allocate(n));
       sizes.push_back(n);
-      in_use += A::size_class(n);
     } else {
       const size_t k = rng() % live.size();
       r.deallocate(live[k], sizes[k]);
-      in_use -= A::size_class(sizes[k]);
       live.erase(live.begin() + static_cast<std::ptrdiff_t>(k));
       sizes.erase(sizes.begin() + static_cast<std::ptrdiff_t>(k));
     }
+    in_use = r.in_use_bytes();  // in the classes of the blocks handed out (best fit: >= the requests')
     peak = std::max(peak, in_use);
     if (in_use + r.cached_bytes() > 2 * peak) bounded = false;
   }
@@ -506,9 +506,11 @@ TEST_CASE("caching CPU allocator gives the oldest blocks back on a miss", "[fast
 TEST_CASE("caching CPU allocator keeps in use + cached within its budget, big blocks included", "[fastpath][storage]") {
   using A = CachingCpuAllocator;
   // Sizes from 64 bytes to 8 MiB: blocks of 1 MiB and more are pages of their own (mmap on Linux).
+  for (double fit : {1.0, 2.0, 4.0})                          // 2: the default
   for (double budget : {1.0, 1.25, 1.5, 3.0, HUGE_VAL}) {  // HUGE_VAL: no bound, the default
-    INFO("budget " << budget);
+    INFO("fit ratio " << fit << ", budget " << budget);
     A r;
+    r.set_fit_ratio(fit);
     r.set_budget(budget);
     std::mt19937 rng(11);
     std::vector<size_t> sizes;
@@ -525,18 +527,17 @@ TEST_CASE("caching CPU allocator keeps in use + cached within its budget, big bl
         live.push_back(p);
         sizes.push_back(n);
         tags.push_back(tag);
-        in_use += A::size_class(n);
       } else {
         const size_t k = rng() % live.size();
         auto* p = static_cast<unsigned char*>(live[k]);
         if (p[0] != tags[k] || p[sizes[k] / 2] != tags[k] || p[sizes[k] - 1] != tags[k])
           intact = false;  // a block handed out twice would carry another block's byte
         r.deallocate(p, sizes[k]);
-        in_use -= A::size_class(sizes[k]);
         live.erase(live.begin() + static_cast<std::ptrdiff_t>(k));
         sizes.erase(sizes.begin() + static_cast<std::ptrdiff_t>(k));
         tags.erase(tags.begin() + static_cast<std::ptrdiff_t>(k));
       }
+      in_use = r.in_use_bytes();
       peak = std::max(peak, in_use);
       worst = std::max(worst, in_use + r.cached_bytes());
       if (static_cast<double>(in_use + r.cached_bytes()) > budget * static_cast<double>(peak)) bounded = false;
@@ -556,6 +557,55 @@ TEST_CASE("caching CPU allocator keeps in use + cached within its budget, big bl
   REQUIRE_THROWS_WITH(a.set_budget(std::nan("")), Catch::Contains("expected a factor >= 1"));
   REQUIRE_THROWS_WITH(set_cpu_cache_budget(0.9), Catch::Contains("expected a factor >= 1, got 0.9"));
   set_cpu_cache_budget(HUGE_VAL);  // the default
+}
+
+TEST_CASE("caching CPU allocator serves a request from the smallest larger cached block, up to its fit ratio",
+          "[fastpath][storage]") {
+  using A = CachingCpuAllocator;
+  REQUIRE(A::size_class(8192) == 8192);
+  REQUIRE(A::size_class(6144) == 6144);
+  REQUIRE(A::size_class(5000) == 5120);
+  REQUIRE(A::size_class(4000) == 4096);
+  REQUIRE(A::size_class(3000) == 3072);
+  A a;  // fit ratio 2, the default
+  void* p = a.allocate(8192);
+  a.deallocate(p, 8192);
+  void* q = a.allocate(5000);  // class 5120: none cached; 8192 <= 2 x 5120 serves it
+  CHECK(q == p);
+  CHECK(a.cached_bytes() == 0);
+  CHECK(a.in_use_bytes() == 8192);  // counted as the block it is
+  a.deallocate(q, 5000);              // told the request's size: back to the block's own class
+  CHECK(a.cached_bytes() == 8192);
+  CHECK(a.in_use_bytes() == 0);
+  void* r = a.allocate(8000);  // class 8192 finds it there
+  CHECK(r == p);
+  void* big = a.allocate(6000);  // class 6144: nothing cached, a new block
+  a.deallocate(r, 8000);
+  a.deallocate(big, 6000);
+  CHECK(a.cached_bytes() == 8192 + 6144);
+  void* t = a.allocate(4000);  // class 4096: 6144 and 8192 both fit; the smaller serves
+  CHECK(t == big);
+  void* u = a.allocate(3000);  // class 3072: 8192 > 2 x 3072, a new block
+  CHECK(u != p);
+  CHECK(a.cached_bytes() == 8192);
+  a.deallocate(t, 4000);
+  a.deallocate(u, 3000);
+  a.set_fit_ratio(1.0);        // the request's own class only
+  void* v = a.allocate(5000);  // 6144 and 8192 cached, neither of class 5120
+  CHECK(v != p);
+  CHECK(v != big);
+  a.deallocate(v, 5000);
+  a.set_fit_ratio(4.0);
+  void* w = a.allocate(1500);  // class 1536: 3072, 5120 and 6144 cached within 4 x; the smallest serves
+  CHECK(w == u);
+  a.set_max_cached_bytes(0);  // caching off: a larger block goes back to the OS at its own size
+  a.deallocate(w, 1500);
+  CHECK(a.cached_bytes() == 0);
+  CHECK(a.in_use_bytes() == 0);
+  REQUIRE_THROWS_WITH(a.set_fit_ratio(0.5), Catch::Contains("expected a ratio >= 1, got 0.5"));
+  REQUIRE_THROWS_WITH(a.set_fit_ratio(std::nan("")), Catch::Contains("expected a ratio >= 1"));
+  REQUIRE_THROWS_WITH(set_cpu_cache_fit_ratio(0.9), Catch::Contains("expected a ratio >= 1, got 0.9"));
+  set_cpu_cache_fit_ratio(2.0);  // the default
 }
 
 TEST_CASE("caching CPU allocator is thread-safe", "[fastpath][storage]") {

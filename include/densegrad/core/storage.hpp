@@ -17,6 +17,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <unordered_map>
 #include <vector>
 
 #if defined(__SANITIZE_ADDRESS__)
@@ -73,6 +74,13 @@ struct CpuAllocator final : Allocator {
 /// a page fault and a zeroing each: several percent of a small model's training step).
 /// Classes are 4 per power of two (at most 25% slack): finer ones (16 above 1 MiB) measured
 /// more peak RSS, not less (fewer requests share a class, so more blocks stay cached).
+/// Best fit: a request that finds no cached block of its own class takes one of the smallest
+/// larger class that has one, up to twice its own (set_fit_ratio), and the block goes back to its
+/// own class when freed. Freed activations then serve the gradients of the next smaller size in
+/// backward, and a pass's outputs each other's, instead of lying in the cache beside new blocks:
+/// RDNet-T at 224 px, peak RSS of a training step at batch 8 1686 -> 1401 MiB, at batch 16 2978
+/// -> 2465, inference at batch 8 980 -> 715 and at 448 px 3041 -> 1983, with fewer page faults
+/// (training at batch 8: 446k -> 373k) and no slower.
 /// Thread-safe.
 /// With a budget (set_budget(factor)), a request that no cached block fits (a miss) first gives
 /// back the oldest cached blocks while memory in use plus cached would pass `factor` times the
@@ -98,16 +106,21 @@ class CachingCpuAllocator final : public Allocator {
     std::vector<Block> evicted;
     {
       std::lock_guard<std::mutex> lock(mu_);
-      auto it = free_.find(c);
-      if (it != free_.end() && !it->second.empty()) {  // the newest block of this class: warm in cache
+      // the smallest class that holds a cached block, from c up to fit_ratio_ * c; in it, the
+      // newest block (warm in cache)
+      const double most = fit_ratio_ * static_cast<double>(c);
+      for (auto it = free_.lower_bound(c); it != free_.end() && static_cast<double>(it->first) <= most; ++it) {
+        if (it->second.empty()) continue;
+        const size_t bc = it->first;
         auto node = it->second.back();
         it->second.pop_back();
         void* p = node->p;
         lru_.erase(node);
-        cached_ -= c;
-        in_use_ += c;
+        cached_ -= bc;
+        in_use_ += bc;
         peak_ = std::max(peak_, in_use_);
-        DENSEGRAD_UNPOISON_(p, c);
+        if (bc != c) larger_[p] = bc;  // deallocate() will be told a size of class c
+        DENSEGRAD_UNPOISON_(p, nbytes);  // under ASan the rest of the block stays poisoned
         return p;
       }
       // a miss: the oldest blocks go back first, until in use + cached fits the budget again
@@ -136,9 +149,16 @@ class CachingCpuAllocator final : public Allocator {
     return p;
   }
   void deallocate(void* p, size_t nbytes) override {
-    const size_t c = size_class(nbytes);
+    size_t c = size_class(nbytes);
     {
       std::lock_guard<std::mutex> lock(mu_);
+      if (!larger_.empty()) {  // a block of a larger class than asked for goes back to its own
+        auto it = larger_.find(p);
+        if (it != larger_.end()) {
+          c = it->second;
+          larger_.erase(it);
+        }
+      }
       in_use_ -= std::min(in_use_, c);
       if (cached_ + c <= max_cached_bytes_) {
         DENSEGRAD_POISON_(p, c);
@@ -170,6 +190,18 @@ class CachingCpuAllocator final : public Allocator {
     release_cached();
     std::lock_guard<std::mutex> lock(mu_);
     max_cached_bytes_ = n;
+  }
+  /// Bytes handed out and not given back, in the classes of the blocks that serve them.
+  size_t in_use_bytes() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return in_use_;
+  }
+  /// A request of size class c may take a cached block of a class up to `ratio` times c (>= 1;
+  /// 1: its own class only; the default 2).
+  void set_fit_ratio(double ratio) {
+    DG_CHECK(ratio >= 1.0, "cache fit ratio: expected a ratio >= 1, got ", ratio);  // NaN fails too
+    std::lock_guard<std::mutex> lock(mu_);
+    fit_ratio_ = ratio;
   }
   /// Memory in use plus cached may reach `factor` times the most ever in use (>= 1; the default,
   /// infinity, is no bound).
@@ -216,6 +248,8 @@ class CachingCpuAllocator final : public Allocator {
   size_t cached_ = 0, max_cached_bytes_ = SIZE_MAX;
   size_t in_use_ = 0, peak_ = 0;  // bytes handed out now and at most (size classes)
   double budget_ = HUGE_VAL;      // in use + cached <= budget_ * peak_ after a miss (HUGE_VAL: no bound)
+  double fit_ratio_ = 2.0;         // a request of class c may take a cached block of class <= fit_ratio_ * c
+  std::unordered_map<void*, size_t> larger_;  // blocks in use of a larger class than their request's
 };
 
 namespace detail {
@@ -282,6 +316,11 @@ inline size_t release_cached_cpu_memory() {
 /// Frees nothing by itself.
 ///   dg::set_cpu_cache_budget(1.25);  // e.g. with RDNetConfig::memory_efficient
 inline void set_cpu_cache_budget(double factor) { detail::default_cpu_allocator().set_budget(factor); }
+
+/// How much larger than a request a cached block of the default CPU allocator may be and still
+/// serve it: up to `ratio` times its size class (default 2; 1: blocks of its own class only).
+///   dg::set_cpu_cache_fit_ratio(1.0);  // the exact-class cache
+inline void set_cpu_cache_fit_ratio(double ratio) { detail::default_cpu_allocator().set_fit_ratio(ratio); }
 
 /// The allocator used for new storage on devices of `kind`.
 inline Allocator* get_allocator(Device::Kind kind) { return detail::allocator_table()[static_cast<int>(kind)]; }
