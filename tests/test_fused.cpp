@@ -109,6 +109,29 @@ TEST_CASE("gelu_conv2d keeps h for backward, not gelu(h)") {
   CHECK(gelu_conv2d(h, w).to_vector() == twice.to_vector());
 }
 
+TEST_CASE("gelu_conv2d on the CPU applies the GELU per chunk of images: forward never holds gelu(h)") {
+  Generator gen(9);
+  // batch 8, 1x1 and k2 s2 (im2col), erf and tanh: where the conv runs as panel GEMMs, the GELU
+  // of each chunk goes to the thread's scratch on the way in, and the values are still those of
+  // conv2d(gelu(h)) bit for bit
+  for (int64_t k : {1, 2})
+    for (bool tanh_form : {false, true}) {
+      INFO("kernel " << k << (tanh_form ? ", tanh form" : ", erf form"));
+      const Tensor<float> h = randn<float>({8, 40, 14, 14}, gen) * 2.0f;
+      const Tensor<float> w = randn<float>({24, 40, k, k}, gen), b = randn<float>({24}, gen);
+      const Conv2dGeometry g = detail::conv2d_checked_geometry(h, w, b, k, 0, 1, 1, "test");
+      NoGradGuard no_grad;
+      const size_t before = cpu_memory_allocated();
+      cpu_reset_peak_memory_stats();
+      const Tensor<float> fused = gelu_conv2d(h, w, b, k, 0, 1, 1, tanh_form);
+      const size_t peak = cpu_max_memory_allocated() - before, out = static_cast<size_t>(fused.numel()) * 4;
+      const size_t gelu_bytes = static_cast<size_t>(h.numel()) * 4;
+      if (cpu::forward_runs_panels(g)) CHECK(peak == out);  // AVX2 or AVX-512, 8 images >= threads
+      else CHECK(peak == out + gelu_bytes);                  // gelu(h), then the conv
+      CHECK(fused.to_vector() == conv2d(gelu(h, tanh_form), w, b, k).to_vector());
+    }
+}
+
 TEST_CASE("gelu_conv2d rejects bad shapes and devices naming itself") {
   Tensor<float> h = zeros<float>({2, 4, 5, 5}), w = zeros<float>({3, 4, 1, 1});
   CHECK_THROWS_WITH(gelu_conv2d(h, zeros<float>({3, 5, 1, 1})), Contains("gelu_conv2d: x has 4 channels"));

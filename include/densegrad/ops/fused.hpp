@@ -4,7 +4,9 @@
 // sits between the 1x1 expansion and the 1x1 reduction, on the widest tensor of the block
 // (bottleneck_width_ratio x the block's input channels), so this frees the largest of the
 // tensors a block saves, at the cost of one more GELU forward per block in backward. Values and
-// gradients are those of the two ops (the same kernels, the same order: bit for bit).
+// gradients are those of the two ops (the same kernels, the same order: bit for bit). On the
+// CPU, a float conv that runs as panel GEMMs takes the GELU of each chunk of images on the way in
+// (cpu::conv2d_forward_prepped), so forward never holds gelu(h) for the whole batch either.
 // The selective counterpart of dg::checkpoint (which recomputes everything, convolutions too).
 // Shape legend: h (N, C_in, H, W), weight (C_out, C_in/groups, kH, kW), out (N, C_out, Ho, Wo).
 #pragma once
@@ -23,7 +25,14 @@ Tensor<T> gelu_conv2d(const Tensor<T>& h, const Tensor<T>& weight, const Tensor<
   static_assert(is_floating_v<T>, "gelu_conv2d: T must be float, double or dg::bfloat16");
   const Conv2dGeometry g = detail::conv2d_checked_geometry(h, weight, bias, stride, padding, dilation, groups, "gelu_conv2d");
   Tensor<T> hc = contiguous(h.detach());
-  Tensor<T> out = detail::conv2d_forward(detail::gelu_forward(hc, tanh_approximation), weight, bias, g);
+  Tensor<T> out;
+  if constexpr (std::is_same_v<T, float>) {
+    if (!hc.device().is_cuda() && cpu::forward_runs_panels(g))  // GELU per chunk of images, on the way in
+      out = cpu::conv2d_forward_prepped(hc, weight, bias, g, [tanh_approximation](const float* s, float* d, int64_t n) {
+        cpu::gelu_range(s, d, n, tanh_approximation);
+      });
+  }
+  if (!out.defined()) out = detail::conv2d_forward(detail::gelu_forward(hc, tanh_approximation), weight, bias, g);
   // gelu(h) is gone here; backward makes it again when the weight's gradient needs it
   const bool need_h = h.requires_grad(), need_w = weight.requires_grad(), need_b = bias.requires_grad();
   Tensor<T> ws = weight.detach();

@@ -114,6 +114,32 @@ inline GeluPacket gelu_tanh_sigmoid(const GeluPacket& x) {
 #endif
 }  // namespace detail
 
+/// y[0, n) = gelu(x[0, n)) on the calling thread (no OpenMP): the work of cpu::gelu for one
+/// range, so every value is the one cpu::gelu gives. y may be x (in place).
+template <class T>
+void gelu_range(const T* px, T* py, int64_t n, bool tanh_approximation) {
+#if defined(EIGEN_VECTORIZE)
+  if constexpr (!std::is_same_v<T, double>) {
+    using detail::GeluPacket;
+    namespace ei = Eigen::internal;
+    if (tanh_approximation)  // s = (1 + tanh(u)) / 2
+      detail::map_packets(px, py, n, [](const GeluPacket& v, int64_t, int64_t) {
+        return ei::pmul(v, detail::gelu_tanh_sigmoid(v));
+      });
+    else
+      detail::map_packets(px, py, n, [](const GeluPacket& v, int64_t, int64_t) {
+        GeluPacket cdf, pdf;
+        detail::gelu_cdf_pdf(v, cdf, pdf);
+        return ei::pmul(v, cdf);
+      });
+    return;
+  }
+#endif
+  // double, or no SIMD: the exact libm math
+  using A = std::conditional_t<std::is_same_v<T, double>, double, float>;
+  for (int64_t i = 0; i < n; ++i) py[i] = T(ref::gelu_scalar(A(px[i]), tanh_approximation));
+}
+
 /// torch.nn.functional.gelu on a contiguous x (= ref::gelu up to the erf approximation for float).
 template <class T>
 Tensor<T> gelu(const Tensor<T>& x, bool tanh_approximation) {
@@ -122,30 +148,7 @@ Tensor<T> gelu(const Tensor<T>& x, bool tanh_approximation) {
   Tensor<T> y = Tensor<T>::empty(x.shape());
   const T* px = x.data();
   T* py = y.data();
-#if defined(EIGEN_VECTORIZE)
-  if constexpr (!std::is_same_v<T, double>) {
-    using detail::GeluPacket;
-    namespace ei = Eigen::internal;
-    detail::for_each_chunk(x.numel(), [&](int64_t i0, int64_t len) {
-      if (tanh_approximation)  // s = (1 + tanh(u)) / 2
-        detail::map_packets(px + i0, py + i0, len, [](const GeluPacket& v, int64_t, int64_t) {
-          return ei::pmul(v, detail::gelu_tanh_sigmoid(v));
-        });
-      else
-        detail::map_packets(px + i0, py + i0, len, [](const GeluPacket& v, int64_t, int64_t) {
-          GeluPacket cdf, pdf;
-          detail::gelu_cdf_pdf(v, cdf, pdf);
-          return ei::pmul(v, cdf);
-        });
-    });
-    return y;
-  }
-#endif
-  // double, or no SIMD: exact libm math, threads only
-  using A = std::conditional_t<std::is_same_v<T, double>, double, float>;
-  const int64_t n = x.numel();
-  DENSEGRAD_OMP(parallel for schedule(static) if (n >= detail::kActivationParallelMin))
-  for (int64_t i = 0; i < n; ++i) py[i] = T(ref::gelu_scalar(A(px[i]), tanh_approximation));
+  detail::for_each_chunk(x.numel(), [&](int64_t i0, int64_t len) { gelu_range(px + i0, py + i0, len, tanh_approximation); });
   return y;
 }
 

@@ -746,9 +746,14 @@ void scatter_cols(const A* m, int64_t ld, int64_t G, int64_t R, int64_t P, int64
 }
 
 /// y = W @ col + bias. Per chunk of G images: each image's in-place columns straight into y, then
-/// the gathered rest (a pointwise conv's tails, an im2col conv's all) through one GEMM.
-template <class A>
-void panel_forward(Planes<A> x, const A* w, const A* b, A* y, const Conv2dGeometry& g) {
+/// the gathered rest (a pointwise conv's tails, an im2col conv's all) through one GEMM. With a
+/// prep (a callable prep(src, dst, n)), the conv reads prep's dst for each image instead: the
+/// chunk's images go through it into a buffer of the thread's own first (gelu_conv2d: GELU), so
+/// the transformed input never exists for the whole batch at once.
+template <class A, class Prep = std::nullptr_t>
+void panel_forward(Planes<A> x, const A* w, const A* b, A* y, const Conv2dGeometry& g, Prep prep = nullptr) {
+  constexpr bool kPrep = !std::is_same_v<Prep, std::nullptr_t>;
+  const int64_t img = g.C_in * g.H * g.W;  // of a prepped image, dense
   const int64_t K = g.C_in * g.kH * g.kW, OC = g.C_out, P = g.Ho * g.Wo, G = panel_images(g);
   const int64_t chunks = (g.N + G - 1) / G, c0 = inplace_cols<A>(g), ld = round_up(G * (P - c0), kLanes<A>);
   std::vector<A> packed;
@@ -758,19 +763,27 @@ void panel_forward(Planes<A> x, const A* w, const A* b, A* y, const Conv2dGeomet
   else a = pack_rows<A>(OC, K, [&](int64_t i, int64_t k) { return w[i * K + k]; }, packed);
   DENSEGRAD_OMP(parallel if (chunks > 1 && g.N * OC * K * P >= kParallelMinMacs)) {
     std::vector<A> cols(static_cast<size_t>(K * ld), A(0)), out(static_cast<size_t>(OC * ld));
+    std::vector<A> prepped(static_cast<size_t>(kPrep ? G * img : 0));
     std::vector<uint32_t> bh;
     DENSEGRAD_OMP(for schedule(static))
     for (int64_t ch = 0; ch < chunks; ++ch) {
       const int64_t n0 = ch * G, gn = std::min(G, g.N - n0);
+      Planes<A> src = x;  // the chunk's images: image n0 + i at src.at(s0 + i)
+      int64_t s0 = n0;
+      if constexpr (kPrep) {
+        for (int64_t i = 0; i < gn; ++i) prep(x.at(n0 + i), prepped.data() + i * img, img);
+        src = {prepped.data(), img};
+        s0 = 0;
+      }
       for (int64_t i = 0; i < gn && c0 > 0; ++i) {  // in place: x (C, P) rows P apart -> y rows P apart
         if (i + 1 < gn) {  // the next image's planes stream in while this one computes
-          prefetch_l2(x.at(n0 + i + 1), K * P, false);
+          prefetch_l2(src.at(s0 + i + 1), K * P, false);
           prefetch_l2(y + (n0 + i + 1) * OC * P, OC * P, true);
         }
-        panel_gemm<TileInit::Row>(a, wh, x.at(n0 + i), P, y + (n0 + i) * OC * P, P, OC, c0, K, bh, b);
+        panel_gemm<TileInit::Row>(a, wh, src.at(s0 + i), P, y + (n0 + i) * OC * P, P, OC, c0, K, bh, b);
       }
       if (c0 == P) continue;
-      gather_cols(x, n0, gn, g, c0, cols.data(), ld);
+      gather_cols(src, s0, gn, g, c0, cols.data(), ld);
       panel_gemm<TileInit::Zero>(a, wh, cols.data(), ld, out.data(), ld, OC, round_up(gn * (P - c0), kLanes<A>), K,
                                  bh);
       scatter_cols(out.data(), ld, gn, OC, P, c0, y + n0 * OC * P, OC * P, b);
@@ -1399,6 +1412,28 @@ Tensor<T> conv2d_forward(const Tensor<T>& x, const Tensor<T>& weight, const Tens
   else if (images_per_gemm(g) > 1) folded_forward(xp, pw.data(), b, out.data(), g, images_per_gemm(g));
   else gemm_forward(xp, pw.data(), b, out.data(), g);
   return rounded<T>(out);
+}
+
+/// True when conv2d_forward runs conv g as panel GEMMs (panel_forward).
+inline bool forward_runs_panels(const Conv2dGeometry& g) {
+  using namespace conv_detail;
+  return !row_blocks_ok(g) && !plane_sweep_ok(g) && !is_depthwise(g) && panel_ok(g);
+}
+
+/// conv2d_forward of prep(x): each image of x goes through prep(src, dst, n) (n = C_in*H*W
+/// elements, dst dense) chunk by chunk on the way into the GEMMs, so prep(x) never exists for
+/// the whole batch (see panel_forward). Only for a float conv that forward_runs_panels.
+template <class Prep>
+Tensor<float> conv2d_forward_prepped(const Tensor<float>& x, const Tensor<float>& weight, const Tensor<float>& bias,
+                                     const Conv2dGeometry& g, Prep prep) {
+  using namespace conv_detail;
+  DG_CHECK(forward_runs_panels(g), "cpu::conv2d_forward_prepped: this conv does not run as panel GEMMs");
+  auto px = images<float>(x), pw = dense<float>(weight);
+  DenseArray<float> pb;
+  if (bias.defined()) pb = dense<float>(bias);
+  Tensor<float> out = Tensor<float>::empty(g.out_shape());
+  panel_forward(planes(px), pw.data(), bias.defined() ? pb.data() : nullptr, out.data(), g, prep);
+  return out;
 }
 
 /// Gradient wrt the input: dx (N, C_in, H, W) from dout (N, C_out, Ho, Wo) and the weight.
