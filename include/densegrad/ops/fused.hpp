@@ -6,7 +6,7 @@
 // tensors a block saves, at the cost of one more GELU forward per block in backward. Values and
 // gradients are those of the two ops (the same kernels, the same order: bit for bit). On the
 // CPU, a float conv that runs as panel GEMMs takes the GELU of each chunk of images on the way in
-// (cpu::conv2d_forward_prepped), so forward never holds gelu(h) for the whole batch either.
+// (cpu::conv2d_forward with a prep), so forward never holds gelu(h) for the whole batch either.
 // The selective counterpart of dg::checkpoint (which recomputes everything, convolutions too).
 // Shape legend: h (N, C_in, H, W), weight (C_out, C_in/groups, kH, kW), out (N, C_out, Ho, Wo).
 #pragma once
@@ -28,7 +28,7 @@ Tensor<T> gelu_conv2d(const Tensor<T>& h, const Tensor<T>& weight, const Tensor<
   Tensor<T> out;
   if constexpr (std::is_same_v<T, float>) {
     if (!hc.device().is_cuda() && cpu::forward_runs_panels(g))  // GELU per chunk of images, on the way in
-      out = cpu::conv2d_forward_prepped(hc, weight, bias, g, [tanh_approximation](const float* s, float* d, int64_t n) {
+      out = cpu::conv2d_forward(hc, weight, bias, g, [tanh_approximation](const float* s, float* d, int64_t n) {
         cpu::gelu_range(s, d, n, tanh_approximation);
       });
   }

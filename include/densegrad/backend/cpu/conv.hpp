@@ -1392,10 +1392,20 @@ A plane_sum(const A* p, int64_t n) {
 // Contiguous and batch-strided x and dout are read in place; other layouts are copied first.
 // Results are always contiguous.
 
-/// Forward: out (N, C_out, Ho, Wo); bias may be undefined.
-template <class T>
+/// True when conv2d_forward runs conv g as panel GEMMs (panel_forward): not depthwise, and
+/// panel_ok.
+inline bool forward_runs_panels(const Conv2dGeometry& g) {
+  using namespace conv_detail;
+  return !row_blocks_ok(g) && !plane_sweep_ok(g) && !is_depthwise(g) && panel_ok(g);
+}
+
+/// Forward: out (N, C_out, Ho, Wo); bias may be undefined. With a prep (only where
+/// forward_runs_panels), the conv is that of prep(x): each image goes through prep(src, dst, n)
+/// (n = C_in*H*W elements, dst dense) chunk by chunk on the way into the GEMMs, so prep(x) never
+/// exists for the whole batch (see panel_forward; gelu_conv2d's GELU).
+template <class T, class Prep = std::nullptr_t>
 Tensor<T> conv2d_forward(const Tensor<T>& x, const Tensor<T>& weight, const Tensor<T>& bias,
-                         const Conv2dGeometry& g) {
+                         const Conv2dGeometry& g, Prep prep = nullptr) {
   using A = acc_t<T>;
   using namespace conv_detail;
   auto px = images<A>(x), pw = dense<A>(weight);
@@ -1404,36 +1414,19 @@ Tensor<T> conv2d_forward(const Tensor<T>& x, const Tensor<T>& weight, const Tens
   const A* b = bias.defined() ? pb.data() : nullptr;
   Tensor<A> out = Tensor<A>::empty(g.out_shape());
   const Planes<A> xp = planes(px);
+  if (forward_runs_panels(g)) {
+    panel_forward(xp, pw.data(), b, out.data(), g, prep);
+    return rounded<T>(out);
+  }
+  if constexpr (!std::is_same_v<Prep, std::nullptr_t>)
+    DG_CHECK(false, "cpu::conv2d_forward: a prep needs a conv that runs as panel GEMMs");
   if (row_blocks_ok(g)) rows_correlate(xp, pw.data(), b, out.data(), g, g.H, g.W, g.pH, g.pW, g.Ho, g.Wo, false);
   else if (plane_sweep_ok(g)) plane_correlate(xp, pw.data(), b, out.data(), g, g.H, g.W, g.pH, g.pW, g.Ho, g.Wo, false);
   else if (is_depthwise(g) && g.sW == 1) depthwise_forward<1>(xp, pw.data(), b, out.data(), g);
   else if (is_depthwise(g)) depthwise_forward<0>(xp, pw.data(), b, out.data(), g);
-  else if (panel_ok(g)) panel_forward(xp, pw.data(), b, out.data(), g);
   else if (images_per_gemm(g) > 1) folded_forward(xp, pw.data(), b, out.data(), g, images_per_gemm(g));
   else gemm_forward(xp, pw.data(), b, out.data(), g);
   return rounded<T>(out);
-}
-
-/// True when conv2d_forward runs conv g as panel GEMMs (panel_forward).
-inline bool forward_runs_panels(const Conv2dGeometry& g) {
-  using namespace conv_detail;
-  return !row_blocks_ok(g) && !plane_sweep_ok(g) && !is_depthwise(g) && panel_ok(g);
-}
-
-/// conv2d_forward of prep(x): each image of x goes through prep(src, dst, n) (n = C_in*H*W
-/// elements, dst dense) chunk by chunk on the way into the GEMMs, so prep(x) never exists for
-/// the whole batch (see panel_forward). Only for a float conv that forward_runs_panels.
-template <class Prep>
-Tensor<float> conv2d_forward_prepped(const Tensor<float>& x, const Tensor<float>& weight, const Tensor<float>& bias,
-                                     const Conv2dGeometry& g, Prep prep) {
-  using namespace conv_detail;
-  DG_CHECK(forward_runs_panels(g), "cpu::conv2d_forward_prepped: this conv does not run as panel GEMMs");
-  auto px = images<float>(x), pw = dense<float>(weight);
-  DenseArray<float> pb;
-  if (bias.defined()) pb = dense<float>(bias);
-  Tensor<float> out = Tensor<float>::empty(g.out_shape());
-  panel_forward(planes(px), pw.data(), bias.defined() ? pb.data() : nullptr, out.data(), g, prep);
-  return out;
 }
 
 /// Gradient wrt the input: dx (N, C_in, H, W) from dout (N, C_out, Ho, Wo) and the weight.
