@@ -2,9 +2,12 @@
 // from the same inputs, outputs and gradients compared; device moves and copies; AdamW, gradient
 // clipping, SGD; a small RDNet training step (drop path on) on both devices, and the same model
 // with bf16 products on the GPU. Each test skips with
-// "no CUDA device" where there is no GPU; the last test checks the error a GPU-less machine gives.
+// "no CUDA device" where there is no GPU; the last tests check the error a GPU-less machine gives
+// and that cuBLAS is loaded on first use (which needs no GPU).
 #include <catch2/catch.hpp>
+#include <dlfcn.h>
 
+#include <filesystem>
 #include <functional>
 
 #include <densegrad/cuda.cuh>
@@ -426,6 +429,35 @@ TEST_CASE("cuda: without a GPU, moving a tensor to cuda fails with a clear error
   Tensor<float> x = dg::ones<float>({2, 2});
   REQUIRE_THROWS_WITH(x.to(kGpu), Catch::Contains("no CUDA device available"));
   REQUIRE_THROWS_WITH(dg::zeros<float>({3}, kGpu), Catch::Contains("no CUDA device available"));
+}
+
+namespace {
+/// Whether libcublas is mapped into this process now (RTLD_NOLOAD loads nothing).
+bool cublas_mapped() {
+  void* h = dlopen(dg::cuda::cublas_soname().c_str(), RTLD_LAZY | RTLD_NOLOAD);
+  if (h != nullptr) dlclose(h);
+  return h != nullptr;
+}
+/// Taken during static initialization: after the loader mapped every linked library, before
+/// main() and any test ran, so the answer does not depend on which tests ran first.
+const bool cublas_mapped_at_start = cublas_mapped();
+}  // namespace
+
+TEST_CASE("cuda: cuBLAS is loaded on first use and not when the program starts") {
+  CHECK_FALSE(cublas_mapped_at_start);
+  const std::string dir = dg::cuda::loaded_cudart_dir();  // where the toolkit's libraries are
+  REQUIRE(!dir.empty());
+  CHECK(dir.back() == '/');
+  CHECK(std::filesystem::exists(dir + dg::cuda::cublas_soname()));
+  const dg::cuda::CublasApi& api = dg::cuda::cublas_api();  // loading needs the library, not a GPU
+  CHECK(cublas_mapped());
+  CHECK(api.create != nullptr);
+  CHECK(api.set_stream != nullptr);
+  CHECK(api.set_math_mode != nullptr);
+  CHECK(api.gemm_strided_batched_ex != nullptr);
+  REQUIRE(api.get_status_string != nullptr);
+  CHECK_THAT(api.get_status_string(CUBLAS_STATUS_NOT_INITIALIZED), Catch::Contains("not initialized"));
+  CHECK(&dg::cuda::cublas_api() == &api);  // loaded once
 }
 
 }  // namespace test_cuda_core

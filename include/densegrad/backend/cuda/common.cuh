@@ -1,11 +1,13 @@
 // densegrad/backend/cuda/common.cuh: what every CUDA kernel file shares: error checks, the
 // stream, launch sizes, device storage (a caching allocator over cudaMalloc, never managed
-// memory), host<->device copies, the cuBLAS handle, and strided indexing for kernels.
-// Compiled only by nvcc (this and every .cuh under backend/cuda).
+// memory), host<->device copies, cuBLAS (loaded on first use) and its handle, and strided
+// indexing for kernels. Compiled only by nvcc (this and every .cuh under backend/cuda).
 #pragma once
 
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
+#include <dlfcn.h>
+#include <link.h>
 
 #include <map>
 #include <mutex>
@@ -29,7 +31,7 @@
   do {                                                                                                        \
     cublasStatus_t dg_cublas_st_ = (expr);                                                                    \
     DG_CHECK(dg_cublas_st_ == CUBLAS_STATUS_SUCCESS, "cuBLAS error in ", #expr, ": ",                         \
-             cublasGetStatusString(dg_cublas_st_));                                                           \
+             ::dg::cuda::cublas_api().get_status_string(dg_cublas_st_));                                      \
   } while (0)
 
 namespace dg::cuda {
@@ -198,6 +200,82 @@ inline void copy_bytes_cuda(void* dst, Device dst_dev, const void* src, Device s
   if (kind == cudaMemcpyDeviceToHost) DG_CUDA_CHECK(cudaStreamSynchronize(stream()));
 }
 
+/// The cuBLAS functions densegrad calls, taken from libcublas when the first GEMM runs.
+///
+/// Why not link it: libcublas.so and its libcublasLt.so (about 600 MB of code) cost every
+/// process that links them about 210 MiB of resident memory and 0.1-0.7 s at start, before
+/// main(), even a CPU-only run of a CUDA build (`rdnet_train --help` measured 223 MiB with
+/// them linked). Loaded here on first use, a run that never multiplies on a GPU never maps them.
+/// Lookup: the usual dynamic-loader search for the soname (LD_LIBRARY_PATH, the program's
+/// RUNPATH, ldconfig), then the directory libcudart was loaded from, then the toolkit's lib
+/// directory this build was configured with.
+struct CublasApi {
+  decltype(&::cublasCreate_v2) create = nullptr;
+  decltype(&::cublasSetStream_v2) set_stream = nullptr;
+  decltype(&::cublasSetMathMode) set_math_mode = nullptr;
+  // spelled out: C++ sees an overload of it too (taking a cudaDataType compute type)
+  using GemmStridedBatchedEx = cublasStatus_t (*)(cublasHandle_t, cublasOperation_t, cublasOperation_t, int, int,
+                                                  int, const void*, const void*, cudaDataType, int, long long,
+                                                  const void*, cudaDataType, int, long long, const void*, void*,
+                                                  cudaDataType, int, long long, int, cublasComputeType_t,
+                                                  cublasGemmAlgo_t);
+  GemmStridedBatchedEx gemm_strided_batched_ex = nullptr;
+  decltype(&::cublasGetStatusString) get_status_string = nullptr;
+};
+
+/// libcublas's soname for the toolkit these headers came from, e.g. "libcublas.so.13".
+inline std::string cublas_soname() { return "libcublas.so." + std::to_string(CUBLAS_VER_MAJOR); }
+
+/// The directory (with a trailing '/') of the libcudart this process loaded, or "" when cudart
+/// is linked statically: the CUDA toolkit's lib directory, where libcublas lies beside it.
+inline std::string loaded_cudart_dir() {
+  void* rt = dlopen(("libcudart.so." + std::to_string(CUDART_VERSION / 1000)).c_str(), RTLD_LAZY | RTLD_NOLOAD);
+  if (rt == nullptr) return {};
+  link_map* lm = nullptr;
+  std::string dir;
+  if (dlinfo(rt, RTLD_DI_LINKMAP, &lm) == 0 && lm != nullptr && lm->l_name != nullptr) {
+    dir = lm->l_name;
+    dir.erase(dir.rfind('/') == std::string::npos ? 0 : dir.rfind('/') + 1);
+  }
+  dlclose(rt);  // only drops the reference NOLOAD took
+  return dir;
+}
+
+/// Loads libcublas once per process (thread-safe) and returns its functions; throws dg::Error
+/// naming the library, where it looked and the loader's message when it is missing.
+inline const CublasApi& cublas_api() {
+  static const CublasApi api = [] {
+    const std::string soname = cublas_soname();
+    std::vector<std::string> candidates{soname};
+    if (std::string dir = loaded_cudart_dir(); !dir.empty()) candidates.push_back(dir + soname);
+#ifdef DENSEGRAD_CUDA_LIBRARY_DIR  // the toolkit this build was configured with
+    candidates.push_back(std::string(DENSEGRAD_CUDA_LIBRARY_DIR) + "/" + soname);
+#endif
+    void* lib = nullptr;
+    std::string tried, why;
+    for (const std::string& c : candidates) {
+      lib = dlopen(c.c_str(), RTLD_NOW | RTLD_LOCAL);
+      if (lib != nullptr) break;
+      tried += (tried.empty() ? "" : ", ") + c;
+      why = dlerror();
+    }
+    DG_CHECK(lib != nullptr, "cuBLAS: could not load ", soname, " (tried ", tried, "; last error: ", why,
+             "); put the CUDA toolkit's lib directory on LD_LIBRARY_PATH");
+    CublasApi a;
+    auto take = [&](auto& fn, const char* name) {
+      fn = reinterpret_cast<std::remove_reference_t<decltype(fn)>>(dlsym(lib, name));
+      DG_CHECK(fn != nullptr, "cuBLAS: ", soname, " has no ", name, " (expected cuBLAS ", CUBLAS_VER_MAJOR, ".x)");
+    };
+    take(a.create, "cublasCreate_v2");
+    take(a.set_stream, "cublasSetStream_v2");
+    take(a.set_math_mode, "cublasSetMathMode");
+    take(a.gemm_strided_batched_ex, "cublasGemmStridedBatchedEx");
+    take(a.get_status_string, "cublasGetStatusString");
+    return a;  // the library stays loaded for the life of the process
+  }();
+  return api;
+}
+
 /// This thread's cuBLAS handle for the current device (cuBLAS handles are not thread-safe).
 inline cublasHandle_t cublas() {
   thread_local std::map<int, cublasHandle_t> handles;
@@ -205,9 +283,10 @@ inline cublasHandle_t cublas() {
   DG_CUDA_CHECK(cudaGetDevice(&dev));
   auto it = handles.find(dev);
   if (it == handles.end()) {
+    const CublasApi& api = cublas_api();
     cublasHandle_t h = nullptr;
-    DG_CUBLAS_CHECK(cublasCreate(&h));
-    DG_CUBLAS_CHECK(cublasSetStream(h, stream()));
+    DG_CUBLAS_CHECK(api.create(&h));
+    DG_CUBLAS_CHECK(api.set_stream(h, stream()));
     it = handles.emplace(dev, h).first;
   }
   return it->second;

@@ -56,7 +56,7 @@ void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, T alpha, 
   constexpr bool is_float = std::is_same_v<T, float>;
   const bool tf32 = is_float && !bf16_in && allow_tf32();
   // set on every call: the handle is shared, and the compute type alone must decide
-  DG_CUBLAS_CHECK(cublasSetMathMode(h, tf32 ? CUBLAS_TF32_TENSOR_OP_MATH : CUBLAS_DEFAULT_MATH));
+  DG_CUBLAS_CHECK(cublas_api().set_math_mode(h, tf32 ? CUBLAS_TF32_TENSOR_OP_MATH : CUBLAS_DEFAULT_MATH));
   const cudaDataType_t dt = is_float ? CUDA_R_32F : CUDA_R_64F;
   const cudaDataType_t dt_in = bf16_in ? CUDA_R_16BF : dt;
   const cublasComputeType_t ct = !is_float ? CUBLAS_COMPUTE_64F : tf32 ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F;
@@ -68,7 +68,7 @@ void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, T alpha, 
   for (int64_t i0 = 0; i0 < batch; i0 += kMaxBatch) {
     const int64_t nb = std::min(kMaxBatch, batch - i0);
     // column-major: C^T (N, M) = op(B)^T (N, K) @ op(A)^T (K, M)
-    DG_CUBLAS_CHECK(cublasGemmStridedBatchedEx(
+    DG_CUBLAS_CHECK(cublas_api().gemm_strided_batched_ex(
         h, op_b, op_a, static_cast<int>(N), static_cast<int>(M), static_cast<int>(K), &alpha, B + i0 * stride_b, dt_in,
         ib, stride_b, A + i0 * stride_a, dt_in, ia, stride_a, &beta, C + i0 * stride_c, dt, ic, stride_c,
         static_cast<int>(nb), ct, CUBLAS_GEMM_DEFAULT));
