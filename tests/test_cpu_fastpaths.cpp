@@ -608,13 +608,72 @@ TEST_CASE("caching CPU allocator serves a request from the smallest larger cache
   set_cpu_cache_fit_ratio(2.0);  // the default
 }
 
+TEST_CASE("caching CPU allocator splits big free pieces for smaller requests and merges them back",
+          "[fastpath][storage]") {
+  using A = CachingCpuAllocator;
+  if (!A::kPieces) {  // macOS, or under ASan: big blocks are size classes like small ones
+    WARN("big blocks are not pieces of mapped pages in this build: skipped");
+    return;
+  }
+  constexpr size_t MiB = size_t{1} << 20, page = A::kPageBytes;
+  A a;
+  auto* p = static_cast<char*>(a.allocate(8 * MiB));
+  std::memset(p, 1, 8 * MiB);
+  a.deallocate(p, 8 * MiB);
+  CHECK(a.cached_bytes() == 8 * MiB);
+  // two smaller requests carve the free piece from its start; sizes round up to whole pages
+  auto* q = static_cast<char*>(a.allocate(3 * MiB + 100));
+  CHECK(q == p);
+  auto* r = static_cast<char*>(a.allocate(2 * MiB));
+  CHECK(r == p + 3 * MiB + page);
+  CHECK(a.in_use_bytes() == 5 * MiB + page);
+  CHECK(a.cached_bytes() == 3 * MiB - page);
+  std::memset(q, 2, 3 * MiB + 100);
+  std::memset(r, 3, 2 * MiB);
+  CHECK(p[3 * MiB + 99] == 2);  // the blocks do not overlap
+  CHECK(r[0] == 3);
+  auto* s = static_cast<char*>(a.allocate(1 * MiB));  // from the rest, after r; 2 MiB - page stay free
+  CHECK(s == r + 2 * MiB);
+  a.deallocate(q, 3 * MiB + 100);  // the first piece goes back: no free neighbour (r is in use)
+  // free: 3 MiB + page at p and 2 MiB - page at the end; the smallest that holds the request serves
+  auto* t = static_cast<char*>(a.allocate(2 * MiB + 5000));
+  CHECK(t == p);
+  auto* v = static_cast<char*>(a.allocate(1 * MiB));  // 2 MiB - page at the end is now the smallest
+  CHECK(v == s + 1 * MiB);
+  a.deallocate(v, 1 * MiB);
+  a.deallocate(t, 2 * MiB + 5000);
+  a.deallocate(s, 1 * MiB);
+  CHECK(a.cached_bytes() == 3 * MiB + page + (3 * MiB - page));
+  a.deallocate(r, 2 * MiB);  // merges with the free pieces on both sides: one piece of 8 MiB again
+  CHECK(a.cached_bytes() == 8 * MiB);
+  CHECK(a.in_use_bytes() == 0);
+  auto* whole = static_cast<char*>(a.allocate(8 * MiB));
+  CHECK(whole == p);
+  std::memset(whole, 4, 8 * MiB);
+  // a request bigger than every free piece maps new pages
+  a.deallocate(whole, 8 * MiB);
+  auto* bigger = static_cast<char*>(a.allocate(9 * MiB));
+  CHECK(a.cached_bytes() == 8 * MiB);
+  a.deallocate(bigger, 9 * MiB);
+  a.release_cached();
+  CHECK(a.cached_bytes() == 0);
+  // caching off: a big block goes straight back, whatever its neighbours
+  a.set_max_cached_bytes(0);
+  void* u = a.allocate(2 * MiB);
+  a.deallocate(u, 2 * MiB);
+  CHECK(a.cached_bytes() == 0);
+  CHECK(a.in_use_bytes() == 0);
+}
+
 TEST_CASE("caching CPU allocator is thread-safe", "[fastpath][storage]") {
   CachingCpuAllocator a;
   std::vector<std::thread> ts;
   for (int t = 0; t < 4; ++t)
     ts.emplace_back([&a, t] {
       for (int i = 0; i < 2000; ++i) {
-        size_t n = static_cast<size_t>(64 * (1 + (i * 7 + t) % 50));
+        // small blocks, and every 16th a big one (pieces of mapped pages, split and merged)
+        size_t n = i % 16 == 0 ? (size_t{1} << 20) + static_cast<size_t>(4096 * ((i + t) % 300))
+                               : static_cast<size_t>(64 * (1 + (i * 7 + t) % 50));
         auto* p = static_cast<unsigned char*>(a.allocate(n));
         p[0] = p[n - 1] = 1;  // the whole block is ours (ASan checks)
         a.deallocate(p, n);

@@ -1,7 +1,8 @@
-// tests/test_fused.cpp: gelu_conv2d (ops/fused.hpp): finite-difference gradchecks in double,
-// parity with torch's conv2d(gelu(h)) (tests/fixtures/fused.safetensors), bit-for-bit equality
-// with the two ops it fuses on the fast CPU paths (panel GEMMs over several images, a dense
-// stage's prefix view), what it keeps for backward (h, not gelu(h)), and its errors.
+// tests/test_fused.cpp: gelu_conv2d and layer_norm2d_conv2d (ops/fused.hpp): finite-difference
+// gradchecks in double, parity with torch's conv2d(gelu(h)) and conv2d(LayerNorm2d(x))
+// (tests/fixtures/fused.safetensors), bit-for-bit equality with the two ops each fuses on the fast
+// CPU paths (panel GEMMs over several images, a dense stage's prefix view), what each keeps for
+// backward (h, not gelu(h); x, not the normalized x), and their errors.
 #include "test_util.hpp"
 
 #include <densegrad/ops/fused.hpp>
@@ -139,6 +140,134 @@ TEST_CASE("gelu_conv2d rejects bad shapes and devices naming itself") {
   CHECK_THROWS_WITH(gelu_conv2d(h, w, zeros<float>({4})), Contains("gelu_conv2d: expected bias of shape [3]"));
   CHECK_THROWS_WITH(gelu_conv2d(h, w, {}, 0), Contains("gelu_conv2d: stride must be positive"));
   CHECK_THROWS_WITH(gelu_conv2d(Tensor<float>(), w), Contains("gelu_conv2d: x and weight must be defined"));
+}
+
+// ---------------------------------------------------------------- layer_norm2d_conv2d
+
+TEST_CASE("layer_norm2d_conv2d gradcheck: 1x1 and k2 s2, with and without biases, only some inputs") {
+  Generator gen(21);
+  auto x = [&](Shape s) { return (randn<double>(s, gen) * 2.0 + 0.5).requires_grad_(); };
+  auto p = [&](Shape s, double shift) { return (randn<double>(s, gen) * 0.5 + shift).requires_grad_(); };
+  dgtest::require_gradcheck(
+      [](const V& v) { return layer_norm2d_conv2d(v[0], v[1], v[2], 1e-6, v[3], v[4]); },
+      {x({2, 6, 3, 5}), p({6}, 1.0), p({6}, 0.0), p({5, 6, 1, 1}, 0.0), p({5}, 0.0)});
+  dgtest::require_gradcheck(
+      [](const V& v) { return layer_norm2d_conv2d(v[0], v[1], v[2], 1e-5, v[3], {}, /*stride=*/2); },
+      {x({2, 4, 6, 4}), p({4}, 1.0), p({4}, 0.0), p({3, 4, 2, 2}, 0.0)});
+  // no affine norm; padding and groups pass through to the conv
+  dgtest::require_gradcheck(
+      [](const V& v) { return layer_norm2d_conv2d(v[0], {}, {}, 1e-6, v[1], v[2], 1, /*padding=*/1, 1, /*groups=*/2); },
+      {x({1, 4, 4, 3}), p({6, 2, 3, 3}, 0.0), p({6}, 0.0)});
+  // x alone, the norm's parameters alone, the conv's weight alone
+  Tensor<double> xh = randn<double>({2, 5, 3, 3}, gen), nwh = randn<double>({5}, gen) + 1.0,
+                 nbh = randn<double>({5}, gen), wh = randn<double>({4, 5, 1, 1}, gen);
+  dgtest::require_gradcheck([&](const V& v) { return layer_norm2d_conv2d(v[0], nwh, nbh, 1e-6, wh); }, {x({2, 5, 3, 3})});
+  dgtest::require_gradcheck([&](const V& v) { return layer_norm2d_conv2d(xh, v[0], v[1], 1e-6, wh); },
+                            {p({5}, 1.0), p({5}, 0.0)});
+  dgtest::require_gradcheck([&](const V& v) { return layer_norm2d_conv2d(xh, nwh, nbh, 1e-6, v[0]); },
+                            {p({4, 5, 1, 1}, 0.0)});
+}
+
+namespace {
+void check_ln_parity(const std::string& name, bool bias, Pair2 stride) {
+  auto fx = dgtest::load_fixture<float>("fused");
+  auto get = [&](const std::string& k) { return dgtest::get(fx, name + "." + k); };
+  auto close = [&](const Tensor<float>& got, const Tensor<float>& want, const std::string& what) {
+    dgtest::require_close_scaled(got, want, name + " " + what);
+  };
+  Tensor<float> x = get("x").requires_grad_(), nw = get("nw").requires_grad_(), nb = get("nb").requires_grad_(),
+                w = get("w").requires_grad_();
+  Tensor<float> b = bias ? get("b").requires_grad_() : Tensor<float>();
+  Tensor<float> y = layer_norm2d_conv2d(x, nw, nb, 1e-6, w, b, stride);
+  close(y, get("out"), "forward");
+  y.backward(get("dout"));
+  close(x.grad(), get("dx"), "dx");
+  close(nw.grad(), get("dnw"), "dnorm_weight");
+  close(nb.grad(), get("dnb"), "dnorm_bias");
+  close(w.grad(), get("dw"), "dweight");
+  if (bias) close(b.grad(), get("db"), "dbias");
+}
+}  // namespace
+
+TEST_CASE("layer_norm2d_conv2d 1x1 with bias parity") { check_ln_parity("ln_pw", true, 1); }
+TEST_CASE("layer_norm2d_conv2d k2 s2 without bias parity") { check_ln_parity("ln_k2s2", false, 2); }
+
+TEST_CASE("layer_norm2d_conv2d equals conv2d(layer_norm2d(x)) bit for bit, prefix views included") {
+  Generator gen(6);
+  struct Case {
+    Shape x;
+    int64_t c_out, k;
+    bool prefix;
+  };
+  // panel GEMMs over several images (1x1 and k2 s2), odd sizes, and x as a dense stage's prefix
+  // view (channels [0, 24) of a 40-channel buffer): read in place by the norm, saved as the view
+  for (const Case& c : {Case{{8, 24, 7, 7}, 16, 1, false}, Case{{8, 32, 14, 14}, 48, 2, false},
+                        Case{{3, 5, 4, 6}, 7, 1, false}, Case{{8, 24, 7, 7}, 16, 1, true},
+                        Case{{4, 24, 8, 8}, 12, 2, true}}) {
+    INFO("x " << shape_str(c.x) << " kernel " << c.k << (c.prefix ? " (prefix view)" : ""));
+    Tensor<float> base = randn<float>({c.x[0], c.prefix ? 40 : c.x[1], c.x[2], c.x[3]}, gen) * 2.0f + 1.0f;
+    Tensor<float> nw0 = randn<float>({c.x[1]}, gen) * 0.3f + 1.0f, nb0 = randn<float>({c.x[1]}, gen) * 0.3f;
+    Tensor<float> w0 = randn<float>({c.c_out, c.x[1], c.k, c.k}, gen), b0 = randn<float>({c.c_out}, gen);
+    Tensor<float> dout = randn<float>({c.x[0], c.c_out, c.x[2] / c.k, c.x[3] / c.k}, gen);
+    auto run = [&](bool fused) {
+      Tensor<float> src = base.detach().requires_grad_(), nw = nw0.detach().requires_grad_(),
+                    nb = nb0.detach().requires_grad_(), w = w0.detach().requires_grad_(),
+                    b = b0.detach().requires_grad_();
+      Tensor<float> x = c.prefix ? narrow(src, 1, 0, c.x[1]) : src;
+      Tensor<float> y = fused ? layer_norm2d_conv2d(x, nw, nb, 1e-6, w, b, c.k)
+                              : conv2d(layer_norm2d(x, nw, nb, 1e-6), w, b, c.k);
+      y.backward(dout);
+      return std::vector<std::vector<float>>{y.to_vector(),       src.grad().to_vector(), nw.grad().to_vector(),
+                                             nb.grad().to_vector(), w.grad().to_vector(),   b.grad().to_vector()};
+    };
+    const auto fused = run(true), twice = run(false);
+    for (size_t i = 0; i < fused.size(); ++i) {
+      INFO("output " << i << " (y, dx, dnorm_weight, dnorm_bias, dweight, dbias)");
+      CHECK(fused[i] == twice[i]);
+    }
+  }
+}
+
+TEST_CASE("layer_norm2d_conv2d keeps x and the statistics for backward, not the normalized x") {
+  Generator gen(4);
+  Tensor<float> x = randn<float>({4, 16, 6, 6}, gen).requires_grad_(), nw = ones<float>({16}).requires_grad_(),
+                nb = zeros<float>({16}).requires_grad_(), w = randn<float>({32, 16, 1, 1}, gen).requires_grad_();
+  const size_t normalized = static_cast<size_t>(x.numel()) * sizeof(float), stats = 2 * 4 * 6 * 6 * sizeof(float);
+  const size_t before = cpu_memory_allocated();
+  Tensor<float> fused = layer_norm2d_conv2d(x, nw, nb, 1e-6, w);
+  const size_t held_fused = cpu_memory_allocated() - before;  // the output and the mean and rstd
+  Tensor<float> twice = conv2d(layer_norm2d(x, nw, nb, 1e-6), w);
+  const size_t held_twice = cpu_memory_allocated() - before - held_fused;  // and the normalized x too
+  const size_t out = static_cast<size_t>(fused.numel()) * sizeof(float);
+  CHECK(held_fused == out + stats);
+  CHECK(held_twice == out + stats + normalized);
+  // only the conv's bias asks for a gradient: nothing but the output is kept
+  {
+    Tensor<float> bg = zeros<float>({32}).requires_grad_();
+    const size_t start = cpu_memory_allocated();
+    Tensor<float> y = layer_norm2d_conv2d(x.detach(), nw.detach(), nb.detach(), 1e-6, w.detach(), bg);
+    CHECK(cpu_memory_allocated() - start == out);
+    y.backward(ones<float>(y.shape()));
+    CHECK(bg.grad().to_vector() == std::vector<float>(32, 4 * 6 * 6));
+  }
+  NoGradGuard no_grad;
+  CHECK(layer_norm2d_conv2d(x, nw, nb, 1e-6, w).to_vector() == twice.to_vector());
+}
+
+TEST_CASE("layer_norm2d_conv2d rejects bad shapes and devices naming itself") {
+  Tensor<float> x = zeros<float>({2, 4, 5, 5}), nw = ones<float>({4}), w = zeros<float>({3, 4, 1, 1});
+  CHECK_THROWS_WITH(layer_norm2d_conv2d(zeros<float>({4, 5, 5}), nw, nw, 1e-6, w),
+                    Contains("layer_norm2d_conv2d: expected a 4-D (N, C, H, W) input, got 3-D"));
+  CHECK_THROWS_WITH(layer_norm2d_conv2d(x, ones<float>({5}), nw, 1e-6, w),
+                    Contains("layer_norm2d_conv2d: weight has shape [5], expected [4]"));
+  CHECK_THROWS_WITH(layer_norm2d_conv2d(x, nw, ones<float>({3}), 1e-6, w),
+                    Contains("layer_norm2d_conv2d: bias has shape [3], expected [4]"));
+  CHECK_THROWS_WITH(layer_norm2d_conv2d(x, nw, nw, 1e-6, zeros<float>({3, 5, 1, 1})),
+                    Contains("layer_norm2d_conv2d: x has 4 channels"));
+  CHECK_THROWS_WITH(layer_norm2d_conv2d(x, nw, nw, 1e-6, w, zeros<float>({4})),
+                    Contains("layer_norm2d_conv2d: expected bias of shape [3]"));
+  CHECK_THROWS_WITH(layer_norm2d_conv2d(Tensor<float>(), nw, nw, 1e-6, w),
+                    Contains("layer_norm2d_conv2d: the input must be a defined tensor"));
 }
 
 }  // namespace test_fused

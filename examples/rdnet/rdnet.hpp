@@ -157,24 +157,31 @@ class Block : public nn::Layer<T> {
   Block(int64_t in_chs, int64_t inter_chs, int64_t out_chs, bool ese, double eps) {
     layers = this->register_module("layers", std::make_shared<nn::Sequential<T>>());
     layers->push_back(std::make_shared<nn::Conv2d<T>>(nn::Conv2dOptions(in_chs, in_chs, 7).padding(3).groups(in_chs)));
-    layers->push_back(std::make_shared<nn::LayerNorm2d<T>>(in_chs, eps));
-    layers->push_back(std::make_shared<nn::Conv2d<T>>(nn::Conv2dOptions(in_chs, inter_chs, 1)));
+    norm = std::make_shared<nn::LayerNorm2d<T>>(in_chs, eps);
+    layers->push_back(norm);
+    expand = std::make_shared<nn::Conv2d<T>>(nn::Conv2dOptions(in_chs, inter_chs, 1));
+    layers->push_back(expand);
     layers->push_back(std::make_shared<nn::GELU<T>>());
     reduce = std::make_shared<nn::Conv2d<T>>(nn::Conv2dOptions(inter_chs, out_chs, 1));
     layers->push_back(reduce);
     if (ese) layers->push_back(std::make_shared<EffectiveSE<T>>(out_chs));
   }
-  /// layers 0-2 (depthwise 7x7, LayerNorm2d, 1x1 expansion), then GELU and the 1x1 reduction as
-  /// one op (dg::gelu_conv2d: the same values, but backward recomputes the GELU instead of keeping
-  /// the block's widest tensor), then the SE when there is one.
+  /// The layers in order, two pairs of them fused; the values are those of running layers 0-5 one
+  /// by one, but backward keeps less: layer 0 (depthwise 7x7), then LayerNorm2d and the 1x1
+  /// expansion as one op (dg::layer_norm2d_conv2d: backward normalizes again instead of keeping
+  /// the normalized tensor), then GELU and the 1x1 reduction as one op (dg::gelu_conv2d: backward
+  /// recomputes the GELU instead of keeping the block's widest tensor), then the SE when there is one.
   Tensor<T> forward(const Tensor<T>& x) override {
     nn::Sequential<T>& l = *layers;
-    const Tensor<T> h = l[2].forward(l[1].forward(l[0].forward(x)));
+    const Tensor<T> h = dg::layer_norm2d_conv2d(l[0].forward(x), norm->weight, norm->bias, norm->eps, expand->weight,
+                                                expand->bias);  // a 1x1, stride 1, no padding
     const nn::Conv2dOptions& o = reduce->options;
     Tensor<T> y = dg::gelu_conv2d(h, reduce->weight, reduce->bias, o.stride(), o.padding(), o.dilation(), o.groups());
     return l.size() > 5 ? l[5].forward(y) : y;
   }
   std::shared_ptr<nn::Sequential<T>> layers;  // state-dict names as timm's: layers.0 ... layers.5
+  std::shared_ptr<nn::LayerNorm2d<T>> norm;   // layers.1
+  std::shared_ptr<nn::Conv2d<T>> expand;      // layers.2, the 1x1 expansion to the bottleneck width
   std::shared_ptr<nn::Conv2d<T>> reduce;      // layers.4, the 1x1 reduction to growth_rate channels
 };
 
@@ -259,6 +266,25 @@ class DenseStage : public nn::Layer<T> {
 
 /// timm's NormMlpClassifierHead without hidden layer: global avg pool -> LayerNorm2d ->
 /// flatten -> dropout -> fc.
+/// One entry of RDNet's dense_stages: the transition from the stage before, when there is one
+/// (LayerNorm2d, then a conv compressing the channels: "<i>.0" and "<i>.1", as in timm), then the
+/// DenseStage (last). The transition runs as one op, dg::layer_norm2d_conv2d: the values of the
+/// two layers, but backward normalizes the stage's features again instead of keeping them
+/// normalized (the features themselves are kept anyway, by the blocks that read them).
+template <class T = float>
+class Stage : public nn::Sequential<T> {
+ public:
+  Tensor<T> forward(const Tensor<T>& x) override {
+    if (!norm) return dense->forward(x);
+    const nn::Conv2dOptions& o = conv->options;
+    return dense->forward(dg::layer_norm2d_conv2d(x, norm->weight, norm->bias, norm->eps, conv->weight, conv->bias,
+                                                  o.stride(), o.padding(), o.dilation(), o.groups()));
+  }
+  std::shared_ptr<nn::LayerNorm2d<T>> norm;  // the transition, or none in the first stage
+  std::shared_ptr<nn::Conv2d<T>> conv;
+  std::shared_ptr<DenseStage<T>> dense;
+};
+
 template <class T = float>
 class Head : public nn::Layer<T> {
  public:
@@ -297,13 +323,13 @@ class RDNet : public nn::Layer<T> {
     dense_stages = this->register_module("dense_stages", std::make_shared<nn::Sequential<T>>());
     int64_t num_features = cfg.num_init_features, stride = cfg.patch_size;
     for (size_t i = 0; i < n; ++i) {
-      auto stage = std::make_shared<nn::Sequential<T>>();
+      auto stage = std::make_shared<Stage<T>>();
       if (i != 0) {  // transition: LayerNorm2d -> conv compressing channels (k2 s2 when downsampling)
         int64_t compressed = static_cast<int64_t>(static_cast<double>(num_features) * cfg.transition_compression_ratio / 8) * 8;
         int64_t k = cfg.is_downsample_block[i] ? 2 : 1;
         stride *= k;
-        stage->push_back(std::make_shared<nn::LayerNorm2d<T>>(num_features, cfg.norm_eps));
-        stage->push_back(std::make_shared<nn::Conv2d<T>>(nn::Conv2dOptions(num_features, compressed, k).stride(k)));
+        stage->norm = stage->push_back(std::make_shared<nn::LayerNorm2d<T>>(num_features, cfg.norm_eps));
+        stage->conv = stage->push_back(std::make_shared<nn::Conv2d<T>>(nn::Conv2dOptions(num_features, compressed, k).stride(k)));
         num_features = compressed;
       }
       std::vector<double> dpr;
@@ -311,7 +337,7 @@ class RDNet : public nn::Layer<T> {
         dpr.push_back(total > 1 ? cfg.drop_path_rate * static_cast<double>(seen) / static_cast<double>(total - 1) : 0.0);
       DG_CHECK(cfg.block_type[i] == "Block" || cfg.block_type[i] == "BlockESE", "RDNet: unknown block type '",
                cfg.block_type[i], "' (expected Block or BlockESE)");
-      auto dense = stage->push_back(std::make_shared<DenseStage<T>>(
+      auto dense = stage->dense = stage->push_back(std::make_shared<DenseStage<T>>(
           cfg.num_blocks_list[i], num_features, dpr, cfg.growth_rates[i], cfg.bottleneck_width_ratio,
           cfg.proj_drop_rate, cfg.block_type[i] == "BlockESE", cfg.ls_init_value, cfg.norm_eps, cfg.dense_buffer,
           cfg.memory_efficient));

@@ -65,37 +65,61 @@ Tensor<T> layer_norm(const Tensor<T>& x, const Shape& normalized_shape, const Te
                           });
 }
 
+namespace detail {
+/// layer_norm2d's checks (errors name op): a 4-D input, weight and bias (C) or undefined, one device.
+template <class T>
+void check_layer_norm2d(const Tensor<T>& x, const Tensor<T>& weight, const Tensor<T>& bias, const char* op) {
+  DG_CHECK(x.defined(), op, ": the input must be a defined tensor");
+  DG_CHECK(x.dim() == 4, op, ": expected a 4-D (N, C, H, W) input, got ", x.dim(), "-D ", shape_str(x.shape()));
+  check_affine(weight, "weight", {x.size(1)}, op, x);
+  check_affine(bias, "bias", {x.size(1)}, op, x);
+}
+/// t as layer_norm2d's kernels read it: in place where the fast CPU path can (contiguous NCHW or
+/// batch-strided: a dense stage's prefix view), otherwise (other layouts, CUDA) a contiguous copy.
+template <class T>
+Tensor<T> layer_norm2d_operand(const Tensor<T>& t) {
+  return !t.device().is_cuda() && cpu::batch_stride(t) >= 0 ? t : contiguous(t);
+}
+/// layer_norm2d's forward without recording, on detached operands (x from layer_norm2d_operand,
+/// weight and bias contiguous or undefined): y and the (N, H, W) mean and rstd. The fast path
+/// (backend/cpu/norm.hpp) or the CUDA kernels; ref::layer_norm2d_forward is their oracle.
+template <class T>
+ref::LayerNormForward<T> layer_norm2d_forward(const Tensor<T>& x, const Tensor<T>& weight, const Tensor<T>& bias,
+                                              double eps) {
+  return x.device().is_cuda() ? cuda_kernels<T>("layer_norm2d").layer_norm2d_forward(x, weight, bias, eps)
+                              : cpu::layer_norm2d_forward(x, weight, bias, eps);
+}
+/// layer_norm2d's gradients (those asked for) from dout and what forward saved.
+template <class T>
+ref::LayerNormGrads<T> layer_norm2d_grads(const Tensor<T>& dout, const Tensor<T>& x, const Tensor<acc_t<T>>& mean,
+                                          const Tensor<acc_t<T>>& rstd, const Tensor<T>& weight,
+                                          const std::array<bool, 3>& need) {
+  const Tensor<T> d = layer_norm2d_operand(dout);
+  return x.device().is_cuda()
+             ? cuda_kernels<T>("layer_norm2d backward").layer_norm2d_backward(d, x, mean, rstd, weight, need[0], need[1], need[2])
+             : cpu::layer_norm2d_backward(d, x, mean, rstd, weight, need[0], need[1], need[2]);
+}
+}  // namespace detail
+
 /// timm's LayerNorm2d: layer norm over the channels of each pixel of an (N, C, H, W) input, i.e.
 /// x.permute(0, 2, 3, 1) -> layer_norm over C -> permute back, computed directly on NCHW.
 /// weight, bias: (C) or undefined. Example: auto y = dg::layer_norm2d(x, w, b);  // eps 1e-6
 template <class T>
 Tensor<T> layer_norm2d(const Tensor<T>& x, const Tensor<T>& weight = Tensor<T>(), const Tensor<T>& bias = Tensor<T>(),
                        double eps = 1e-6) {
-  DG_CHECK(x.dim() == 4, "layer_norm2d: expected a 4-D (N, C, H, W) input, got ", x.dim(), "-D ",
-           shape_str(x.shape()));
-  detail::check_affine(weight, "weight", {x.size(1)}, "layer_norm2d", x);
-  detail::check_affine(bias, "bias", {x.size(1)}, "layer_norm2d", x);
+  detail::check_layer_norm2d(x, weight, bias, "layer_norm2d");
   // The fast path reduces over C at stride H*W: it reads contiguous NCHW and batch-strided views
   // (a dense stage's prefix) in place; other layouts, and every CUDA input, are copied contiguous.
-  const bool cuda = x.device().is_cuda();
-  auto in_place = [cuda](const Tensor<T>& t) { return !cuda && cpu::batch_stride(t) >= 0 ? t : contiguous(t); };
-  Tensor<T> xc = in_place(x.detach()), wc, bc;
+  Tensor<T> xc = detail::layer_norm2d_operand(x.detach()), wc, bc;
   if (weight.defined()) wc = contiguous(weight.detach());
   if (bias.defined()) bc = contiguous(bias.detach());
-  // fast path (backend/cpu/norm.hpp); ref::layer_norm2d_forward is its oracle in the tests
-  ref::LayerNormForward<T> f = cuda ? cuda_kernels<T>("layer_norm2d").layer_norm2d_forward(xc, wc, bc, eps)
-                                    : cpu::layer_norm2d_forward(xc, wc, bc, eps);
+  ref::LayerNormForward<T> f = detail::layer_norm2d_forward(xc, wc, bc, eps);
   // saves x, weight and the (N, H, W) mean and rstd for backward (llm.c style: no recomputation);
   // a batch-strided x is saved as the view it is, not copied
   const std::array<bool, 3> need{x.requires_grad(), weight.requires_grad(), bias.requires_grad()};
   return autograd::record("layer_norm2d", f.y, {x, weight, bias},
-                          [xc, wc, mean = f.mean, rstd = f.rstd, need, cuda, in_place](const Tensor<T>& dout) {
-                            ref::LayerNormGrads<T> g =
-                                cuda ? cuda_kernels<T>("layer_norm2d backward")
-                                           .layer_norm2d_backward(contiguous(dout), xc, mean, rstd, wc, need[0],
-                                                                  need[1], need[2])
-                                     : cpu::layer_norm2d_backward(in_place(dout), xc, mean, rstd, wc, need[0],
-                                                                  need[1], need[2]);
+                          [xc, wc, mean = f.mean, rstd = f.rstd, need](const Tensor<T>& dout) {
+                            ref::LayerNormGrads<T> g = detail::layer_norm2d_grads(dout, xc, mean, rstd, wc, need);
                             return std::vector<Tensor<T>>{g.dx, g.dweight, g.dbias};
                           });
 }
