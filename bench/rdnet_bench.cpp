@@ -44,7 +44,7 @@ struct BenchArgs {
   int threads = 0;  // 0: OpenMP's default
   bool tf32 = false;
   bool naive_concat = false, memory_efficient = false;  // RDNetConfig::dense_buffer = !naive_concat, memory_efficient
-  double cache_budget = 0;  // dg::set_cpu_cache_budget; 0: no bound, or 1.25 with --memory-efficient
+  double cache_budget = 0;  // dg::set_cpu_cache_budget; 0: the allocator's default, or 1.25 with --memory-efficient
   std::string op = "none";  // one op instead of the model: dwconv7, layernorm2d, pwconv, concat
   int64_t channels = 128;   // the op's input channels
   uint64_t seed = 0;
@@ -191,7 +191,7 @@ int main(int argc, char** argv) {
                "recompute each dense block in backward instead of keeping its activations");
   app.add_option("--cache-budget", a.cache_budget,
                  "the CPU allocator holds memory in use plus cached up to this factor of the most in use at once "
-                 "(default: no bound, or 1.25 with --memory-efficient)")
+                 "(default: the allocator's, 1.1 on Linux and no bound elsewhere, or 1.25 with --memory-efficient)")
       ->check(CLI::Range(1.0, 1e6));
   app.add_option("--op", a.op,
                  "time one op of a dense block instead of the model, on (batch, channels, res, res): depthwise 7x7 "

@@ -507,7 +507,7 @@ TEST_CASE("caching CPU allocator keeps in use + cached within its budget, big bl
   using A = CachingCpuAllocator;
   // Sizes from 64 bytes to 8 MiB: blocks of 1 MiB and more are pages of their own (mmap on Linux).
   for (double fit : {1.0, 2.0, 4.0})                          // 2: the default
-  for (double budget : {1.0, 1.25, 1.5, 3.0, HUGE_VAL}) {  // HUGE_VAL: no bound, the default
+  for (double budget : {1.0, 1.1, 1.25, 1.5, 3.0, HUGE_VAL}) {  // HUGE_VAL: no bound; 1.1 the default on Linux
     INFO("fit ratio " << fit << ", budget " << budget);
     A r;
     r.set_fit_ratio(fit);
@@ -556,7 +556,7 @@ TEST_CASE("caching CPU allocator keeps in use + cached within its budget, big bl
   REQUIRE_THROWS_WITH(a.set_budget(0.5), Catch::Contains("expected a factor >= 1, got 0.5"));
   REQUIRE_THROWS_WITH(a.set_budget(std::nan("")), Catch::Contains("expected a factor >= 1"));
   REQUIRE_THROWS_WITH(set_cpu_cache_budget(0.9), Catch::Contains("expected a factor >= 1, got 0.9"));
-  set_cpu_cache_budget(HUGE_VAL);  // the default
+  set_cpu_cache_budget(A::kDefaultBudget);
 }
 
 TEST_CASE("caching CPU allocator serves a request from the smallest larger cached block, up to its fit ratio",
@@ -568,6 +568,7 @@ TEST_CASE("caching CPU allocator serves a request from the smallest larger cache
   REQUIRE(A::size_class(4000) == 4096);
   REQUIRE(A::size_class(3000) == 3072);
   A a;  // fit ratio 2, the default
+  a.set_budget(HUGE_VAL);  // no bound: what a miss gives back is tested above
   void* p = a.allocate(8192);
   a.deallocate(p, 8192);
   void* q = a.allocate(5000);  // class 5120: none cached; 8192 <= 2 x 5120 serves it
@@ -617,6 +618,7 @@ TEST_CASE("caching CPU allocator splits big free pieces for smaller requests and
   }
   constexpr size_t MiB = size_t{1} << 20, page = A::kPageBytes;
   A a;
+  a.set_budget(HUGE_VAL);  // nothing given back on a miss here (the budget is tested above)
   auto* p = static_cast<char*>(a.allocate(8 * MiB));
   std::memset(p, 1, 8 * MiB);
   a.deallocate(p, 8 * MiB);
@@ -663,6 +665,17 @@ TEST_CASE("caching CPU allocator splits big free pieces for smaller requests and
   a.deallocate(u, 2 * MiB);
   CHECK(a.cached_bytes() == 0);
   CHECK(a.in_use_bytes() == 0);
+  // the default budget, 1.1 here: a miss first gives back free pieces past 1.1 x the peak
+  REQUIRE(A::kDefaultBudget == 1.1);
+  A d;
+  d.deallocate(d.allocate(8 * MiB), 8 * MiB);
+  void* e = d.allocate(9 * MiB);  // 8 cached + 9 asked > 1.1 x 9: the 8 MiB go back first
+  CHECK(d.cached_bytes() == 0);
+  d.deallocate(e, 9 * MiB);
+  void* f = d.allocate(4 * MiB);  // a hit: split from the 9 MiB, nothing given back
+  CHECK(d.cached_bytes() == 5 * MiB);
+  d.deallocate(f, 4 * MiB);
+  CHECK(d.cached_bytes() == 9 * MiB);
 }
 
 TEST_CASE("caching CPU allocator is thread-safe", "[fastpath][storage]") {

@@ -101,10 +101,13 @@ struct RDNetConfig {
 };
 
 /// Sets the CPU allocator's cache budget for a program's run (dg::set_cpu_cache_budget): the
-/// requested factor when one was given (> 0), else 1.25 for a memory-efficient model (its memory
-/// is the point) and no bound (the allocator's default) otherwise.
+/// requested factor when one was given (> 0), else 1.25 for a memory-efficient model (measured:
+/// 1.1 held 15 MiB less there for 40% more page faults) and the allocator's default otherwise
+/// (1.1 on Linux, no bound elsewhere: dg::CachingCpuAllocator::kDefaultBudget).
 inline void set_cache_budget_for(const RDNetConfig& cfg, double requested) {
-  dg::set_cpu_cache_budget(requested > 0 ? requested : cfg.memory_efficient ? 1.25 : HUGE_VAL);
+  dg::set_cpu_cache_budget(requested > 0 ? requested
+                           : cfg.memory_efficient ? 1.25
+                                                  : dg::CachingCpuAllocator::kDefaultBudget);
 }
 
 /// Multiply-accumulates of one forward pass on a (1, in_chans, h, w) image: convolutions and

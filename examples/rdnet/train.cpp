@@ -69,7 +69,7 @@ struct Args {
   int64_t epochs = 15, batch_size = 128, accum_steps = 1, limit_train = 0, limit_test = 0, eval_every = 1;
   int64_t stop_after = 0, crop_pad = -1, aug_start = -1;
   bool memory_efficient = false;
-  double cache_budget = 0;  // dg::set_cpu_cache_budget; 0: no bound, or 1.25 with --memory-efficient
+  double cache_budget = 0;  // dg::set_cpu_cache_budget; 0: the allocator's default, or 1.25 with --memory-efficient
   double ls_init = 1e-6;
   double lr = 4e-3, min_lr = 1e-5, weight_decay = 0.05, warmup_epochs = 0.2, label_smoothing = 0.1;
   double mixup = 0, cutmix = 0, drop_path = 0, ema = 0, clip_grad = 0, hflip = -1, reprob = 0;
@@ -98,7 +98,7 @@ void add_options(CLI::App& app, Args& a) {
       ->capture_default_str();
   app.add_option("--cache-budget", a.cache_budget,
                  "the CPU allocator holds memory in use plus cached up to this factor of the most in use at once "
-                 "(>= 1; 0, the default: no bound, or 1.25 with --memory-efficient)")
+                 "(>= 1; 0, the default: the allocator's, 1.1 on Linux and no bound elsewhere, or 1.25 with --memory-efficient)")
       ->check(CLI::NonNegativeNumber);
   app.add_option("--accum-steps", a.accum_steps, "micro-batches per optimizer step")->check(CLI::PositiveNumber);
   app.add_option("--ema", a.ema, "EMA decay of the weights; evaluated and recorded instead of the raw weights (0: off)")->check(CLI::Range(0.0, 1.0));

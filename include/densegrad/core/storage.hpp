@@ -103,9 +103,16 @@ struct CpuAllocator final : Allocator {
 /// peak every pass gave back and re-faulted its blocks (RDNet-T inference at batch 8 ran at
 /// 11.8 img/s against 14.5-15.1 without a bound, nano's at batch 256 at 1280 against 1861
 /// img/s), while the training steps' peak RSS was the same either way. At 1.25x, RDNet nano's
-/// training steps ran 20% slower. set_budget() sets the factor (set_cpu_cache_budget() for the
-/// default allocator); release_cached() frees every cached block; set_max_cached_bytes() caps
-/// the cache.
+/// training steps ran 20% slower. Those costs were the size classes': a class's blocks are given
+/// back to make room for another class's, which then fault in. Pieces serve every size from the
+/// same pages, so a tight bound costs faults only while a program warms up: at 1.1x, RDNet nano's
+/// training steps faulted 62.4k times in 10 steps and in 40 (55.8k without a bound), RDNet-T's
+/// training step at batch 16 510k times either way, and peak RSS went 1926 -> 1720 MiB (RDNet-T
+/// train, batch 16), 502 -> 465 (RDNet-T inference, batch 8), 210 -> 203 (nano train). So the
+/// default (kDefaultBudget) is 1.1 where big blocks are pieces and no bound elsewhere; 1.0 (in
+/// use + cached never above the peak) doubled the faults. set_budget() sets the factor
+/// (set_cpu_cache_budget() for the default allocator); release_cached() frees every cached block;
+/// set_max_cached_bytes() caps the cache.
 class CachingCpuAllocator final : public Allocator {
  public:
   CachingCpuAllocator() = default;
@@ -232,6 +239,8 @@ class CachingCpuAllocator final : public Allocator {
   static constexpr bool kPieces = false;
 #endif
   static constexpr size_t kPageBytes = 4096;
+  /// The budget a new allocator starts with (see the class comment): 1.1 with pieces, else none.
+  static constexpr double kDefaultBudget = kPieces ? 1.1 : HUGE_VAL;
 
  private:
   // Blocks of 1 MiB and more are pages of their own (mmap), so a block given back leaves the RSS
@@ -369,7 +378,7 @@ class CachingCpuAllocator final : public Allocator {
   std::map<size_t, std::vector<std::list<Block>::iterator>> free_;  // size class -> its blocks in lru_, oldest first
   size_t cached_ = 0, max_cached_bytes_ = SIZE_MAX;
   size_t in_use_ = 0, peak_ = 0;  // bytes handed out now and at most (size classes)
-  double budget_ = HUGE_VAL;      // in use + cached <= budget_ * peak_ after a miss (HUGE_VAL: no bound)
+  double budget_ = kDefaultBudget;  // in use + cached <= budget_ * peak_ after a miss (HUGE_VAL: no bound)
   double fit_ratio_ = 2.0;         // a request of class c may take a cached block of class <= fit_ratio_ * c
   std::unordered_map<void*, size_t> larger_;  // blocks in use of a larger class than their request's
   std::map<char*, Piece> pieces_;                    // big blocks: every mapped piece, by address
@@ -435,7 +444,8 @@ inline size_t release_cached_cpu_memory() {
 }
 
 /// How much memory the default CPU allocator may hold: in use plus cached up to `factor` times the
-/// most ever in use at once (default: no bound; HUGE_VAL restores that). Lower keeps the RSS nearer
+/// most ever in use at once (default CachingCpuAllocator::kDefaultBudget: 1.1 on Linux, else no
+/// bound; HUGE_VAL is no bound). Lower keeps the RSS nearer
 /// to what tensors need, at the cost of giving blocks back and faulting fresh pages more often.
 /// Frees nothing by itself.
 ///   dg::set_cpu_cache_budget(1.25);  // e.g. with RDNetConfig::memory_efficient
