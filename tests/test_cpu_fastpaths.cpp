@@ -616,7 +616,8 @@ TEST_CASE("caching CPU allocator splits big free pieces for smaller requests and
     WARN("big blocks are not pieces of mapped pages in this build: skipped");
     return;
   }
-  constexpr size_t MiB = size_t{1} << 20, page = A::kPageBytes;
+  constexpr size_t MiB = size_t{1} << 20;
+  const size_t page = A::page_bytes();
   A a;
   a.set_budget(HUGE_VAL);  // nothing given back on a miss here (the budget is tested above)
   auto* p = static_cast<char*>(a.allocate(8 * MiB));

@@ -40,6 +40,7 @@
 
 #if defined(__linux__) && !defined(DENSEGRAD_ASAN)
 #include <sys/mman.h>
+#include <unistd.h>
 #endif
 
 #include "device.hpp"
@@ -238,7 +239,16 @@ class CachingCpuAllocator final : public Allocator {
 #else
   static constexpr bool kPieces = false;
 #endif
-  static constexpr size_t kPageBytes = 4096;
+  /// The system's page size (4 KiB on x86-64, up to 64 KiB on some Arm kernels): pieces are
+  /// page-rounded, split and unmapped at page boundaries.
+  static size_t page_bytes() {
+#if defined(__linux__) && !defined(DENSEGRAD_ASAN)
+    static const size_t bytes = static_cast<size_t>(::sysconf(_SC_PAGESIZE));
+    return bytes;
+#else
+    return 4096;
+#endif
+  }
   /// The budget a new allocator starts with (see the class comment): 1.1 with pieces, else none.
   static constexpr double kDefaultBudget = kPieces ? 1.1 : HUGE_VAL;
 
@@ -301,7 +311,7 @@ class CachingCpuAllocator final : public Allocator {
   /// A big block: the smallest free piece that holds the page-rounded request (split when larger),
   /// or on a miss newly mapped pages.
   void* allocate_piece(size_t nbytes) {
-    const size_t r = (nbytes + kPageBytes - 1) / kPageBytes * kPageBytes;
+    const size_t page = page_bytes(), r = (nbytes + page - 1) / page * page;
     std::vector<Block> evicted;
     std::vector<Range> evicted_pieces;
     {
