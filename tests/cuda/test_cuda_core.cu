@@ -188,6 +188,24 @@ TEST_CASE("cuda: matmul, linear, conv2d, norms, softmax, pooling and losses matc
                   {x, rnd<float>({5, 6, 3, 3}, 32)}, 1e-5);
   check_op<float>("layer_norm2d", [](const V& v) { return dg::layer_norm2d(v[0], v[1], v[2]); },
                   {x, rnd<float>({6}, 33), rnd<float>({6}, 34)}, 1e-5);
+  // the fused ops RDNet's blocks and transitions run (ops/fused.hpp)
+  check_op<float>("gelu_conv2d 1x1", [](const V& v) { return dg::gelu_conv2d(v[0], v[1], v[2]); },
+                  {x, rnd<float>({10, 6, 1, 1}, 40), rnd<float>({10}, 41)}, 1e-5);
+  check_op<float>("layer_norm2d_conv2d 1x1",
+                  [](const V& v) { return dg::layer_norm2d_conv2d(v[0], v[1], v[2], 1e-6, v[3], v[4]); },
+                  {x, rnd<float>({6}, 42), rnd<float>({6}, 43), rnd<float>({10, 6, 1, 1}, 44), rnd<float>({10}, 45)},
+                  1e-5);
+  check_op<float>("layer_norm2d_conv2d 2x2 stride 2, no conv bias",
+                  [](const V& v) { return dg::layer_norm2d_conv2d(v[0], v[1], v[2], 1e-6, v[3], {}, 2); },
+                  {x, rnd<float>({6}, 46), rnd<float>({6}, 47), rnd<float>({4, 6, 2, 2}, 48)}, 1e-5);
+  // a dense stage's prefix: the first 5 of 9 channels, a view with the buffer's batch stride
+  check_op<float>("layer_norm2d_conv2d on a prefix view",
+                  [](const V& v) {
+                    return dg::layer_norm2d_conv2d(v[0].narrow(1, 0, 5), v[1], v[2], 1e-6, v[3], v[4]);
+                  },
+                  {rnd<float>({3, 9, 7, 7}, 49), rnd<float>({5}, 50), rnd<float>({5}, 51),
+                   rnd<float>({8, 5, 1, 1}, 52), rnd<float>({8}, 53)},
+                  1e-5);
   check_op<float>("layer_norm last dim", [](const V& v) { return dg::layer_norm(v[0], {11}, v[1], v[2]); },
                   {x, rnd<float>({11}, 35), rnd<float>({11}, 36)}, 1e-5);
   check_op<float>("softmax dim 1", [](const V& v) { return dg::softmax(v[0], 1); }, {x}, 1e-6);
