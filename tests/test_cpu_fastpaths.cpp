@@ -688,6 +688,35 @@ TEST_CASE("caching CPU allocator splits big free pieces for smaller requests and
   CHECK(d.cached_bytes() == 9 * MiB);
 }
 
+TEST_CASE("caching CPU allocator: a request the system cannot serve names its size and leaves the counts as they were",
+          "[fastpath][storage]") {
+  using A = CachingCpuAllocator;
+  constexpr size_t MiB = size_t(1) << 20, huge = size_t(1) << 62;  // 4 EiB: no machine maps this
+  A a;
+  a.set_budget(1.0);
+  void* keep = a.allocate(4096);
+  void* first = a.allocate(2 * MiB);
+  a.deallocate(first, 2 * MiB);  // cached: 2 MiB
+  const size_t in_use = a.in_use_bytes();
+  // big blocks are mapped pages where pieces are on, a size class's block elsewhere (ASan):
+  // either way the error names the request, and the cache was given back before the second try
+  REQUIRE_THROWS_WITH(a.allocate(huge),
+                      Catch::Contains("out of memory") && Catch::Contains(std::to_string(huge) + " bytes on cpu"));
+  CHECK(a.in_use_bytes() == in_use);
+  CHECK(a.cached_bytes() == 0);
+  // the failed request did not raise the peak the budget scales with: a cached block that would
+  // pass the budget beside a new 3 MiB request is still given back on that miss
+  void* second = a.allocate(2 * MiB);
+  a.deallocate(second, 2 * MiB);
+  REQUIRE(a.cached_bytes() >= 2 * MiB);
+  void* third = a.allocate(3 * MiB);  // 4 KiB + 2 MiB cached + 3 MiB > 1.0 x a 3 MiB peak
+  CHECK(a.cached_bytes() == 0);
+  CHECK(a.in_use_bytes() >= in_use + 3 * MiB);
+  a.deallocate(third, 3 * MiB);
+  a.deallocate(keep, 4096);
+  CHECK(a.in_use_bytes() == 0);
+}
+
 TEST_CASE("caching CPU allocator is thread-safe", "[fastpath][storage]") {
   CachingCpuAllocator a;
   std::vector<std::thread> ts;

@@ -147,14 +147,7 @@ class CachingCpuAllocator final : public Allocator {
       evict_for(c, evicted, evicted_pieces);
       in_use_ += c;
     }
-    release(evicted, evicted_pieces);
-    void* p = new_block(c);
-    if (!p) {  // out of memory: give the cache back and try once more
-      release_cached();
-      p = new_block(c);
-      DG_CHECK(p != nullptr, "out of memory: could not allocate ", nbytes, " bytes on cpu");
-    }
-    return p;
+    return fresh(c, nbytes, evicted, evicted_pieces, new_block);
   }
   void deallocate(void* p, size_t nbytes) override {
     size_t c = size_class(nbytes);
@@ -279,8 +272,8 @@ class CachingCpuAllocator final : public Allocator {
   /// Under the lock, on a miss for c bytes: gives back cached memory (the largest free pieces,
   /// then the oldest blocks) while in use + cached + c would pass the budget.
   void evict_for(size_t c, std::vector<Block>& blocks, std::vector<Range>& ranges) {
-    peak_ = std::max(peak_, in_use_ + c);
-    const double budget = budget_ * static_cast<double>(peak_);  // infinite: no budget
+    // the peak with this request; kept in peak_ once the request is served (fresh())
+    const double budget = budget_ * static_cast<double>(std::max(peak_, in_use_ + c));  // infinite: no budget
     while (static_cast<double>(in_use_ + cached_ + c) > budget) {
       if (!free_pieces_.empty()) {
         auto largest = std::prev(free_pieces_.end());
@@ -299,6 +292,31 @@ class CachingCpuAllocator final : public Allocator {
         break;
       }
     }
+  }
+  /// A miss's new memory, once evict_for() has made room and `bytes` count as in use: gives the
+  /// evicted memory back, then asks make(bytes) (a size class's block or mapped pages). Out of
+  /// memory, it gives the whole cache back and asks once more; failing again, the request no
+  /// longer counts as in use (nor in the peak the budget scales with) and the error names the
+  /// bytes asked for (`nbytes`).
+  template <class P>
+  P fresh(size_t bytes, size_t nbytes, const std::vector<Block>& evicted, const std::vector<Range>& evicted_pieces,
+          P (*make)(size_t)) {
+    release(evicted, evicted_pieces);
+    P p = make(bytes);
+    if (!p) {
+      release_cached();
+      p = make(bytes);
+    }
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (p) {
+        peak_ = std::max(peak_, in_use_);
+        return p;
+      }
+      in_use_ -= std::min(in_use_, bytes);
+    }
+    DG_CHECK(false, "out of memory: could not allocate ", nbytes, " bytes on cpu");
+    return p;
   }
   static void release(const std::vector<Block>& blocks, const std::vector<Range>& ranges) {
     for (const Block& b : blocks) {
@@ -333,15 +351,8 @@ class CachingCpuAllocator final : public Allocator {
       evict_for(r, evicted, evicted_pieces);
       in_use_ += r;
     }
-    release(evicted, evicted_pieces);
-    char* p = map(r);
-    if (!p) {  // out of memory: give the cache back and try once more
-      release_cached();
-      p = map(r);
-    }
+    char* p = fresh(r, nbytes, evicted, evicted_pieces, map);
     std::lock_guard<std::mutex> lock(mu_);
-    if (!p) in_use_ -= r;
-    DG_CHECK(p != nullptr, "out of memory: could not allocate ", nbytes, " bytes on cpu");
     pieces_.emplace(p, Piece{r, false});
     return p;
   }
