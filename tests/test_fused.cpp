@@ -1,8 +1,9 @@
-// tests/test_fused.cpp: gelu_conv2d and layer_norm2d_conv2d (ops/fused.hpp): finite-difference
-// gradchecks in double, parity with torch's conv2d(gelu(h)) and conv2d(LayerNorm2d(x))
-// (tests/fixtures/fused.safetensors), bit-for-bit equality with the two ops each fuses on the fast
-// CPU paths (panel GEMMs over several images, a dense stage's prefix view), what each keeps for
-// backward (h, not gelu(h); x, not the normalized x), and their errors.
+// tests/test_fused.cpp: gelu_conv2d, layer_norm2d_conv2d and depthwise_layer_norm2d_conv2d
+// (ops/fused.hpp): finite-difference gradchecks in double, parity with torch's conv2d(gelu(h)),
+// conv2d(LayerNorm2d(x)) and conv2d(LayerNorm2d(depthwise(x))) (tests/fixtures/fused.safetensors),
+// bit-for-bit equality with the ops each fuses on the fast CPU paths (panel GEMMs over several
+// images, a dense stage's prefix view), what each keeps for backward (h, not gelu(h); x, not the
+// normalized x; x, not the depthwise output), and their errors.
 #include "test_util.hpp"
 
 #include <densegrad/ops/fused.hpp>
@@ -268,6 +269,157 @@ TEST_CASE("layer_norm2d_conv2d rejects bad shapes and devices naming itself") {
                     Contains("layer_norm2d_conv2d: expected bias of shape [3]"));
   CHECK_THROWS_WITH(layer_norm2d_conv2d(Tensor<float>(), nw, nw, 1e-6, w),
                     Contains("layer_norm2d_conv2d: the input must be a defined tensor"));
+}
+
+// ---------------------------------------------------------------- depthwise_layer_norm2d_conv2d
+
+TEST_CASE("depthwise_layer_norm2d_conv2d gradcheck: 7x7 and 3x3, with and without biases, only some inputs") {
+  Generator gen(31);
+  auto x = [&](Shape s) { return (randn<double>(s, gen) * 2.0 + 0.5).requires_grad_(); };
+  auto p = [&](Shape s, double scale, double shift) { return (randn<double>(s, gen) * scale + shift).requires_grad_(); };
+  // a dense block's head: depthwise 7x7 pad 3, norm, 1x1 expansion, every tensor asking
+  dgtest::require_gradcheck(
+      [](const V& v) { return depthwise_layer_norm2d_conv2d(v[0], v[1], v[2], 3, v[3], v[4], 1e-6, v[5], v[6]); },
+      {x({2, 3, 5, 6}), p({3, 1, 7, 7}, 0.3, 0.0), p({3}, 0.5, 0.0), p({3}, 0.5, 1.0), p({3}, 0.5, 0.0),
+       p({4, 3, 1, 1}, 0.5, 0.0), p({4}, 0.5, 0.0)});
+  // 3x3 pad 1 and a k2 s2 conv after it, no biases, no affine norm
+  dgtest::require_gradcheck(
+      [](const V& v) { return depthwise_layer_norm2d_conv2d(v[0], v[1], {}, 1, {}, {}, 1e-5, v[2], {}, /*stride=*/2); },
+      {x({2, 4, 6, 4}), p({4, 1, 3, 3}, 0.5, 0.0), p({3, 4, 2, 2}, 0.5, 0.0)});
+  // one input at a time: x, the depthwise weight, the norm's parameters, the conv's weight
+  Tensor<double> xh = randn<double>({2, 5, 4, 4}, gen), dwh = randn<double>({5, 1, 3, 3}, gen) * 0.3,
+                 nwh = randn<double>({5}, gen) + 1.0, nbh = randn<double>({5}, gen), wh = randn<double>({4, 5, 1, 1}, gen);
+  dgtest::require_gradcheck([&](const V& v) { return depthwise_layer_norm2d_conv2d(v[0], dwh, {}, 1, nwh, nbh, 1e-6, wh); },
+                            {x({2, 5, 4, 4})});
+  dgtest::require_gradcheck([&](const V& v) { return depthwise_layer_norm2d_conv2d(xh, v[0], v[1], 1, nwh, nbh, 1e-6, wh); },
+                            {p({5, 1, 3, 3}, 0.3, 0.0), p({5}, 0.5, 0.0)});
+  dgtest::require_gradcheck([&](const V& v) { return depthwise_layer_norm2d_conv2d(xh, dwh, {}, 1, v[0], v[1], 1e-6, wh); },
+                            {p({5}, 0.5, 1.0), p({5}, 0.5, 0.0)});
+  dgtest::require_gradcheck([&](const V& v) { return depthwise_layer_norm2d_conv2d(xh, dwh, {}, 1, nwh, nbh, 1e-6, v[0]); },
+                            {p({4, 5, 1, 1}, 0.5, 0.0)});
+}
+
+namespace {
+void check_dw_parity(const std::string& name, bool bias, Pair2 padding) {
+  auto fx = dgtest::load_fixture<float>("fused");
+  auto get = [&](const std::string& k) { return dgtest::get(fx, name + "." + k); };
+  auto close = [&](const Tensor<float>& got, const Tensor<float>& want, const std::string& what) {
+    dgtest::require_close_scaled(got, want, name + " " + what);
+  };
+  Tensor<float> x = get("x").requires_grad_(), dww = get("dww").requires_grad_(), nw = get("nw").requires_grad_(),
+                nb = get("nb").requires_grad_(), w = get("w").requires_grad_();
+  Tensor<float> dwb = bias ? get("dwb").requires_grad_() : Tensor<float>();
+  Tensor<float> b = bias ? get("b").requires_grad_() : Tensor<float>();
+  Tensor<float> y = depthwise_layer_norm2d_conv2d(x, dww, dwb, padding, nw, nb, 1e-6, w, b);
+  close(y, get("out"), "forward");
+  y.backward(get("dout"));
+  close(x.grad(), get("dx"), "dx");
+  close(dww.grad(), get("ddww"), "ddepthwise_weight");
+  close(nw.grad(), get("dnw"), "dnorm_weight");
+  close(nb.grad(), get("dnb"), "dnorm_bias");
+  close(w.grad(), get("dw"), "dweight");
+  if (bias) {
+    close(dwb.grad(), get("ddwb"), "ddepthwise_bias");
+    close(b.grad(), get("db"), "dbias");
+  }
+}
+}  // namespace
+
+TEST_CASE("depthwise_layer_norm2d_conv2d 7x7 with biases parity") { check_dw_parity("dw_ln_pw", true, 3); }
+TEST_CASE("depthwise_layer_norm2d_conv2d 3x3 without biases parity") { check_dw_parity("dw3_ln_pw_nobias", false, 1); }
+
+TEST_CASE("depthwise_layer_norm2d_conv2d equals conv2d(layer_norm2d(conv2d(x))) bit for bit, prefix views included") {
+  Generator gen(8);
+  struct Case {
+    Shape x;
+    int64_t k, c_out;
+    bool prefix;
+  };
+  // RDNet's 7x7 on maps where the depthwise kernels take their row blocks, panel GEMMs after the
+  // norm, odd sizes, and x as a dense stage's prefix view (channels [0, 24) of 40): read in place
+  // by the depthwise conv and kept as the view it is
+  for (const Case& c : {Case{{8, 24, 14, 14}, 7, 96, false}, Case{{3, 5, 4, 6}, 3, 7, false},
+                        Case{{8, 24, 7, 7}, 7, 96, true}, Case{{2, 24, 9, 5}, 5, 16, true}}) {
+    INFO("x " << shape_str(c.x) << " depthwise " << c.k << "x" << c.k << (c.prefix ? " (prefix view)" : ""));
+    const int64_t C = c.x[1], pad = c.k / 2;
+    Tensor<float> base = randn<float>({c.x[0], c.prefix ? 40 : C, c.x[2], c.x[3]}, gen) * 2.0f + 0.5f;
+    Tensor<float> dww0 = randn<float>({C, 1, c.k, c.k}, gen) * 0.3f, dwb0 = randn<float>({C}, gen);
+    Tensor<float> nw0 = randn<float>({C}, gen) * 0.3f + 1.0f, nb0 = randn<float>({C}, gen) * 0.3f;
+    Tensor<float> w0 = randn<float>({c.c_out, C, 1, 1}, gen), b0 = randn<float>({c.c_out}, gen);
+    Tensor<float> dout = randn<float>({c.x[0], c.c_out, c.x[2], c.x[3]}, gen);
+    auto run = [&](bool fused) {
+      auto leaf = [](const Tensor<float>& t) { return t.detach().requires_grad_(); };
+      Tensor<float> src = leaf(base), dww = leaf(dww0), dwb = leaf(dwb0), nw = leaf(nw0), nb = leaf(nb0), w = leaf(w0),
+                    b = leaf(b0);
+      Tensor<float> x = c.prefix ? narrow(src, 1, 0, C) : src;
+      Tensor<float> y = fused ? depthwise_layer_norm2d_conv2d(x, dww, dwb, pad, nw, nb, 1e-6, w, b)
+                              : conv2d(layer_norm2d(conv2d(x, dww, dwb, 1, pad, 1, C), nw, nb, 1e-6), w, b);
+      y.backward(dout);
+      return std::vector<std::vector<float>>{y.to_vector(),   src.grad().to_vector(), dww.grad().to_vector(),
+                                             dwb.grad().to_vector(), nw.grad().to_vector(), nb.grad().to_vector(),
+                                             w.grad().to_vector(),   b.grad().to_vector()};
+    };
+    const auto fused = run(true), apart = run(false);
+    for (size_t i = 0; i < fused.size(); ++i) {
+      INFO("output " << i << " (y, dx, ddw_weight, ddw_bias, dnorm_weight, dnorm_bias, dweight, dbias)");
+      CHECK(fused[i] == apart[i]);
+    }
+  }
+}
+
+TEST_CASE("depthwise_layer_norm2d_conv2d keeps x and the statistics for backward, not the depthwise output") {
+  Generator gen(5);
+  Tensor<float> x = randn<float>({4, 16, 6, 6}, gen).requires_grad_(), dww = randn<float>({16, 1, 7, 7}, gen).requires_grad_(),
+                nw = ones<float>({16}).requires_grad_(), nb = zeros<float>({16}).requires_grad_(),
+                w = randn<float>({32, 16, 1, 1}, gen).requires_grad_();
+  const size_t wide = static_cast<size_t>(x.numel()) * sizeof(float), stats = 2 * 4 * 6 * 6 * sizeof(float);
+  const size_t before = cpu_memory_allocated();
+  Tensor<float> fused = depthwise_layer_norm2d_conv2d(x, dww, {}, 3, nw, nb, 1e-6, w);
+  const size_t held_fused = cpu_memory_allocated() - before;  // the output and the mean and rstd
+  Tensor<float> apart = layer_norm2d_conv2d(conv2d(x, dww, {}, 1, 3, 1, 16), nw, nb, 1e-6, w);
+  const size_t held_apart = cpu_memory_allocated() - before - held_fused;  // and the depthwise output too
+  const size_t out = static_cast<size_t>(fused.numel()) * sizeof(float);
+  CHECK(held_fused == out + stats);
+  CHECK(held_apart == out + stats + wide);
+  CHECK(fused.to_vector() == apart.to_vector());
+  // only the conv's bias asks for a gradient: nothing but the output is kept
+  {
+    Tensor<float> bg = zeros<float>({32}).requires_grad_();
+    const size_t start = cpu_memory_allocated();
+    Tensor<float> y = depthwise_layer_norm2d_conv2d(x.detach(), dww.detach(), {}, 3, nw.detach(), nb.detach(), 1e-6,
+                                                    w.detach(), bg);
+    CHECK(cpu_memory_allocated() - start == out);
+    y.backward(ones<float>(y.shape()));
+    CHECK(bg.grad().to_vector() == std::vector<float>(32, 4 * 6 * 6));
+  }
+}
+
+TEST_CASE("depthwise_layer_norm2d_conv2d rejects bad shapes and devices naming itself") {
+  Tensor<float> x = zeros<float>({2, 4, 5, 5}), dw = zeros<float>({4, 1, 3, 3}), nw = ones<float>({4}),
+                w = zeros<float>({3, 4, 1, 1});
+  const std::string op = "depthwise_layer_norm2d_conv2d: ";
+  CHECK_THROWS_WITH(depthwise_layer_norm2d_conv2d(zeros<float>({4, 5, 5}), dw, {}, 1, nw, nw, 1e-6, w),
+                    Contains(op + "expected x of shape (N, C, H, W), got a 3-D tensor of shape [4, 5, 5]"));
+  CHECK_THROWS_WITH(depthwise_layer_norm2d_conv2d(x, zeros<float>({4, 2, 3, 3}), {}, 1, nw, nw, 1e-6, w),
+                    Contains(op + "expected a depthwise weight of shape (4, 1, kH, kW) for x with 4 channels, got [4, 2, 3, 3]"));
+  CHECK_THROWS_WITH(depthwise_layer_norm2d_conv2d(x, zeros<float>({8, 1, 3, 3}), {}, 1, nw, nw, 1e-6, w),
+                    Contains(op + "expected a depthwise weight of shape (4, 1, kH, kW)"));
+  CHECK_THROWS_WITH(depthwise_layer_norm2d_conv2d(x, dw, zeros<float>({3}), 1, nw, nw, 1e-6, w),
+                    Contains(op + "expected bias of shape [4]"));
+  CHECK_THROWS_WITH(depthwise_layer_norm2d_conv2d(x, dw, {}, 1, ones<float>({5}), nw, 1e-6, w),
+                    Contains(op + "norm weight has shape [5], expected [4]"));
+  CHECK_THROWS_WITH(depthwise_layer_norm2d_conv2d(x, dw, {}, 1, nw, ones<float>({3}), 1e-6, w),
+                    Contains(op + "norm bias has shape [3], expected [4]"));
+  CHECK_THROWS_WITH(depthwise_layer_norm2d_conv2d(x, dw, {}, 1, nw, nw, 1e-6, zeros<float>({3, 5, 1, 1})),
+                    Contains(op + "x has 4 channels"));
+  CHECK_THROWS_WITH(depthwise_layer_norm2d_conv2d(x, dw, {}, 1, nw, nw, 1e-6, w, zeros<float>({4})),
+                    Contains(op + "expected bias of shape [3]"));
+  CHECK_THROWS_WITH(depthwise_layer_norm2d_conv2d(x, zeros<float>({4, 1, 9, 9}), {}, 1, nw, nw, 1e-6, w),
+                    Contains(op + "kernel size 9x9 (after dilation) is larger than the padded input 7x7"));
+  CHECK_THROWS_WITH(depthwise_layer_norm2d_conv2d(Tensor<float>(), dw, {}, 1, nw, nw, 1e-6, w),
+                    Contains(op + "x and the depthwise weight must be defined tensors"));
+  CHECK_THROWS_WITH(depthwise_layer_norm2d_conv2d(x, dw, {}, 1, nw, nw, 1e-6, Tensor<float>()),
+                    Contains(op + "the conv weight must be a defined tensor"));
 }
 
 }  // namespace test_fused

@@ -159,7 +159,8 @@ class Block : public nn::Layer<T> {
  public:
   Block(int64_t in_chs, int64_t inter_chs, int64_t out_chs, bool ese, double eps) {
     layers = this->register_module("layers", std::make_shared<nn::Sequential<T>>());
-    layers->push_back(std::make_shared<nn::Conv2d<T>>(nn::Conv2dOptions(in_chs, in_chs, 7).padding(3).groups(in_chs)));
+    dw = std::make_shared<nn::Conv2d<T>>(nn::Conv2dOptions(in_chs, in_chs, 7).padding(3).groups(in_chs));
+    layers->push_back(dw);
     norm = std::make_shared<nn::LayerNorm2d<T>>(in_chs, eps);
     layers->push_back(norm);
     expand = std::make_shared<nn::Conv2d<T>>(nn::Conv2dOptions(in_chs, inter_chs, 1));
@@ -169,20 +170,23 @@ class Block : public nn::Layer<T> {
     layers->push_back(reduce);
     if (ese) layers->push_back(std::make_shared<EffectiveSE<T>>(out_chs));
   }
-  /// The layers in order, two pairs of them fused; the values are those of running layers 0-5 one
-  /// by one, but backward keeps less: layer 0 (depthwise 7x7), then LayerNorm2d and the 1x1
-  /// expansion as one op (dg::layer_norm2d_conv2d: backward normalizes again instead of keeping
-  /// the normalized tensor), then GELU and the 1x1 reduction as one op (dg::gelu_conv2d: backward
-  /// recomputes the GELU instead of keeping the block's widest tensor), then the SE when there is one.
+  /// The layers in order, fused in two groups; the values are those of running layers 0-5 one by
+  /// one, but backward keeps less: the depthwise 7x7, LayerNorm2d and the 1x1 expansion as one op
+  /// (dg::depthwise_layer_norm2d_conv2d: backward runs the depthwise conv and the norm again
+  /// instead of keeping their outputs; it keeps x, the stage's buffer, which the stage keeps
+  /// anyway), then GELU and the 1x1 reduction as one op (dg::gelu_conv2d: backward recomputes the
+  /// GELU instead of keeping the block's widest tensor), then the SE when there is one.
   Tensor<T> forward(const Tensor<T>& x) override {
     nn::Sequential<T>& l = *layers;
-    const Tensor<T> h = dg::layer_norm2d_conv2d(l[0].forward(x), norm->weight, norm->bias, norm->eps, expand->weight,
-                                                expand->bias);  // a 1x1, stride 1, no padding
+    const Tensor<T> h = dg::depthwise_layer_norm2d_conv2d(x, dw->weight, dw->bias, dw->options.padding(), norm->weight,
+                                                          norm->bias, norm->eps, expand->weight,
+                                                          expand->bias);  // a 1x1, stride 1, no padding
     const nn::Conv2dOptions& o = reduce->options;
     Tensor<T> y = dg::gelu_conv2d(h, reduce->weight, reduce->bias, o.stride(), o.padding(), o.dilation(), o.groups());
     return l.size() > 5 ? l[5].forward(y) : y;
   }
   std::shared_ptr<nn::Sequential<T>> layers;  // state-dict names as timm's: layers.0 ... layers.5
+  std::shared_ptr<nn::Conv2d<T>> dw;          // layers.0, the depthwise 7x7
   std::shared_ptr<nn::LayerNorm2d<T>> norm;   // layers.1
   std::shared_ptr<nn::Conv2d<T>> expand;      // layers.2, the 1x1 expansion to the bottleneck width
   std::shared_ptr<nn::Conv2d<T>> reduce;      // layers.4, the 1x1 reduction to growth_rate channels

@@ -17,7 +17,14 @@
 // LayerNorm2d -> 1x1 expansion; between stages, the stage's features -> LayerNorm2d -> the
 // compressing conv (there x is the stage's buffer, which the blocks keep anyway).
 //
-// Values and gradients of both are those of the ops they fuse (the same kernels, the same
+// depthwise_layer_norm2d_conv2d(x, depthwise weight, depthwise bias, padding, norm weight, norm
+// bias, eps, weight, bias, ...) = layer_norm2d_conv2d(conv2d(x, depthwise weight, ..., groups = C),
+// ...): a dense block's whole head, keeping x (in a dense stage: a prefix view of the stage's
+// buffer, which the stage keeps anyway) instead of the depthwise conv's output. Backward runs the
+// depthwise conv once more (49 multiply-adds per element for 7x7, against 4 C for the expansion
+// after it) before the norm's.
+//
+// Values and gradients of all three are those of the ops they fuse (the same kernels, the same
 // order: bit for bit). They are the selective counterparts of dg::checkpoint (which recomputes
 // everything, convolutions too).
 // Shape legend: h, x (N, C_in, H, W), weight (C_out, C_in/groups, kH, kW), out (N, C_out, Ho, Wo),
@@ -61,6 +68,65 @@ Tensor<T> gelu_conv2d(const Tensor<T>& h, const Tensor<T>& weight, const Tensor<
                           });
 }
 
+namespace detail {
+/// What layer_norm2d -> conv2d keeps from forward for backward: the norm's (contiguous or
+/// undefined) weight and bias and per-pixel mean and rstd, the conv's weight and geometry, and
+/// which gradients are asked for (need_norm: x, norm weight, norm bias).
+template <class T>
+struct LayerNormConvSaved {
+  Tensor<T> nw, nb, ws;
+  double eps;
+  Tensor<acc_t<T>> mean, rstd;
+  Conv2dGeometry g;
+  std::array<bool, 3> need_norm;
+  bool need_w, need_b;
+  bool need_n() const { return need_norm[0] || need_norm[1] || need_norm[2]; }
+  /// Whether backward reads the norm's input x: for the norm's gradients, or to normalize again for dweight.
+  bool needs_x() const { return need_n() || need_w; }
+};
+
+/// layer_norm2d -> conv2d forward on x (from layer_norm2d_operand): the conv's output, with the
+/// norm's statistics and what backward needs put in `saved` (the normalized tensor is not kept).
+template <class T>
+Tensor<T> layer_norm2d_conv2d_forward(const Tensor<T>& xc, const Tensor<T>& norm_weight, const Tensor<T>& norm_bias,
+                                      double eps, const Tensor<T>& weight, const Tensor<T>& bias,
+                                      const Conv2dGeometry& g, const std::array<bool, 3>& need_norm, bool need_w,
+                                      bool need_b, LayerNormConvSaved<T>& saved) {
+  if (norm_weight.defined()) saved.nw = contiguous(norm_weight.detach());
+  if (norm_bias.defined()) saved.nb = contiguous(norm_bias.detach());
+  ref::LayerNormForward<T> f = layer_norm2d_forward(xc, saved.nw, saved.nb, eps);
+  Tensor<T> out = conv2d_forward(f.y, weight, bias, g);
+  saved.eps = eps, saved.g = g, saved.need_norm = need_norm, saved.need_w = need_w, saved.need_b = need_b;
+  if (saved.needs_x()) {
+    saved.mean = f.mean;
+    saved.rstd = f.rstd;
+    if (saved.need_n()) saved.ws = weight.detach();
+  } else {  // at most the conv's bias: dbias = sum of dout, nothing to keep
+    saved.nw = saved.nb = Tensor<T>();
+  }
+  return out;  // f.y, the normalized tensor, goes here
+}
+
+/// layer_norm2d -> conv2d backward: {dx, dnorm_weight, dnorm_bias, dweight, dbias} (those asked
+/// for) from dout and the norm's input x (the same values as in forward; undefined when
+/// !saved.needs_x()). The normalized tensor is made again, by the same kernel, for dweight.
+template <class T>
+std::vector<Tensor<T>> layer_norm2d_conv2d_grads(const Tensor<T>& dout, const Tensor<T>& xc,
+                                                 const LayerNormConvSaved<T>& s) {
+  Tensor<T> n = s.need_w ? layer_norm2d_forward(xc, s.nw, s.nb, s.eps).y : Tensor<T>();
+  std::vector<Tensor<T>> conv = conv2d_grads(dout, n, s.ws, s.g, s.need_n(), s.need_w, s.need_b);
+  n = Tensor<T>();  // freed before the norm's gradients are made
+  std::vector<Tensor<T>> grads{Tensor<T>(), Tensor<T>(), Tensor<T>(), conv[1], conv[2]};
+  if (s.need_n()) {
+    ref::LayerNormGrads<T> ln = layer_norm2d_grads(conv[0], xc, s.mean, s.rstd, s.nw, s.need_norm);
+    grads[0] = ln.dx;
+    grads[1] = ln.dweight;
+    grads[2] = ln.dbias;
+  }
+  return grads;
+}
+}  // namespace detail
+
 /// conv2d(layer_norm2d(x, norm_weight, norm_bias, eps), weight, bias, stride, padding, dilation,
 /// groups), saving x, the norm's weight and bias, its (N, H, W) mean and rstd, and the conv's
 /// weight: not the normalized tensor, which backward makes again when the conv weight's gradient
@@ -75,36 +141,73 @@ Tensor<T> layer_norm2d_conv2d(const Tensor<T>& x, const Tensor<T>& norm_weight, 
   detail::check_layer_norm2d(x, norm_weight, norm_bias, "layer_norm2d_conv2d");
   const Conv2dGeometry g =
       detail::conv2d_checked_geometry(x, weight, bias, stride, padding, dilation, groups, "layer_norm2d_conv2d");
-  Tensor<T> xc = detail::layer_norm2d_operand(x.detach()), nw, nb;
-  if (norm_weight.defined()) nw = contiguous(norm_weight.detach());
-  if (norm_bias.defined()) nb = contiguous(norm_bias.detach());
-  ref::LayerNormForward<T> f = detail::layer_norm2d_forward(xc, nw, nb, eps);
-  Tensor<T> out = detail::conv2d_forward(f.y, weight, bias, g);
-  f.y = Tensor<T>();  // the normalized tensor goes now; backward makes it again for dweight
-  // dn (the conv's input gradient) feeds the norm's backward: needed when x or a norm parameter is
-  const std::array<bool, 3> need_norm{x.requires_grad(), norm_weight.requires_grad(), norm_bias.requires_grad()};
-  const bool need_n = need_norm[0] || need_norm[1] || need_norm[2];
-  const bool need_w = weight.requires_grad(), need_b = bias.requires_grad();
-  if (!need_n && !need_w) {  // at most the conv's bias: dbias = sum of dout, nothing to keep
-    xc = nw = nb = Tensor<T>();
-    f.mean = f.rstd = Tensor<acc_t<T>>();
-  }
-  Tensor<T> ws = need_n ? weight.detach() : Tensor<T>();
+  Tensor<T> xc = detail::layer_norm2d_operand(x.detach());
+  detail::LayerNormConvSaved<T> saved;
+  Tensor<T> out = detail::layer_norm2d_conv2d_forward(
+      xc, norm_weight, norm_bias, eps, weight, bias, g,
+      {x.requires_grad(), norm_weight.requires_grad(), norm_bias.requires_grad()}, weight.requires_grad(),
+      bias.requires_grad(), saved);
+  if (!saved.needs_x()) xc = Tensor<T>();
+  return autograd::record("layer_norm2d_conv2d", out, {x, norm_weight, norm_bias, weight, bias},
+                          [xc, saved](const Tensor<T>& dout) { return detail::layer_norm2d_conv2d_grads(dout, xc, saved); });
+}
+
+/// layer_norm2d_conv2d(conv2d(x, dw_weight, dw_bias, 1, dw_padding, 1, C), norm_weight, norm_bias,
+/// eps, weight, bias, stride, padding, dilation, groups): a depthwise conv (stride 1, weight
+/// (C, 1, kH, kW)), LayerNorm2d and a conv as one op, saving x (the view it is: for a dense stage's
+/// prefix, the stage's buffer), the depthwise weight, the norm's statistics and the conv weight; not
+/// the depthwise conv's output, which backward computes again. Differentiable in all seven tensors;
+/// the biases and the norm's weight may be undefined.
+/// Example (a dense block's head): auto h = dg::depthwise_layer_norm2d_conv2d(x, dw.weight, dw.bias, 3,
+///                                      norm.weight, norm.bias, 1e-6, expand.weight, expand.bias);
+template <class T>
+Tensor<T> depthwise_layer_norm2d_conv2d(const Tensor<T>& x, const Tensor<T>& dw_weight, const Tensor<T>& dw_bias,
+                                        Pair2 dw_padding, const Tensor<T>& norm_weight, const Tensor<T>& norm_bias,
+                                        double eps, const Tensor<T>& weight, const Tensor<T>& bias = {},
+                                        Pair2 stride = 1, Pair2 padding = 0, Pair2 dilation = 1, int64_t groups = 1) {
+  static_assert(is_floating_v<T>, "depthwise_layer_norm2d_conv2d: T must be float, double or dg::bfloat16");
+  constexpr const char* op = "depthwise_layer_norm2d_conv2d";
+  DG_CHECK(x.defined() && dw_weight.defined(), op, ": x and the depthwise weight must be defined tensors");
+  DG_CHECK(x.dim() == 4, op, ": expected x of shape (N, C, H, W), got a ", x.dim(), "-D tensor of shape ",
+           shape_str(x.shape()));
+  const int64_t C = x.shape()[1];
+  DG_CHECK(dw_weight.dim() == 4 && dw_weight.shape()[0] == C && dw_weight.shape()[1] == 1, op,
+           ": expected a depthwise weight of shape (", C, ", 1, kH, kW) for x with ", C, " channels, got ",
+           shape_str(dw_weight.shape()));
+  const Conv2dGeometry gd = detail::conv2d_checked_geometry(x, dw_weight, dw_bias, 1, dw_padding, 1, C, op);
+  const Shape d_shape{gd.N, C, gd.Ho, gd.Wo};
+  // the checks of the norm and the conv on the depthwise output's shape, before any work
+  detail::check_affine(norm_weight, "norm weight", {C}, op, x);
+  detail::check_affine(norm_bias, "norm bias", {C}, op, x);
+  DG_CHECK(weight.defined(), op, ": the conv weight must be a defined tensor");
+  const Shape bshape = bias.defined() ? bias.shape() : Shape{};
+  Conv2dGeometry g = conv2d_geometry(d_shape, weight.shape(), bias.defined() ? &bshape : nullptr, stride, padding,
+                                     dilation, groups, op);
+  DG_CHECK(weight.device() == x.device() && (!bias.defined() || bias.device() == x.device()), op,
+           ": expected the conv weight and bias on ", x.device().str(), ", where x is");
+  g.bf16 = gd.bf16;
+
+  const bool need_x = x.requires_grad(), need_dww = dw_weight.requires_grad(), need_dwb = dw_bias.requires_grad();
+  const bool need_d = need_x || need_dww || need_dwb;  // the gradient of the depthwise output
+  Tensor<T> xs = x.detach(), dww = contiguous(dw_weight.detach()), dwb;
+  if (dw_bias.defined()) dwb = contiguous(dw_bias.detach());
+  Tensor<T> d = detail::conv2d_forward(xs, dww, dwb, gd);
+  detail::LayerNormConvSaved<T> saved;
+  Tensor<T> out = detail::layer_norm2d_conv2d_forward(
+      d, norm_weight, norm_bias, eps, weight, bias, g, {need_d, norm_weight.requires_grad(), norm_bias.requires_grad()},
+      weight.requires_grad(), bias.requires_grad(), saved);
+  d = Tensor<T>();  // the depthwise output goes now; backward makes it again from x
+  if (!saved.needs_x() && !need_d) xs = dww = dwb = Tensor<T>();
   return autograd::record(
-      "layer_norm2d_conv2d", out, {x, norm_weight, norm_bias, weight, bias},
-      [xc, nw, nb, eps, mean = f.mean, rstd = f.rstd, ws, g, need_norm, need_n, need_w, need_b](const Tensor<T>& dout) {
-        // the normalized tensor, again: the same kernel on the same input gives the same values
-        Tensor<T> n = need_w ? detail::layer_norm2d_forward(xc, nw, nb, eps).y : Tensor<T>();
-        std::vector<Tensor<T>> conv = detail::conv2d_grads(dout, n, ws, g, need_n, need_w, need_b);
-        n = Tensor<T>();  // freed before the norm's gradients are made
-        std::vector<Tensor<T>> grads{Tensor<T>(), Tensor<T>(), Tensor<T>(), conv[1], conv[2]};
-        if (need_n) {
-          ref::LayerNormGrads<T> ln = detail::layer_norm2d_grads(conv[0], xc, mean, rstd, nw, need_norm);
-          grads[0] = ln.dx;
-          grads[1] = ln.dweight;
-          grads[2] = ln.dbias;
-        }
-        return grads;
+      "depthwise_layer_norm2d_conv2d", out, {x, dw_weight, dw_bias, norm_weight, norm_bias, weight, bias},
+      [xs, dww, dwb, gd, need_x, need_dww, need_dwb, need_d, saved](const Tensor<T>& dout) {
+        // the depthwise output, again: the same kernel on the same input gives the same values
+        Tensor<T> d = saved.needs_x() ? detail::conv2d_forward(xs, dww, dwb, gd) : Tensor<T>();
+        std::vector<Tensor<T>> ln = detail::layer_norm2d_conv2d_grads(dout, d, saved);
+        d = Tensor<T>();
+        std::vector<Tensor<T>> dw(3);
+        if (need_d) dw = detail::conv2d_grads(ln[0], xs, dww, gd, need_x, need_dww, need_dwb);
+        return std::vector<Tensor<T>>{dw[0], dw[1], dw[2], ln[1], ln[2], ln[3], ln[4]};
       });
 }
 
