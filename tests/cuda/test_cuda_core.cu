@@ -206,6 +206,20 @@ TEST_CASE("cuda: matmul, linear, conv2d, norms, softmax, pooling and losses matc
                   {rnd<float>({3, 9, 7, 7}, 49), rnd<float>({5}, 50), rnd<float>({5}, 51),
                    rnd<float>({8, 5, 1, 1}, 52), rnd<float>({8}, 53)},
                   1e-5);
+  check_op<float>("depthwise_layer_norm2d_conv2d 7x7 pad 3 -> 1x1",
+                  [](const V& v) {
+                    return dg::depthwise_layer_norm2d_conv2d(v[0], v[1], v[2], 3, v[3], v[4], 1e-6, v[5], v[6]);
+                  },
+                  {x, rnd<float>({6, 1, 7, 7}, 54, -0.3, 0.3), rnd<float>({6}, 55), rnd<float>({6}, 56),
+                   rnd<float>({6}, 57), rnd<float>({10, 6, 1, 1}, 58), rnd<float>({10}, 59)},
+                  1e-5);
+  check_op<float>("depthwise_layer_norm2d_conv2d on a prefix view, no biases",
+                  [](const V& v) {
+                    return dg::depthwise_layer_norm2d_conv2d(v[0].narrow(1, 0, 5), v[1], {}, 3, v[2], v[3], 1e-6, v[4]);
+                  },
+                  {rnd<float>({3, 9, 12, 10}, 60), rnd<float>({5, 1, 7, 7}, 61, -0.3, 0.3), rnd<float>({5}, 62),
+                   rnd<float>({5}, 63), rnd<float>({8, 5, 1, 1}, 64)},
+                  1e-5);
   check_op<float>("layer_norm last dim", [](const V& v) { return dg::layer_norm(v[0], {11}, v[1], v[2]); },
                   {x, rnd<float>({11}, 35), rnd<float>({11}, 36)}, 1e-5);
   check_op<float>("softmax dim 1", [](const V& v) { return dg::softmax(v[0], 1); }, {x}, 1e-6);
