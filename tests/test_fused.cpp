@@ -6,6 +6,8 @@
 // normalized x; x, not the depthwise output), and their errors.
 #include "test_util.hpp"
 
+#include <functional>
+
 #include <densegrad/ops/fused.hpp>
 
 namespace test_fused {
@@ -61,6 +63,30 @@ TEST_CASE("gelu_conv2d k3 s2 tanh parity") { check_parity("k3s2_tanh", true, 2, 
 
 // ---------------------------------------------------------------- the same as the two ops
 
+namespace {
+/// Runs f(leaves, fused) on fresh leaves with the given values, once for the fused op and once for
+/// the ops it fuses, backpropagates dout through both, and checks that the outputs and every
+/// leaf's gradient are equal to the bit. `names` lists them in that order, for the failure message.
+void require_same_bits(const std::vector<Tensor<float>>& values, const Tensor<float>& dout,
+                       const std::function<Tensor<float>(const std::vector<Tensor<float>>&, bool)>& f,
+                       const char* names) {
+  std::vector<std::vector<float>> got[2];
+  for (const bool fused : {true, false}) {
+    std::vector<Tensor<float>> leaves;
+    for (const Tensor<float>& v : values) leaves.push_back(v.detach().requires_grad_());
+    Tensor<float> y = f(leaves, fused);
+    y.backward(dout);
+    std::vector<std::vector<float>>& out = got[fused ? 0 : 1];
+    out.push_back(y.to_vector());
+    for (const Tensor<float>& l : leaves) out.push_back(l.grad().to_vector());
+  }
+  for (size_t i = 0; i < got[0].size(); ++i) {
+    INFO("output " << i << " (" << names << ")");
+    CHECK(got[0][i] == got[1][i]);
+  }
+}
+}  // namespace
+
 TEST_CASE("gelu_conv2d equals conv2d(gelu(h)) bit for bit, prefix views included") {
   Generator gen(5);
   // batch 8 of 7x7 and 14x14 maps: the panel GEMM paths (several images per GEMM, vector tails);
@@ -76,20 +102,13 @@ TEST_CASE("gelu_conv2d equals conv2d(gelu(h)) bit for bit, prefix views included
     Tensor<float> base = randn<float>({c.h[0], c.prefix ? 40 : c.h[1], c.h[2], c.h[3]}, gen) * 2.0f;
     Tensor<float> w0 = randn<float>({c.c_out, c.h[1], 1, 1}, gen), b0 = randn<float>({c.c_out}, gen);
     Tensor<float> dout = randn<float>({c.h[0], c.c_out, c.h[2], c.h[3]}, gen);
-    auto run = [&](bool fused) {
-      Tensor<float> src = base.detach().requires_grad_(), w = w0.detach().requires_grad_(),
-                    b = b0.detach().requires_grad_();
-      Tensor<float> h = c.prefix ? narrow(src, 1, 0, c.h[1]) : src;
-      Tensor<float> y = fused ? gelu_conv2d(h, w, b) : conv2d(gelu(h), w, b);
-      y.backward(dout);
-      return std::vector<std::vector<float>>{y.to_vector(), src.grad().to_vector(), w.grad().to_vector(),
-                                             b.grad().to_vector()};
-    };
-    const auto fused = run(true), twice = run(false);
-    CHECK(fused[0] == twice[0]);
-    CHECK(fused[1] == twice[1]);
-    CHECK(fused[2] == twice[2]);
-    CHECK(fused[3] == twice[3]);
+    require_same_bits(
+        {base, w0, b0}, dout,
+        [&](const std::vector<Tensor<float>>& l, bool fused) {
+          Tensor<float> h = c.prefix ? narrow(l[0], 1, 0, c.h[1]) : l[0];
+          return fused ? gelu_conv2d(h, l[1], l[2]) : conv2d(gelu(h), l[1], l[2]);
+        },
+        "y, dh, dweight, dbias");
   }
 }
 
@@ -210,22 +229,14 @@ TEST_CASE("layer_norm2d_conv2d equals conv2d(layer_norm2d(x)) bit for bit, prefi
     Tensor<float> nw0 = randn<float>({c.x[1]}, gen) * 0.3f + 1.0f, nb0 = randn<float>({c.x[1]}, gen) * 0.3f;
     Tensor<float> w0 = randn<float>({c.c_out, c.x[1], c.k, c.k}, gen), b0 = randn<float>({c.c_out}, gen);
     Tensor<float> dout = randn<float>({c.x[0], c.c_out, c.x[2] / c.k, c.x[3] / c.k}, gen);
-    auto run = [&](bool fused) {
-      Tensor<float> src = base.detach().requires_grad_(), nw = nw0.detach().requires_grad_(),
-                    nb = nb0.detach().requires_grad_(), w = w0.detach().requires_grad_(),
-                    b = b0.detach().requires_grad_();
-      Tensor<float> x = c.prefix ? narrow(src, 1, 0, c.x[1]) : src;
-      Tensor<float> y = fused ? layer_norm2d_conv2d(x, nw, nb, 1e-6, w, b, c.k)
-                              : conv2d(layer_norm2d(x, nw, nb, 1e-6), w, b, c.k);
-      y.backward(dout);
-      return std::vector<std::vector<float>>{y.to_vector(),       src.grad().to_vector(), nw.grad().to_vector(),
-                                             nb.grad().to_vector(), w.grad().to_vector(),   b.grad().to_vector()};
-    };
-    const auto fused = run(true), twice = run(false);
-    for (size_t i = 0; i < fused.size(); ++i) {
-      INFO("output " << i << " (y, dx, dnorm_weight, dnorm_bias, dweight, dbias)");
-      CHECK(fused[i] == twice[i]);
-    }
+    require_same_bits(
+        {base, nw0, nb0, w0, b0}, dout,
+        [&](const std::vector<Tensor<float>>& l, bool fused) {
+          Tensor<float> x = c.prefix ? narrow(l[0], 1, 0, c.x[1]) : l[0];
+          return fused ? layer_norm2d_conv2d(x, l[1], l[2], 1e-6, l[3], l[4], c.k)
+                       : conv2d(layer_norm2d(x, l[1], l[2], 1e-6), l[3], l[4], c.k);
+        },
+        "y, dx, dnorm_weight, dnorm_bias, dweight, dbias");
   }
 }
 
@@ -347,23 +358,14 @@ TEST_CASE("depthwise_layer_norm2d_conv2d equals conv2d(layer_norm2d(conv2d(x))) 
     Tensor<float> nw0 = randn<float>({C}, gen) * 0.3f + 1.0f, nb0 = randn<float>({C}, gen) * 0.3f;
     Tensor<float> w0 = randn<float>({c.c_out, C, 1, 1}, gen), b0 = randn<float>({c.c_out}, gen);
     Tensor<float> dout = randn<float>({c.x[0], c.c_out, c.x[2], c.x[3]}, gen);
-    auto run = [&](bool fused) {
-      auto leaf = [](const Tensor<float>& t) { return t.detach().requires_grad_(); };
-      Tensor<float> src = leaf(base), dww = leaf(dww0), dwb = leaf(dwb0), nw = leaf(nw0), nb = leaf(nb0), w = leaf(w0),
-                    b = leaf(b0);
-      Tensor<float> x = c.prefix ? narrow(src, 1, 0, C) : src;
-      Tensor<float> y = fused ? depthwise_layer_norm2d_conv2d(x, dww, dwb, pad, nw, nb, 1e-6, w, b)
-                              : conv2d(layer_norm2d(conv2d(x, dww, dwb, 1, pad, 1, C), nw, nb, 1e-6), w, b);
-      y.backward(dout);
-      return std::vector<std::vector<float>>{y.to_vector(),   src.grad().to_vector(), dww.grad().to_vector(),
-                                             dwb.grad().to_vector(), nw.grad().to_vector(), nb.grad().to_vector(),
-                                             w.grad().to_vector(),   b.grad().to_vector()};
-    };
-    const auto fused = run(true), apart = run(false);
-    for (size_t i = 0; i < fused.size(); ++i) {
-      INFO("output " << i << " (y, dx, ddw_weight, ddw_bias, dnorm_weight, dnorm_bias, dweight, dbias)");
-      CHECK(fused[i] == apart[i]);
-    }
+    require_same_bits(
+        {base, dww0, dwb0, nw0, nb0, w0, b0}, dout,
+        [&](const std::vector<Tensor<float>>& l, bool fused) {
+          Tensor<float> x = c.prefix ? narrow(l[0], 1, 0, C) : l[0];
+          return fused ? depthwise_layer_norm2d_conv2d(x, l[1], l[2], pad, l[3], l[4], 1e-6, l[5], l[6])
+                       : conv2d(layer_norm2d(conv2d(x, l[1], l[2], 1, pad, 1, C), l[3], l[4], 1e-6), l[5], l[6]);
+        },
+        "y, dx, ddw_weight, ddw_bias, dnorm_weight, dnorm_bias, dweight, dbias");
   }
 }
 
