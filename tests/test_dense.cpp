@@ -1,7 +1,8 @@
 // tests/test_dense.cpp: zero-copy dense connectivity (ops/dense.hpp: DenseBuffer), the CPU
 // kernels that read its batch-strided prefix views in place (conv2d, layer_norm2d) against the
-// ref kernels, recomputation (autograd/checkpoint.hpp), and RDNet's three dense paths (naive
-// concat, shared buffer, buffer + recomputation) giving the same outputs and gradients.
+// ref kernels, recomputation (autograd/checkpoint.hpp), and RDNet's dense paths (naive concat,
+// shared buffer, buffer + recomputation, the depthwise output kept or recomputed) giving the same
+// outputs and gradients.
 #include <rdnet/rdnet.hpp>
 
 #include "test_util.hpp"
@@ -301,7 +302,7 @@ TEST_CASE("checkpoint: a parameter used inside and outside fn sums both gradient
 // ---------------------------------------------------------------- RDNet: naive, buffer, buffer + recompute
 
 namespace {
-rdnet::RDNetConfig tiny_test_config(bool dense_buffer, bool memory_efficient) {
+rdnet::RDNetConfig tiny_test_config(bool dense_buffer, bool memory_efficient, bool recompute_depthwise = true) {
   rdnet::RDNetConfig c;
   c.in_chans = 3;
   c.num_classes = 5;
@@ -316,6 +317,7 @@ rdnet::RDNetConfig tiny_test_config(bool dense_buffer, bool memory_efficient) {
   c.proj_drop_rate = 0.1;   // and dropout after every block
   c.dense_buffer = dense_buffer;
   c.memory_efficient = memory_efficient;
+  c.recompute_depthwise = recompute_depthwise;
   return c;
 }
 
@@ -325,10 +327,11 @@ struct StepResult {
   uint64_t rng_after;
 };
 
-StepResult train_step(bool dense_buffer, bool memory_efficient, const Tensor<float>& x, const Tensor<int64_t>& y) {
+StepResult train_step(bool dense_buffer, bool memory_efficient, const Tensor<float>& x, const Tensor<int64_t>& y,
+                      bool recompute_depthwise = true) {
   manual_seed(1);  // layers draw their default init from it before init_weights(init) runs
   Generator init(123);
-  rdnet::RDNet<float> model(tiny_test_config(dense_buffer, memory_efficient), init);
+  rdnet::RDNet<float> model(tiny_test_config(dense_buffer, memory_efficient, recompute_depthwise), init);
   model.train();
   manual_seed(7);
   StepResult r;
@@ -341,13 +344,15 @@ StepResult train_step(bool dense_buffer, bool memory_efficient, const Tensor<flo
 }
 }  // namespace
 
-TEST_CASE("RDNet: naive concat, shared buffer and buffer + recomputation give the same logits and gradients") {
+TEST_CASE("RDNet: naive concat, shared buffer, buffer + recomputation and a kept depthwise output give the same "
+          "logits and gradients") {
   Generator gen(10);
   Tensor<float> x = randn<float>({4, 3, 14, 14}, gen);  // 7x7 and 3x3 maps: planes at odd addresses
   Tensor<int64_t> y = tensor<int64_t>({0, 3, 1, 4});
   StepResult naive = train_step(false, false, x, y), buffer = train_step(true, false, x, y),
-             recompute = train_step(true, true, x, y), naive_recompute = train_step(false, true, x, y);
-  for (const StepResult* r : {&buffer, &recompute, &naive_recompute}) {
+             recompute = train_step(true, true, x, y), naive_recompute = train_step(false, true, x, y),
+             keep_depthwise = train_step(true, false, x, y, /*recompute_depthwise=*/false);
+  for (const StepResult* r : {&buffer, &recompute, &naive_recompute, &keep_depthwise}) {
     // same ops on the same values in the same order: bit for bit, every parameter's gradient
     require_equal(r->logits, naive.logits, "logits");
     require_equal(r->loss, naive.loss, "loss");

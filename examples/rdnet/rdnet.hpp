@@ -45,6 +45,11 @@ struct RDNetConfig {
                                   // false: the naive path, a fresh concat of all features per block
   bool memory_efficient = false;  // keep no activations inside dense blocks: backward recomputes
                                   // each block (Pleiss et al. 2017), one more forward of the blocks
+  // Each block's depthwise conv runs inside dg::depthwise_layer_norm2d_conv2d: the block keeps its
+  // input (the stage's buffer) instead of the depthwise output, and backward runs the depthwise
+  // conv again. false: the block keeps that output (one tensor as wide as its input) and backward
+  // does not rerun it. The same values either way (tests/test_dense.cpp).
+  bool recompute_depthwise = true;
 
   static RDNetConfig tiny() { return {}; }
   static RDNetConfig small() {
@@ -76,6 +81,9 @@ struct RDNetConfig {
     c.num_blocks_list = {2, 2, 2, 2};
     c.block_type = {"Block", "Block", "BlockESE", "BlockESE"};
     c.is_downsample_block = {false, true, false, true};
+    // at 14x14 and smaller maps the depthwise conv is a large part of a step: rerunning it in
+    // backward cost about 9% of nano's training throughput (docs/performance.md)
+    c.recompute_depthwise = false;
     return c;
   }
   /// By name: "tiny", "small", "base", "large", "nano".
@@ -176,11 +184,18 @@ class Block : public nn::Layer<T> {
   /// instead of keeping their outputs; it keeps x, the stage's buffer, which the stage keeps
   /// anyway), then GELU and the 1x1 reduction as one op (dg::gelu_conv2d: backward recomputes the
   /// GELU instead of keeping the block's widest tensor), then the SE when there is one.
+  /// With recompute_depthwise false, the depthwise conv runs as its own op (which keeps nothing
+  /// beyond its input) and LayerNorm2d + the expansion as dg::layer_norm2d_conv2d, which keeps the
+  /// depthwise output.
   Tensor<T> forward(const Tensor<T>& x) override {
     nn::Sequential<T>& l = *layers;
-    const Tensor<T> h = dg::depthwise_layer_norm2d_conv2d(x, dw->weight, dw->bias, dw->options.padding(), norm->weight,
-                                                          norm->bias, norm->eps, expand->weight,
-                                                          expand->bias);  // a 1x1, stride 1, no padding
+    // the expansion is a 1x1, stride 1, no padding
+    const Tensor<T> h = recompute_depthwise
+                            ? dg::depthwise_layer_norm2d_conv2d(x, dw->weight, dw->bias, dw->options.padding(),
+                                                                norm->weight, norm->bias, norm->eps, expand->weight,
+                                                                expand->bias)
+                            : dg::layer_norm2d_conv2d(dw->forward(x), norm->weight, norm->bias, norm->eps,
+                                                      expand->weight, expand->bias);
     const nn::Conv2dOptions& o = reduce->options;
     Tensor<T> y = dg::gelu_conv2d(h, reduce->weight, reduce->bias, o.stride(), o.padding(), o.dilation(), o.groups());
     return l.size() > 5 ? l[5].forward(y) : y;
@@ -190,6 +205,7 @@ class Block : public nn::Layer<T> {
   std::shared_ptr<nn::LayerNorm2d<T>> norm;   // layers.1
   std::shared_ptr<nn::Conv2d<T>> expand;      // layers.2, the 1x1 expansion to the bottleneck width
   std::shared_ptr<nn::Conv2d<T>> reduce;      // layers.4, the 1x1 reduction to growth_rate channels
+  bool recompute_depthwise = true;            // RDNetConfig::recompute_depthwise
 };
 
 /// One dense layer: reads ALL features so far (concatenated), makes growth_rate new channels.
@@ -348,6 +364,7 @@ class RDNet : public nn::Layer<T> {
           cfg.num_blocks_list[i], num_features, dpr, cfg.growth_rates[i], cfg.bottleneck_width_ratio,
           cfg.proj_drop_rate, cfg.block_type[i] == "BlockESE", cfg.ls_init_value, cfg.norm_eps, cfg.dense_buffer,
           cfg.memory_efficient));
+      for (auto& block : dense->blocks) block->layers->recompute_depthwise = cfg.recompute_depthwise;
       num_features = dense->num_out_features;
       dense_stages->push_back(stage);
       // a feature map is "final" for its resolution when the next stage downsamples
