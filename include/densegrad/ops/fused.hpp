@@ -197,7 +197,7 @@ Tensor<T> depthwise_layer_norm2d_conv2d(const Tensor<T>& x, const Tensor<T>& dw_
       d, norm_weight, norm_bias, eps, weight, bias, g, {need_d, norm_weight.requires_grad(), norm_bias.requires_grad()},
       weight.requires_grad(), bias.requires_grad(), saved);
   d = Tensor<T>();  // the depthwise output goes now; backward makes it again from x
-  if (!saved.needs_x() && !need_d) xs = dww = dwb = Tensor<T>();
+  if (!saved.needs_x()) xs = dww = dwb = Tensor<T>();  // need_d is one of needs_x()'s reasons
   return autograd::record(
       "depthwise_layer_norm2d_conv2d", out, {x, dw_weight, dw_bias, norm_weight, norm_bias, weight, bias},
       [xs, dww, dwb, gd, need_x, need_dww, need_dwb, need_d, saved](const Tensor<T>& dout) {
