@@ -345,6 +345,70 @@ TEST_CASE("cuda conv2d: grouped and depthwise convs ignore bf16 (float products,
   }
 }
 
+TEST_CASE("cuda gelu_conv2d with bf16 products keeps h in bfloat16: the two ops on round(h), and the CPU",
+          "[cuda][bf16]") {
+  if (dg::cuda::device_count() == 0) { WARN("no CUDA device: skipped"); return; }
+  struct GeluCase {
+    Shape h, w;
+    int64_t stride;
+    bool bias, tanh_form;
+    int64_t limit;  // > 0: the GEMM paths' scratch capped at this many elements
+    const char* what;
+  };
+  const GeluCase cases[] = {
+      {{3, 12, 9, 7}, {10, 12, 1, 1}, 1, true, false, 0, "1x1: one pass stages round(gelu(round(h))) and keeps round(h)"},
+      {{3, 12, 9, 7}, {10, 12, 1, 1}, 1, false, true, 0, "1x1, tanh form, no bias"},
+      {{3, 7, 6, 5}, {5, 7, 1, 1}, 1, true, false, 2 * (7 + 5) * 30, "1x1 in chunks of 2 images"},
+      {{2, 8, 64, 65}, {4, 8, 1, 1}, 1, true, false, 0, "1x1 on 4160 positions: dweight one image at a time"},
+      {{2, 6, 9, 11}, {4, 6, 2, 2}, 2, true, false, 0, "2x2 stride 2: gelu(round(h)) in float, then conv2d"},
+  };
+  const Device gpu = Device::cuda();
+  Generator gen(49);
+  for (const GeluCase& c : cases) {
+    INFO(c.what);
+    const int64_t limit = c.limit > 0 ? c.limit : cuda::conv_detail::workspace_limit();
+    WorkspaceLimit scoped(limit);
+    const Tensor<float> h0 = randn<float>(c.h, gen) * 3.0f, w0 = randn<float>(c.w, gen), b0 = randn<float>({c.w[0]}, gen);
+    auto leaf = [&](const Tensor<float>& t, Device d) { return t.to(d).requires_grad_(); };
+    Tensor<float> h = leaf(h0, gpu), w = leaf(w0, gpu), b = leaf(b0, gpu);
+    Tensor<float> hr = leaf(h0.to<bfloat16>().to<float>(), gpu), w2 = leaf(w0, gpu), b2 = leaf(b0, gpu);
+    Tensor<float> hc = leaf(h0, Device::cpu()), wc = leaf(w0, Device::cpu()), bc = leaf(b0, Device::cpu());
+    Tensor<float> fused, apart, on_cpu, unrounded;
+    {
+      MatmulPrecisionGuard bf16(MatmulPrecision::bf16);
+      fused = gelu_conv2d(h, w, c.bias ? b : Tensor<float>(), c.stride, 0, 1, 1, c.tanh_form);
+      apart = conv2d(gelu(hr, c.tanh_form), w2, c.bias ? b2 : Tensor<float>(), c.stride);
+      on_cpu = gelu_conv2d(hc, wc, c.bias ? bc : Tensor<float>(), c.stride, 0, 1, 1, c.tanh_form);
+      NoGradGuard no_grad;
+      unrounded = conv2d(gelu(h0.to(gpu), c.tanh_form), w0.to(gpu), c.bias ? b0.to(gpu) : Tensor<float>(), c.stride);
+    }
+    const Tensor<float> want = apart.detach().to(Device::cpu());
+    require_matches(fused.detach(), want, "output against the two ops");
+    CHECK(max_abs_diff(fused.detach(), unrounded) > 1e-4 * max_abs_diff(unrounded, zeros<float>(unrounded.shape(), gpu)));
+    const Tensor<float> dout = randn<float>(fused.shape(), gen);
+    fused.backward(dout.to(gpu));
+    apart.backward(dout.to(gpu));
+    on_cpu.backward(dout);
+    require_matches(h.grad(), hr.grad().to(Device::cpu()), "dh against the two ops");
+    require_matches(w.grad(), w2.grad().to(Device::cpu()), "dweight against the two ops");
+    if (c.bias) require_matches(b.grad(), b2.grad().to(Device::cpu()), "dbias against the two ops");
+    // the CPU rounds h the same way; its products are bf16 where it has AVX512-BF16, else float32
+    require_matches(fused.detach(), on_cpu.detach(), "output against the CPU", 2e-2);
+    require_matches(h.grad(), hc.grad(), "dh against the CPU", 2e-2);
+    require_matches(w.grad(), wc.grad(), "dweight against the CPU", 2e-2);
+  }
+  // the kernels check the kept tensor they are given
+  const Shape xs{2, 4, 5, 5};
+  Conv2dGeometry g = conv2d_geometry(xs, {3, 4, 1, 1}, nullptr, 1, 0, 1, 1);
+  g.bf16 = true;
+  const Tensor<float> x = zeros<float>(xs, gpu), wt = zeros<float>({3, 4, 1, 1}, gpu);
+  CHECK_THROWS_WITH(cuda::gelu_conv2d_bf16_forward(x, Tensor<bfloat16>::empty({2, 4, 5}, gpu), wt, {}, g, false),
+                    Catch::Contains("gelu_conv2d: expected a contiguous bfloat16 tensor of shape [2, 4, 5, 5]"));
+  CHECK_THROWS_WITH(cuda::gelu_conv2d_bf16_backward_weight(zeros<float>({2, 3, 5, 5}, gpu),
+                                                           Tensor<bfloat16>::empty(xs), g, false),
+                    Catch::Contains("gelu_conv2d backward: expected a contiguous bfloat16 tensor"));
+}
+
 // ---------------------------------------------------------------- bmm and the kernel table
 
 TEST_CASE("cuda bmm (B=3, M=5, K=7, N=9) vs ref", "[cuda]") {

@@ -98,6 +98,14 @@ struct DeviceKernels {
   Tensor<T> (*conv2d_backward_input)(const Tensor<T>& dout, const Tensor<T>& w, const Conv2dGeometry& g) = nullptr;
   Tensor<T> (*conv2d_backward_weight)(const Tensor<T>& dout, const Tensor<T>& x, const Conv2dGeometry& g) = nullptr;
   Tensor<T> (*conv2d_backward_bias)(const Tensor<T>& dout, const Conv2dGeometry& g) = nullptr;
+  // ---- gelu_conv2d keeping its input in bfloat16 (T = float under bf16 products; ops/fused.hpp); h, hs, dout
+  //      and dg contiguous. forward: hs <- round(h), returns conv2d(gelu(hs), w, b); backward_weight: that conv's
+  //      dweight, read from hs; gelu_grad_bf16_: dg *= gelu'(hs), in place. Unset for double.
+  Tensor<T> (*gelu_conv2d_bf16_forward)(const Tensor<T>& h, const Tensor<bfloat16>& hs, const Tensor<T>& w,
+                                        const Tensor<T>& b, const Conv2dGeometry& g, bool tanh) = nullptr;
+  Tensor<T> (*gelu_conv2d_bf16_backward_weight)(const Tensor<T>& dout, const Tensor<bfloat16>& hs,
+                                                const Conv2dGeometry& g, bool tanh) = nullptr;
+  void (*gelu_grad_bf16_)(const Tensor<T>& dg, const Tensor<bfloat16>& hs, bool tanh) = nullptr;
   // ---- norms, as backend/ref/norm.hpp; x, dy, weight and bias contiguous (weight/bias may be undefined)
   ref::LayerNormForward<T> (*layer_norm_forward)(const Tensor<T>& x, int64_t k, const Tensor<T>& w,
                                                  const Tensor<T>& b, double eps) = nullptr;

@@ -7,7 +7,12 @@
 // channels), so this frees the largest of the tensors a block saves, at the cost of one more GELU
 // forward per block in backward. On the CPU, a float conv that runs as panel GEMMs takes the GELU
 // of each chunk of images on the way in (cpu::conv2d_forward with a prep), so forward never holds
-// gelu(h) for the whole batch either.
+// gelu(h) for the whole batch either. Under bf16 products (dg::MatmulPrecision::bf16, a float conv
+// without groups), gelu_conv2d keeps h rounded to bfloat16 instead: half the bytes of the largest
+// tensor a block saves. Its GELU then takes those rounded values in forward and backward (the
+// conv's operand is round(gelu(round(h))), as under torch's bf16 autocast, where h would be a
+// bfloat16 tensor), and h's gradient is gelu'(round(h)) times the float gradient of gelu's output.
+// On a GPU one pass per chunk of images rounds h, keeps it and stages the GEMM's bf16 operand.
 //
 // layer_norm2d_conv2d(x, norm weight, norm bias, eps, weight, bias, ...) =
 // conv2d(layer_norm2d(x, ...), weight, bias, ...), keeping x and the norm's per-pixel statistics,
@@ -37,14 +42,64 @@
 
 namespace dg {
 
+namespace detail {
+/// gelu_conv2d under bf16 products (g.bf16, no groups): h kept rounded to bfloat16 (hs), and the
+/// GELU taken of those values in both passes (see the top of this file).
+inline Tensor<float> gelu_conv2d_bf16(const Tensor<float>& h, const Tensor<float>& weight, const Tensor<float>& bias,
+                                      const Conv2dGeometry& g, bool tanh_approximation) {
+  const Tensor<float> hc = contiguous(h.detach());
+  Tensor<bfloat16> hs = Tensor<bfloat16>::empty(hc.shape(), hc.device());
+  Tensor<float> out;
+  if (hc.device().is_cuda()) {
+    NoGradGuard no_grad;
+    out = cuda_kernels<float>("gelu_conv2d")
+              .gelu_conv2d_bf16_forward(hc, hs, weight.contiguous().detach(),
+                                        bias.defined() ? bias.contiguous().detach() : bias, g, tanh_approximation);
+  } else if (cpu::forward_runs_panels(g)) {  // per chunk of images: round, keep, GELU on the way in
+    const float* h0 = hc.data();
+    bfloat16* s0 = hs.data();
+    out = cpu::conv2d_forward(hc, weight, bias, g, [h0, s0, tanh_approximation](const float* s, float* d, int64_t n) {
+      cpu::round_bf16_range(s, s0 + (s - h0), d, n);
+      cpu::gelu_range(d, d, n, tanh_approximation);
+    });
+  } else {
+    out = detail::conv2d_forward(gelu_forward(cpu::round_to_bf16(hc, hs), tanh_approximation), weight, bias, g);
+  }
+  const bool need_h = h.requires_grad(), need_w = weight.requires_grad(), need_b = bias.requires_grad();
+  Tensor<float> ws = weight.detach();
+  if (!need_h && !need_w) hs = Tensor<bfloat16>();  // only the bias: dbias = sum of dout
+  return autograd::record(
+      "gelu_conv2d", out, {h, weight, bias},
+      [hs, ws, g, need_h, need_w, need_b, tanh_approximation](const Tensor<float>& dout) {
+        if (dout.device().is_cuda()) {  // the GELU staged from hs into dweight's GEMM, gelu' applied to dh in place
+          const DeviceKernels<float>& k = cuda_kernels<float>("gelu_conv2d backward");
+          std::vector<Tensor<float>> grads = detail::conv2d_grads(dout, Tensor<float>(), ws, g, need_h, false, need_b);
+          if (need_w) grads[1] = k.gelu_conv2d_bf16_backward_weight(contiguous(dout), hs, g, tanh_approximation);
+          if (need_h) k.gelu_grad_bf16_(grads[0], hs, tanh_approximation);
+          return grads;
+        }
+        const Tensor<float> hr = hs.defined() ? cpu::widen_bf16(hs) : Tensor<float>();
+        Tensor<float> a = need_w ? gelu_forward(hr, tanh_approximation) : Tensor<float>();
+        std::vector<Tensor<float>> grads = detail::conv2d_grads(dout, a, ws, g, need_h, need_w, need_b);
+        a = Tensor<float>();  // freed before dh is made
+        if (need_h) grads[0] = gelu_grad(grads[0], hr, tanh_approximation);
+        return grads;
+      });
+}
+}  // namespace detail
+
 /// conv2d(gelu(h, tanh_approximation), weight, bias, stride, padding, dilation, groups), saving
 /// h (and the weight) only: backward recomputes gelu(h). Differentiable in h, weight and bias.
+/// Under bf16 products (float, groups == 1) h is kept in bfloat16 and the GELU sees round(h).
 /// Example (a dense block's bottleneck): auto y = dg::gelu_conv2d(expand(x), reduce.weight, reduce.bias);
 template <class T>
 Tensor<T> gelu_conv2d(const Tensor<T>& h, const Tensor<T>& weight, const Tensor<T>& bias = {}, Pair2 stride = 1,
                       Pair2 padding = 0, Pair2 dilation = 1, int64_t groups = 1, bool tanh_approximation = false) {
   static_assert(is_floating_v<T>, "gelu_conv2d: T must be float, double or dg::bfloat16");
   const Conv2dGeometry g = detail::conv2d_checked_geometry(h, weight, bias, stride, padding, dilation, groups, "gelu_conv2d");
+  if constexpr (std::is_same_v<T, float>) {
+    if (g.bf16 && g.groups == 1) return detail::gelu_conv2d_bf16(h, weight, bias, g, tanh_approximation);
+  }
   Tensor<T> hc = contiguous(h.detach());
   Tensor<T> out;
   if constexpr (std::is_same_v<T, float>) {

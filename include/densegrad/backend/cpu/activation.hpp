@@ -193,6 +193,41 @@ Tensor<T> gelu_backward(const Tensor<T>& dy, const Tensor<T>& x, bool tanh_appro
   return dx;
 }
 
+/// hs[0, n) <- x[0, n) rounded to bfloat16 (dg::bfloat16: nearest even), r[0, n) <- the rounded
+/// values as float (r may be x); the calling thread only. gelu_conv2d's input under bf16 products.
+inline void round_bf16_range(const float* x, bfloat16* hs, float* r, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    const bfloat16 v(x[i]);
+    hs[i] = v;
+    r[i] = float(v);
+  }
+}
+
+/// hs <- the contiguous x rounded to bfloat16 (hs contiguous, x's shape); returns the rounded values as float.
+inline Tensor<float> round_to_bf16(const Tensor<float>& x, const Tensor<bfloat16>& hs) {
+  DG_CHECK(x.is_contiguous() && hs.is_contiguous() && hs.shape() == x.shape(),
+           "cpu::round_to_bf16: expected contiguous tensors of one shape, got ", shape_str(x.shape()), " and ",
+           shape_str(hs.shape()));
+  Tensor<float> r = Tensor<float>::empty(x.shape());
+  const float* px = x.data();
+  bfloat16* ph = hs.data();
+  float* pr = r.data();
+  detail::for_each_chunk(x.numel(), [&](int64_t i0, int64_t len) { round_bf16_range(px + i0, ph + i0, pr + i0, len); });
+  return r;
+}
+
+/// The contiguous bfloat16 hs as float (exact).
+inline Tensor<float> widen_bf16(const Tensor<bfloat16>& hs) {
+  DG_CHECK(hs.is_contiguous(), "cpu::widen_bf16: expected a contiguous tensor, got strides ", shape_str(hs.strides()));
+  Tensor<float> r = Tensor<float>::empty(hs.shape());
+  const bfloat16* ph = hs.data();
+  float* pr = r.data();
+  detail::for_each_chunk(hs.numel(), [&](int64_t i0, int64_t len) {
+    for (int64_t i = i0; i < i0 + len; ++i) pr[i] = float(ph[i]);
+  });
+  return r;
+}
+
 }  // namespace dg::cpu
 
 #if defined(__GNUC__)

@@ -26,7 +26,8 @@
 #include <climits>
 #include <type_traits>
 
-#include "../ref/conv.hpp"  // Conv2dGeometry
+#include "../ref/activation.hpp"  // gelu_scalar, gelu_grad_scalar (gelu_conv2d's bfloat16 input)
+#include "../ref/conv.hpp"        // Conv2dGeometry
 #include "common.cuh"
 #include "matmul.cuh"
 
@@ -131,14 +132,48 @@ __global__ void col2im_kernel(const T* __restrict__ dcol, T* __restrict__ dx, Co
   }
 }
 
-/// dst (R, gn*P) <- src (gn, R, P): gn images' planes side by side (the wide layout), as
-/// operands of type U (gn = 1: a plain copy).
-template <class T, class U, class I>
-__global__ void gather_wide_kernel(const T* __restrict__ src, U* __restrict__ dst, I R, I P, I gn, I total) {
-  for (I i = I(blockIdx.x) * I(blockDim.x) + I(threadIdx.x); i < total; i += I(gridDim.x) * I(blockDim.x)) {
-    const I p = i % P, q = i / P, n = q % gn, r = q / gn;
-    dst[i] = to_operand<U>(src[(n * R + r) * P + p]);
+/// How a staged operand reads its source element v (at index j of the source): as it is.
+struct LoadAsIs {
+  template <class V, class I>
+  __device__ V operator()(V v, I) const { return v; }
+};
+
+/// gelu_conv2d's forward staging under bf16 products: keeps h rounded to bfloat16 in hs (at
+/// the element's own index) and yields the GELU of that rounded value.
+struct KeepBf16Gelu {
+  bf16_t* hs;
+  bool tanh;
+  template <class I>
+  __device__ float operator()(float v, I j) const {
+    const bf16_t r = __float2bfloat16_rn(v);
+    hs[j] = r;
+    return ref::gelu_scalar(__bfloat162float(r), tanh);
   }
+};
+
+/// gelu_conv2d's backward staging: the GELU of the kept bfloat16 input.
+struct GeluOfBf16 {
+  bool tanh;
+  template <class I>
+  __device__ float operator()(bf16_t v, I) const { return ref::gelu_scalar(__bfloat162float(v), tanh); }
+};
+
+/// dst (R, gn*P) <- load(src (gn, R, P)): gn images' planes side by side (the wide layout), as
+/// operands of type U (gn = 1: a plain copy).
+template <class S, class U, class I, class Load>
+__global__ void gather_wide_kernel(const S* __restrict__ src, U* __restrict__ dst, I R, I P, I gn, I total,
+                                   Load load) {
+  for (I i = I(blockIdx.x) * I(blockDim.x) + I(threadIdx.x); i < total; i += I(gridDim.x) * I(blockDim.x)) {
+    const I p = i % P, q = i / P, n = q % gn, r = q / gn, j = (n * R + r) * P + p;
+    dst[i] = to_operand<U>(load(src[j], j));
+  }
+}
+
+/// dg[i] *= gelu'(hs[i]): gelu_conv2d's input gradient from its bfloat16 input, in place.
+template <class I>
+__global__ void gelu_grad_bf16_kernel(float* __restrict__ dg, const bf16_t* __restrict__ hs, I total, bool tanh) {
+  for (I i = I(blockIdx.x) * I(blockDim.x) + I(threadIdx.x); i < total; i += I(gridDim.x) * I(blockDim.x))
+    dg[i] = dg[i] * ref::gelu_grad_scalar(__bfloat162float(hs[i]), tanh);
 }
 
 /// y[n, c, p] += bias[c]; y: (N, C, P) contiguous, bias read with stride bs.
@@ -528,14 +563,16 @@ void im2col(const T* x, U* col, const Conv2dGeometry& g, int64_t gn, bool wide) 
   check_launch("conv2d (im2col)");
 }
 
-/// dst (R, gn*P) from gn images src (gn, R, P); with gn = 1 a copy (a conversion when U != T).
-template <class T, class U>
-void gather_wide(const T* src, U* dst, int64_t R, int64_t P, int64_t gn) {
+/// dst (R, gn*P) from gn images src (gn, R, P), each element through load; with gn = 1 a copy
+/// (a conversion when U != S).
+template <class S, class U, class Load = LoadAsIs>
+void gather_wide(const S* src, U* dst, int64_t R, int64_t P, int64_t gn, Load load = {}) {
   const int64_t total = gn * R * P;
   if (total == 0) return;
   with_index_type(total, [&](auto zero_i) {
     using I = decltype(zero_i);
-    gather_wide_kernel<T, U, I><<<blocks_for(total), kThreads, 0, stream()>>>(src, dst, I(R), I(P), I(gn), I(total));
+    gather_wide_kernel<S, U, I, Load>
+        <<<blocks_for(total), kThreads, 0, stream()>>>(src, dst, I(R), I(P), I(gn), I(total), load);
   });
   check_launch("conv2d (gather images)");
 }
@@ -622,6 +659,18 @@ inline int64_t chunk_images(const Conv2dGeometry& g, int64_t staged) {
 
 // ---------------------------------------------------------------- launchers: GEMM path
 
+/// y (N, C_out, Ho, Wo) += b (read with stride bs) per channel; nothing when b is null.
+template <class T>
+void add_bias(T* y, const T* b, int64_t bs, const Conv2dGeometry& g) {
+  if (!b) return;
+  const int64_t P = g.Ho * g.Wo, total = g.N * g.C_out * P;
+  with_index_type(total, [&](auto zero_i) {
+    using I = decltype(zero_i);
+    add_bias_kernel<T, I><<<blocks_for(total), kThreads, 0, stream()>>>(y, b, bs, I(g.C_out), I(P), I(total));
+  });
+  check_launch("conv2d (bias)");
+}
+
 /// y = conv(x, w) + b by (im2col +) GEMM, in chunks of images whose columns fit the workspace.
 /// A pointwise conv multiplies the images in place, unless their operands must be rounded.
 template <class T>
@@ -646,14 +695,7 @@ void gemm_path_forward(const T* x, const T* w, const T* b, int64_t bs, T* y, con
       gemm_conv_forward(wu, cols, col_img, y + n0 * g.C_out * P, g, gn);
     }
   });
-  if (b) {
-    const int64_t total = g.N * g.C_out * P;
-    with_index_type(total, [&](auto zero_i) {
-      using I = decltype(zero_i);
-      add_bias_kernel<T, I><<<blocks_for(total), kThreads, 0, stream()>>>(y, b, bs, I(g.C_out), I(P), I(total));
-    });
-    check_launch("conv2d (bias)");
-  }
+  add_bias(y, b, bs, g);
 }
 
 /// dx = W^T dout by GEMM, then col2im (a pointwise conv writes the GEMM straight into dx).
@@ -699,9 +741,10 @@ void gemm_path_backward_input(const T* dy, const T* w, T* dx, const Conv2dGeomet
 /// per chunk sums them, and the chunks accumulate with beta = 1. A chunk of one image needs no
 /// gathering (wide == per-image layout), nor columns for a pointwise conv, unless the operands
 /// are rounded to bf16; maps of 4096+ positions already give deep GEMMs, so they go one image
-/// at a time.
-template <class T>
-void gemm_path_backward_weight(const T* dy, const T* x, T* dw, const Conv2dGeometry& g, Device dev) {
+/// at a time. With a source type S or a load other than as-is (gelu_conv2d's bfloat16 input), the
+/// conv must be pointwise, and the columns are always staged through load.
+template <class T, class S = T, class Load = LoadAsIs>
+void gemm_path_backward_weight(const T* dy, const S* x, T* dw, const Conv2dGeometry& g, Device dev, Load load = {}) {
   const int64_t OCg = g.cout_g(), K = K_of(g), P = g.Ho * g.Wo;
   const bool pointwise = is_pointwise(g);
   const int64_t col_rows = g.C_in * g.kH * g.kW;
@@ -710,23 +753,23 @@ void gemm_path_backward_weight(const T* dy, const T* x, T* dw, const Conv2dGeome
   with_operand_type<T>(g, [&](auto zero_u) {
     using U = decltype(zero_u);
     constexpr bool round = !std::is_same_v<U, T>;
-    const bool need_col = !pointwise || G > 1 || round, need_dy = G > 1 || round;
+    constexpr bool as_is = std::is_same_v<S, T> && std::is_same_v<Load, LoadAsIs>;
+    const bool need_col = !pointwise || G > 1 || round || !as_is, need_dy = G > 1 || round;
     Scratch<T, U> col(need_col ? G * col_rows * P : 0, dev), dyw(need_dy ? G * g.C_out * P : 0, dev);
     for (int64_t n0 = 0; n0 < g.N; n0 += G) {
       const int64_t gn = std::min(G, g.N - n0), GP = gn * P;
-      const T* xc = x + n0 * g.C_in * g.H * g.W;
+      const S* xc = x + n0 * g.C_in * g.H * g.W;
       const T* dyc = dy + n0 * g.C_out * P;
       const U* cols = nullptr;
       const U* dys = nullptr;
-      if constexpr (!round) {  // pointwise, one image: the image is its column matrix
-        cols = xc;
-        dys = dyc;
-      }
+      if constexpr (!round) dys = dyc;  // pointwise, one image: dout and (as is) the image are the operands
+      if constexpr (!round && as_is) cols = xc;
       if (!pointwise) {
-        im2col(xc, col.p, g, gn, true);
+        if constexpr (as_is) im2col(xc, col.p, g, gn, true);
+        else DG_CHECK(false, "conv2d_backward_weight: a staged input needs a pointwise conv");
         cols = col.p;
-      } else if (gn > 1 || round) {
-        gather_wide(xc, col.p, g.C_in, P, gn);
+      } else if (gn > 1 || round || !as_is) {
+        gather_wide(xc, col.p, g.C_in, P, gn, load);
         cols = col.p;
       }
       if (gn > 1 || round) {
@@ -1006,13 +1049,96 @@ Tensor<T> conv2d_backward_bias(const Tensor<T>& dout, const Conv2dGeometry& g) {
   return db;
 }
 
-/// Installs the four conv2d kernels in the table.
+// ---------------------------------------------------------------- gelu_conv2d with its input kept in bfloat16
+
+namespace conv_detail {
+/// hs as bfloat16 operands, after checking that it is the contiguous (N, C_in, H, W) of g on dev.
+inline bf16_t* bf16_input(const Tensor<bfloat16>& hs, const Conv2dGeometry& g, Device dev, const char* op) {
+  DG_CHECK(hs.defined() && hs.device() == dev && hs.shape() == g.x_shape() && hs.is_contiguous(), op,
+           ": expected a contiguous bfloat16 tensor of shape ", shape_str(g.x_shape()), " on ", dev.str(),
+           " for the kept input, got ", hs.defined() ? shape_str(hs.shape()) + " on " + hs.device().str() : "none");
+  return reinterpret_cast<bf16_t*>(hs.data());
+}
+/// The pointwise, ungrouped conv with bf16 products whose GEMM operands gelu_conv2d stages from hs itself.
+inline bool gelu_stages_operands(const Conv2dGeometry& g) { return is_pointwise(g) && g.bf16 && g.groups == 1; }
+}  // namespace conv_detail
+
+/// gelu_conv2d's forward under bf16 products: hs <- h rounded to bfloat16, y = conv2d(gelu(hs), w, b).
+/// A pointwise conv stages its GEMM operands straight from h, chunk by chunk (one pass writes hs and
+/// round(gelu(hs))); other convs make gelu(hs) in float first and run conv2d_forward on it.
+inline Tensor<float> gelu_conv2d_bf16_forward(const Tensor<float>& h, const Tensor<bfloat16>& hs,
+                                              const Tensor<float>& w, const Tensor<float>& b,
+                                              const Conv2dGeometry& g, bool tanh) {
+  using namespace conv_detail;
+  const Device dev = check_inputs<float>("gelu_conv2d", {{&h, g.x_shape()}, {&w, g.w_shape()}, {&b, Shape{g.C_out}}});
+  DG_CHECK(h.is_contiguous(), "gelu_conv2d: the CUDA kernel expects a contiguous input");
+  bf16_t* hp = bf16_input(hs, g, dev, "gelu_conv2d");
+  const int64_t img = g.C_in * g.H * g.W, P = g.Ho * g.Wo;
+  if (!gelu_stages_operands(g) || g.N * g.C_out * P == 0) {
+    Tensor<float> a = empty<float>(h.shape(), dev);
+    gather_wide(h.data(), a.data(), 1, h.numel(), 1, KeepBf16Gelu{hp, tanh});
+    return conv2d_forward(a, w, b, g);
+  }
+  Tensor<float> y = empty<float>(g.out_shape(), dev);
+  const int64_t G = chunk_images(g, img);
+  Scratch<float, bf16_t> wbuf, col(G * img, dev);
+  const bf16_t* wu = weight_operand(w.data(), g.C_out * K_of(g), wbuf, dev);
+  for (int64_t n0 = 0; n0 < g.N; n0 += G) {
+    const int64_t gn = std::min(G, g.N - n0);
+    gather_wide(h.data() + n0 * img, col.p, 1, gn * img, 1, KeepBf16Gelu{hp + n0 * img, tanh});
+    gemm_conv_forward(wu, col.p, img, y.data() + n0 * g.C_out * P, g, gn);
+  }
+  add_bias(y.data(), b.defined() ? b.data() : nullptr, b.defined() ? b.strides()[0] : 0, g);
+  return y;
+}
+
+/// dweight of gelu_conv2d under bf16 products, its input read from hs (the GELU taken on the way
+/// into the GEMM's columns for a pointwise conv; in a float tensor first otherwise).
+inline Tensor<float> gelu_conv2d_bf16_backward_weight(const Tensor<float>& dout, const Tensor<bfloat16>& hs,
+                                                      const Conv2dGeometry& g, bool tanh) {
+  using namespace conv_detail;
+  const Device dev = check_inputs<float>("gelu_conv2d backward", {{&dout, g.out_shape()}});
+  const bf16_t* hp = bf16_input(hs, g, dev, "gelu_conv2d backward");
+  if (!gelu_stages_operands(g) || dout.numel() == 0 || hs.numel() == 0) {
+    Tensor<float> a = empty<float>(g.x_shape(), dev);
+    gather_wide(hp, a.data(), 1, a.numel(), 1, GeluOfBf16{tanh});
+    return conv2d_backward_weight(dout, a, g);
+  }
+  Tensor<float> dw = empty<float>(g.w_shape(), dev);
+  gemm_path_backward_weight(dout.data(), hp, dw.data(), g, dev, GeluOfBf16{tanh});
+  return dw;
+}
+
+/// dg *= gelu'(hs) in place: gelu_conv2d's input gradient.
+inline void gelu_grad_bf16_(const Tensor<float>& dg, const Tensor<bfloat16>& hs, bool tanh) {
+  using namespace conv_detail;
+  const Device dev = dg.device();
+  DG_CHECK(dev.is_cuda() && dg.is_contiguous(), "gelu_conv2d backward: expected a contiguous CUDA gradient, got ",
+           dg.device().str());
+  DG_CHECK(hs.defined() && hs.device() == dev && hs.shape() == dg.shape() && hs.is_contiguous(),
+           "gelu_conv2d backward: expected the kept input of shape ", shape_str(dg.shape()), " on ", dev.str());
+  const int64_t total = dg.numel();
+  if (total == 0) return;
+  with_index_type(total, [&](auto zero_i) {
+    using I = decltype(zero_i);
+    gelu_grad_bf16_kernel<I><<<blocks_for(total), kThreads, 0, stream()>>>(
+        dg.data(), reinterpret_cast<const bf16_t*>(hs.data()), I(total), tanh);
+  });
+  check_launch("gelu_conv2d backward (gelu')");
+}
+
+/// Installs the conv2d kernels in the table (and, for float, gelu_conv2d's bfloat16-input ones).
 template <class T>
 void register_conv(DeviceKernels<T>& k) {
   k.conv2d_forward = DG_CUDA_ON_DEVICE(conv2d_forward<T>);
   k.conv2d_backward_input = DG_CUDA_ON_DEVICE(conv2d_backward_input<T>);
   k.conv2d_backward_weight = DG_CUDA_ON_DEVICE(conv2d_backward_weight<T>);
   k.conv2d_backward_bias = DG_CUDA_ON_DEVICE(conv2d_backward_bias<T>);
+  if constexpr (std::is_same_v<T, float>) {
+    k.gelu_conv2d_bf16_forward = DG_CUDA_ON_DEVICE(gelu_conv2d_bf16_forward);
+    k.gelu_conv2d_bf16_backward_weight = DG_CUDA_ON_DEVICE(gelu_conv2d_bf16_backward_weight);
+    k.gelu_grad_bf16_ = DG_CUDA_ON_DEVICE(gelu_grad_bf16_);
+  }
 }
 
 }  // namespace dg::cuda
