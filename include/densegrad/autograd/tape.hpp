@@ -1,7 +1,8 @@
 // densegrad/autograd/tape.hpp: the tape (a per-thread Wengert list of nodes) and backward().
-// Each op that sees an input requiring grad records one Node: its inputs, a weak link to its
-// output, and a backward closure holding only what the op saved. backward() replays the
-// nodes reachable from the loss in reverse creation order and then frees what they saved.
+// Each op that sees an input requiring grad records one Node: edges to its inputs (not their
+// values), a weak link to its output, and a backward closure holding only what the op saved.
+// backward() replays the nodes reachable from the loss in reverse creation order and then frees
+// what they saved.
 // First-order gradients only: backward closures run with recording off. Leaves may carry
 // post-accumulate-grad hooks (register_post_accumulate_grad_hook), run when backward() is done with them.
 #pragma once
@@ -211,6 +212,26 @@ void accumulate(TensorImpl<T>& t, const Tensor<T>& g, const char* from) {
   }
 }
 
+/// What a node keeps of one input: the graph's edge, never the input's values (what backward
+/// needs of them its closure saves). A leaf that requires grad is kept as it is (its .grad and
+/// hooks live in it, and its values are the caller's anyway); an op's output that requires grad
+/// becomes a shell with its grad_fn and shape and no storage, so that the node does not hold the
+/// bytes of a tensor its backward does not read (gelu_conv2d under bf16 products keeps a
+/// bfloat16 copy of its input instead of it); an input that requires no grad is not kept at all.
+/// grad_fn never changes once set (in-place changes of tensors that require grad are refused
+/// while recording), so the shell's edge is the one the input had when the op ran.
+template <class T>
+Tensor<T> edge_of(const Tensor<T>& in) {
+  if (!in.requires_grad()) return Tensor<T>();
+  if (!in.impl()->grad_fn) return in;
+  auto shell = std::make_shared<TensorImpl<T>>();
+  shell->requires_grad = true;
+  shell->grad_fn = in.impl()->grad_fn;
+  shell->shape = in.shape();
+  shell->strides = in.strides();
+  return Tensor<T>(std::move(shell));
+}
+
 template <class TO, class TI>
 struct FunctionNode final : TypedNode<TO> {
   using BackwardFn = std::function<std::vector<Tensor<TI>>(const Tensor<TO>&)>;
@@ -273,7 +294,8 @@ Tensor<TO> record(const char* name, const Tensor<TO>& out, std::vector<Tensor<TI
   node->name = name;
   node->profile_shapes = std::move(shapes);
   node->out_shape = out.shape();
-  node->inputs = std::move(inputs);
+  node->inputs.reserve(inputs.size());
+  for (const Tensor<TI>& in : inputs) node->inputs.push_back(detail::edge_of(in));
   node->backward_fn = std::forward<F>(backward_fn);
   node->seq = Tape::current().push(node);
   out.impl()->requires_grad = true;
