@@ -217,6 +217,35 @@ TEST_CASE("backward frees saved tensors: live nodes and storage use counts drop"
   CHECK(live() == before);
 }
 
+TEST_CASE("a node keeps edges to its inputs, not their values: an input its backward does not read is freed",
+          "[autograd]") {
+  Generator gen(5);
+  auto x = randn<float>({64, 32}, gen).requires_grad_();
+  const size_t bytes = static_cast<size_t>(x.numel()) * sizeof(float);
+  const size_t before = cpu_memory_allocated();
+  Tensor<float> y, twice;
+  {
+    Tensor<float> h = x * 3.0;  // mul by a constant and add of one save nothing for backward
+    y = h + 1.0;
+    twice = h + h;              // an op's output used twice by one node
+    CHECK(cpu_memory_allocated() - before == 3 * bytes);
+  }
+  // h's bytes went with its last handle: y's and twice's nodes hold only its place in the graph
+  CHECK(cpu_memory_allocated() - before == 2 * bytes);
+  CHECK(y.grad_fn_name() == "add_scalar");
+  (sum(y) + sum(twice)).backward();
+  CHECK(values(x.grad()) == std::vector<double>(static_cast<size_t>(x.numel()), 9.0));  // 3 + 2 * 3
+  // inputs that require no grad are not kept either; leaves are (their .grad lives there)
+  Tensor<float> c = randn<float>({64, 32}, gen);
+  const size_t c_uses = c.storage().use_count();
+  Tensor<float> z = x * c;  // mul saves both operands: c's bytes stay, through the saved copy
+  CHECK(c.storage().use_count() == c_uses + 1);
+  x.zero_grad();
+  sum(z).backward();
+  CHECK(c.storage().use_count() == c_uses);
+  CHECK(values(x.grad()) == values(c));
+}
+
 TEST_CASE("one tape per thread: concurrent graphs give the sequential results", "[autograd][threads]") {
   auto seq1 = train_step(1), seq2 = train_step(2);
   std::vector<std::vector<double>> par1, par2;

@@ -1,9 +1,10 @@
 // densegrad/core/precision.hpp: the per-thread precision of the products inside float32 GEMMs,
 // like torch.set_float32_matmul_precision: "fp32" (the default) multiplies in float32; "bf16"
 // lets a kernel round both operands of each product to bfloat16 (round to nearest even) and
-// accumulate in float32. Tensors, saved activations, gradients and master weights stay float32:
-// this is mixed precision without casting a single tensor. Not autocast: no op changes its
-// output dtype, and ops without a bf16 kernel ignore the setting.
+// accumulate in float32. Tensors, gradients and master weights stay float32, and so do saved
+// activations, with one exception: gelu_conv2d (a dense block's widest tensor) keeps its input
+// rounded to bfloat16 and takes the GELU of the rounded values (ops/fused.hpp), on every device.
+// Not autocast: no op changes its output dtype, and ops without a bf16 kernel ignore the setting.
 // Which kernels honour it today: the GEMMs of ungrouped conv2d (1x1, the stem and the
 // transitions; forward, dx and dweight) on CPUs with AVX512-BF16 (backend/cpu/gemm_bf16.hpp)
 // and on CUDA GPUs (cuBLAS with bf16 operands, backend/cuda/conv.cuh).
