@@ -237,9 +237,10 @@ TEST_CASE("a node keeps edges to its inputs, not their values: an input its back
   CHECK(values(x.grad()) == std::vector<double>(static_cast<size_t>(x.numel()), 9.0));  // 3 + 2 * 3
   // inputs that require no grad are not kept either; leaves are (their .grad lives there)
   Tensor<float> c = randn<float>({64, 32}, gen);
-  const size_t c_uses = c.storage().use_count();
-  Tensor<float> z = x * c;  // mul saves both operands: c's bytes stay, through the saved copy
+  const size_t c_uses = c.storage().use_count(), x_uses = x.storage().use_count();
+  Tensor<float> z = x * c;  // mul keeps c for x's gradient, and not x (c needs no gradient)
   CHECK(c.storage().use_count() == c_uses + 1);
+  CHECK(x.storage().use_count() == x_uses);
   x.zero_grad();
   sum(z).backward();
   CHECK(c.storage().use_count() == c_uses);

@@ -37,17 +37,20 @@ Tensor<T> sub(const Tensor<T>& a, const Tensor<T>& b) {
   });
 }
 
-/// torch.mul(a, b); saves both inputs (each is the other's gradient factor).
+/// torch.mul(a, b); saves each input that the other one's gradient needs (b for da, a for db).
 template <class T>
 Tensor<T> mul(const Tensor<T>& a, const Tensor<T>& b) {
   Tensor<T> out = detail::arithmetic2("mul", a, b, BinaryFn::Mul, [](auto x, auto y) { return x * y; });
-  return autograd::record("mul", out, {a, b}, [a = a.detach(), b = b.detach(), need_a = a.requires_grad(),
-                                               need_b = b.requires_grad()](const Tensor<T>& dout) {
-    detail::Grads<T> g(2);
-    if (need_a) g[0] = sum_to(mul(dout, b), a.shape());
-    if (need_b) g[1] = sum_to(mul(dout, a), b.shape());
-    return g;
-  });
+  const bool need_a = a.requires_grad(), need_b = b.requires_grad();
+  // each operand is kept only for the other's gradient: x * constant keeps the constant alone
+  return autograd::record("mul", out, {a, b},
+                          [a = need_b ? a.detach() : Tensor<T>(), b = need_a ? b.detach() : Tensor<T>(),
+                           a_shape = a.shape(), b_shape = b.shape(), need_a, need_b](const Tensor<T>& dout) {
+                            detail::Grads<T> g(2);
+                            if (need_a) g[0] = sum_to(mul(dout, b), a_shape);
+                            if (need_b) g[1] = sum_to(mul(dout, a), b_shape);
+                            return g;
+                          });
 }
 
 /// torch.div(a, b); saves a and b.
