@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -330,6 +331,43 @@ TEST_CASE("cuda conv2d with bf16 products equals float64 on bf16-rounded operand
   }
 }
 
+TEST_CASE("cuda conv2d staging kernels: by quads on planes of 4k positions, one element at a time off a quad boundary",
+          "[cuda][bf16]") {
+  if (dg::cuda::device_count() == 0) { WARN("no CUDA device: skipped"); return; }
+  const Case quads{{3, 12, 8, 6}, {10, 12, 1, 1}};  // 48 positions: bias, copies, wide gathers by quads
+  check_conv<float>(quads, 60);
+  check_conv<double>(quads, 61);  // 8-byte elements: one at a time
+  check_conv_bf16(quads, 62);
+  {
+    WorkspaceLimit limit(2 * (12 + 10) * 48);  // grad weight gathers 2 images side by side
+    check_conv<float>(quads, 63);
+    check_conv_bf16(quads, 64);
+  }
+  // the same conv on tensors that start one float past a quad boundary
+  const auto [x, w, b, dout, g] = conv_data<float>(quads, 65);
+  const Device gpu = Device::cuda();
+  auto off_quad = [&](const Tensor<float>& t) {
+    const Tensor<float> flat = zeros<float>({t.numel() + 1}, gpu);
+    Tensor<float> v = flat.narrow(0, 1, t.numel()).reshape(t.shape());
+    v.copy_(t.to(gpu));
+    REQUIRE(reinterpret_cast<uintptr_t>(v.data()) % 16 != 0);
+    REQUIRE(v.is_contiguous());
+    return v;
+  };
+  const Tensor<float> xo = off_quad(x), wo = off_quad(w), bo = off_quad(b), dd = off_quad(dout);
+  Conv2dGeometry gb = g;
+  gb.bf16 = true;
+  require_matches(cuda::conv2d_forward(xo, wo, bo, g), ref::conv2d_forward(x, w, b, g), "forward, off a quad");
+  require_matches(cuda::conv2d_backward_weight(dd, xo, g), ref::conv2d_backward_weight(dout, x, g),
+                  "grad weight, off a quad");
+  require_matches(cuda::conv2d_backward_bias(dd, g), ref::conv2d_backward_bias(dout, g), "grad bias, off a quad");
+  // bf16 products: the same bits as on aligned copies
+  const Tensor<float> xa = x.to(gpu), wa = w.to(gpu), ba = b.to(gpu), da = dout.to(gpu);
+  CHECK(max_abs_diff(cuda::conv2d_forward(xo, wo, bo, gb), cuda::conv2d_forward(xa, wa, ba, gb)) == 0);
+  CHECK(max_abs_diff(cuda::conv2d_backward_input(dd, wo, gb), cuda::conv2d_backward_input(da, wa, gb)) == 0);
+  CHECK(max_abs_diff(cuda::conv2d_backward_weight(dd, xo, gb), cuda::conv2d_backward_weight(da, xa, gb)) == 0);
+}
+
 TEST_CASE("cuda conv2d: grouped and depthwise convs ignore bf16 (float products, as on the CPU)", "[cuda][bf16]") {
   if (dg::cuda::device_count() == 0) { WARN("no CUDA device: skipped"); return; }
   for (const Case& c : {Case{{2, 6, 9, 8}, {4, 3, 3, 3}, 1, 1, 1, 2}, Case{{2, 5, 9, 11}, {5, 1, 7, 7}, 1, 3, 1, 5}}) {
@@ -361,6 +399,9 @@ TEST_CASE("cuda gelu_conv2d with bf16 products keeps h in bfloat16: the two ops 
       {{3, 7, 6, 5}, {5, 7, 1, 1}, 1, true, false, 2 * (7 + 5) * 30, "1x1 in chunks of 2 images"},
       {{2, 8, 64, 65}, {4, 8, 1, 1}, 1, true, false, 0, "1x1 on 4160 positions: dweight one image at a time"},
       {{2, 6, 9, 11}, {4, 6, 2, 2}, 2, true, false, 0, "2x2 stride 2: gelu(round(h)) in float, then conv2d"},
+      {{3, 12, 8, 6}, {10, 12, 1, 1}, 1, true, false, 0, "1x1 on 48 positions: staged by quads"},
+      {{3, 12, 8, 6}, {10, 12, 1, 1}, 1, true, true, 2 * (12 + 10) * 48, "by quads in chunks of 2 images, tanh form"},
+      {{2, 6, 8, 6}, {4, 6, 2, 2}, 2, true, false, 0, "2x2 stride 2 by quads: gelu(round(h)) in float first"},
   };
   const Device gpu = Device::cuda();
   Generator gen(49);

@@ -24,6 +24,7 @@
 
 #include <algorithm>
 #include <climits>
+#include <cstdint>
 #include <type_traits>
 
 #include "../ref/activation.hpp"  // gelu_scalar, gelu_grad_scalar (gelu_conv2d's bfloat16 input)
@@ -132,10 +133,28 @@ __global__ void col2im_kernel(const T* __restrict__ dcol, T* __restrict__ dx, Co
   }
 }
 
-/// How a staged operand reads its source element v (at index j of the source): as it is.
+/// Four consecutive elements, moved as one access (16 bytes of float, 8 of bfloat16): the
+/// staging kernels below take their elements by quads where the sizes and addresses allow, so
+/// that each thread does its index arithmetic once per four elements and stores 8 or 16 bytes.
+template <class V>
+struct alignas(4 * sizeof(V)) Quad {
+  V v[4];
+};
+
+/// True when p is aligned for Quad<V> accesses.
+template <class V>
+__host__ __device__ inline bool quad_aligned(const V* p) {
+  return reinterpret_cast<uintptr_t>(p) % sizeof(Quad<V>) == 0;
+}
+
+/// How a staged operand reads its source element v (at index j of the source): as it is. The
+/// quad form reads the four elements at 4*j4 .. 4*j4+3.
 struct LoadAsIs {
   template <class V, class I>
   __device__ V operator()(V v, I) const { return v; }
+  template <class V, class I>
+  __device__ Quad<V> quad(Quad<V> q, I) const { return q; }
+  bool quad_ok() const { return true; }
 };
 
 /// gelu_conv2d's forward staging under bf16 products: keeps h rounded to bfloat16 in hs (at
@@ -149,6 +168,17 @@ struct KeepBf16Gelu {
     hs[j] = r;
     return ref::gelu_scalar(__bfloat162float(r), tanh);
   }
+  template <class I>
+  __device__ Quad<float> quad(Quad<float> q, I j4) const {
+    Quad<bf16_t> r;
+    for (int k = 0; k < 4; ++k) {
+      r.v[k] = __float2bfloat16_rn(q.v[k]);
+      q.v[k] = ref::gelu_scalar(__bfloat162float(r.v[k]), tanh);
+    }
+    reinterpret_cast<Quad<bf16_t>*>(hs)[j4] = r;
+    return q;
+  }
+  bool quad_ok() const { return quad_aligned(hs); }
 };
 
 /// gelu_conv2d's backward staging: the GELU of the kept bfloat16 input.
@@ -156,6 +186,13 @@ struct GeluOfBf16 {
   bool tanh;
   template <class I>
   __device__ float operator()(bf16_t v, I) const { return ref::gelu_scalar(__bfloat162float(v), tanh); }
+  template <class I>
+  __device__ Quad<float> quad(Quad<bf16_t> q, I) const {
+    Quad<float> g;
+    for (int k = 0; k < 4; ++k) g.v[k] = ref::gelu_scalar(__bfloat162float(q.v[k]), tanh);
+    return g;
+  }
+  bool quad_ok() const { return true; }
 };
 
 /// dst (R, gn*P) <- load(src (gn, R, P)): gn images' planes side by side (the wide layout), as
@@ -169,9 +206,41 @@ __global__ void gather_wide_kernel(const S* __restrict__ src, U* __restrict__ ds
   }
 }
 
-/// dg[i] *= gelu'(hs[i]): gelu_conv2d's input gradient from its bfloat16 input, in place.
+/// gather_wide_kernel by quads: P4 = P/4 quads per plane, total4 quads in all; Wide false for a
+/// plain copy (gn = 1: the source quad is the destination's own).
+template <bool Wide, class S, class U, class I, class Load>
+__global__ void gather_wide_quad_kernel(const Quad<S>* __restrict__ src, Quad<U>* __restrict__ dst, I R, I P4,
+                                        I gn, I total4, Load load) {
+  for (I i = I(blockIdx.x) * I(blockDim.x) + I(threadIdx.x); i < total4; i += I(gridDim.x) * I(blockDim.x)) {
+    I j = i;
+    if constexpr (Wide) {
+      const I p = i % P4, q = i / P4, n = q % gn, r = q / gn;
+      j = (n * R + r) * P4 + p;
+    }
+    const auto v = load.quad(src[j], j);
+    Quad<U> o;
+    for (int k = 0; k < 4; ++k) o.v[k] = to_operand<U>(v.v[k]);
+    dst[i] = o;
+  }
+}
+
+/// dg[i] *= gelu'(hs[i]): gelu_conv2d's input gradient from its bfloat16 input, in place, by
+/// quads (total4 of them).
 template <class I>
-__global__ void gelu_grad_bf16_kernel(float* __restrict__ dg, const bf16_t* __restrict__ hs, I total, bool tanh) {
+__global__ void gelu_grad_bf16_kernel(Quad<float>* __restrict__ dg, const Quad<bf16_t>* __restrict__ hs, I total4,
+                                      bool tanh) {
+  for (I i = I(blockIdx.x) * I(blockDim.x) + I(threadIdx.x); i < total4; i += I(gridDim.x) * I(blockDim.x)) {
+    Quad<float> d = dg[i];
+    const Quad<bf16_t> h = hs[i];
+    for (int k = 0; k < 4; ++k) d.v[k] *= ref::gelu_grad_scalar(__bfloat162float(h.v[k]), tanh);
+    dg[i] = d;
+  }
+}
+
+/// The same one element at a time (sizes that are no multiple of 4, unaligned tensors).
+template <class I>
+__global__ void gelu_grad_bf16_scalar_kernel(float* __restrict__ dg, const bf16_t* __restrict__ hs, I total,
+                                             bool tanh) {
   for (I i = I(blockIdx.x) * I(blockDim.x) + I(threadIdx.x); i < total; i += I(gridDim.x) * I(blockDim.x))
     dg[i] = dg[i] * ref::gelu_grad_scalar(__bfloat162float(hs[i]), tanh);
 }
@@ -181,6 +250,18 @@ template <class T, class I>
 __global__ void add_bias_kernel(T* __restrict__ y, const T* __restrict__ b, int64_t bs, I C, I P, I total) {
   for (I i = I(blockIdx.x) * I(blockDim.x) + I(threadIdx.x); i < total; i += I(gridDim.x) * I(blockDim.x))
     y[i] = T(acc_t<T>(y[i]) + acc_t<T>(b[((i / P) % C) * bs]));
+}
+
+/// add_bias_kernel by quads: P4 = P/4 quads per plane, total4 in all.
+template <class T, class I>
+__global__ void add_bias_quad_kernel(Quad<T>* __restrict__ y, const T* __restrict__ b, int64_t bs, I C, I P4,
+                                     I total4) {
+  for (I i = I(blockIdx.x) * I(blockDim.x) + I(threadIdx.x); i < total4; i += I(gridDim.x) * I(blockDim.x)) {
+    const acc_t<T> bc = acc_t<T>(b[((i / P4) % C) * bs]);
+    Quad<T> q = y[i];
+    for (int k = 0; k < 4; ++k) q.v[k] = T(acc_t<T>(q.v[k]) + bc);
+    y[i] = q;
+  }
 }
 
 /// Sum of v over the block (blockDim.x a multiple of 32, at most 1024); valid in thread 0.
@@ -208,9 +289,19 @@ __global__ void bias_grad_kernel(const T* __restrict__ dout, T* __restrict__ par
   const int64_t k = blockIdx.x % chunks, c = blockIdx.x / chunks;
   const int64_t n_hi = min(N, (k + 1) * per);
   A acc = A(0);
+  // by quads when every plane starts on a quad boundary (P a multiple of 4, dout aligned)
+  const bool quads = sizeof(T) <= 4 && P % 4 == 0 && quad_aligned(dout);
   for (int64_t n = k * per; n < n_hi; ++n) {
     const T* plane = dout + (n * C + c) * P;
-    for (int64_t p = threadIdx.x; p < P; p += blockDim.x) acc += A(plane[p]);
+    if (quads) {
+      const Quad<T>* plane4 = reinterpret_cast<const Quad<T>*>(plane);
+      for (int64_t p = threadIdx.x; p < P / 4; p += blockDim.x) {
+        const Quad<T> q = plane4[p];
+        acc += (A(q.v[0]) + A(q.v[1])) + (A(q.v[2]) + A(q.v[3]));
+      }
+    } else {
+      for (int64_t p = threadIdx.x; p < P; p += blockDim.x) acc += A(plane[p]);
+    }
   }
   acc = block_sum(acc, warp_part);
   if (threadIdx.x == 0) part[k * C + c] = T(acc);
@@ -565,14 +656,31 @@ void im2col(const T* x, U* col, const Conv2dGeometry& g, int64_t gn, bool wide) 
 
 /// dst (R, gn*P) from gn images src (gn, R, P), each element through load; with gn = 1 a copy
 /// (a conversion when U != S).
+/// Runs by quads when the planes (the whole copy for gn = 1) are a multiple of 4 elements and
+/// every pointer is aligned for them.
 template <class S, class U, class Load = LoadAsIs>
 void gather_wide(const S* src, U* dst, int64_t R, int64_t P, int64_t gn, Load load = {}) {
   const int64_t total = gn * R * P;
   if (total == 0) return;
+  const bool wide = gn > 1;
+  const bool quads = sizeof(S) <= 4 && sizeof(U) <= 4 && (wide ? P : total) % 4 == 0 && quad_aligned(src) &&
+                     quad_aligned(dst) && load.quad_ok();
   with_index_type(total, [&](auto zero_i) {
     using I = decltype(zero_i);
-    gather_wide_kernel<S, U, I, Load>
-        <<<blocks_for(total), kThreads, 0, stream()>>>(src, dst, I(R), I(P), I(gn), I(total), load);
+    if (!quads) {
+      gather_wide_kernel<S, U, I, Load>
+          <<<blocks_for(total), kThreads, 0, stream()>>>(src, dst, I(R), I(P), I(gn), I(total), load);
+      return;
+    }
+    const auto* s4 = reinterpret_cast<const Quad<S>*>(src);
+    auto* d4 = reinterpret_cast<Quad<U>*>(dst);
+    const I total4 = I(total / 4);
+    if (wide)
+      gather_wide_quad_kernel<true, S, U, I, Load>
+          <<<blocks_for(total4), kThreads, 0, stream()>>>(s4, d4, I(R), I(P / 4), I(gn), total4, load);
+    else
+      gather_wide_quad_kernel<false, S, U, I, Load>
+          <<<blocks_for(total4), kThreads, 0, stream()>>>(s4, d4, I(1), total4, I(1), total4, load);
   });
   check_launch("conv2d (gather images)");
 }
@@ -664,9 +772,14 @@ template <class T>
 void add_bias(T* y, const T* b, int64_t bs, const Conv2dGeometry& g) {
   if (!b) return;
   const int64_t P = g.Ho * g.Wo, total = g.N * g.C_out * P;
+  const bool quads = sizeof(T) <= 4 && P % 4 == 0 && quad_aligned(y);
   with_index_type(total, [&](auto zero_i) {
     using I = decltype(zero_i);
-    add_bias_kernel<T, I><<<blocks_for(total), kThreads, 0, stream()>>>(y, b, bs, I(g.C_out), I(P), I(total));
+    if (quads)
+      add_bias_quad_kernel<T, I><<<blocks_for(total / 4), kThreads, 0, stream()>>>(
+          reinterpret_cast<Quad<T>*>(y), b, bs, I(g.C_out), I(P / 4), I(total / 4));
+    else
+      add_bias_kernel<T, I><<<blocks_for(total), kThreads, 0, stream()>>>(y, b, bs, I(g.C_out), I(P), I(total));
   });
   check_launch("conv2d (bias)");
 }
@@ -1119,10 +1232,15 @@ inline void gelu_grad_bf16_(const Tensor<float>& dg, const Tensor<bfloat16>& hs,
            "gelu_conv2d backward: expected the kept input of shape ", shape_str(dg.shape()), " on ", dev.str());
   const int64_t total = dg.numel();
   if (total == 0) return;
+  const auto* hp = reinterpret_cast<const bf16_t*>(hs.data());
+  const bool quads = total % 4 == 0 && quad_aligned(dg.data()) && quad_aligned(hp);
   with_index_type(total, [&](auto zero_i) {
     using I = decltype(zero_i);
-    gelu_grad_bf16_kernel<I><<<blocks_for(total), kThreads, 0, stream()>>>(
-        dg.data(), reinterpret_cast<const bf16_t*>(hs.data()), I(total), tanh);
+    if (quads)
+      gelu_grad_bf16_kernel<I><<<blocks_for(total / 4), kThreads, 0, stream()>>>(
+          reinterpret_cast<Quad<float>*>(dg.data()), reinterpret_cast<const Quad<bf16_t>*>(hp), I(total / 4), tanh);
+    else
+      gelu_grad_bf16_scalar_kernel<I><<<blocks_for(total), kThreads, 0, stream()>>>(dg.data(), hp, I(total), tanh);
   });
   check_launch("gelu_conv2d backward (gelu')");
 }
