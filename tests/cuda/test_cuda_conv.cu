@@ -368,6 +368,27 @@ TEST_CASE("cuda conv2d staging kernels: by quads on planes of 4k positions, one 
   CHECK(max_abs_diff(cuda::conv2d_backward_weight(dd, xo, gb), cuda::conv2d_backward_weight(da, xa, gb)) == 0);
 }
 
+TEST_CASE("cuda conv2d with bf16 products on 7x7 maps: one GEMM over rows of 8 images' positions, then scattered",
+          "[cuda][bf16]") {
+  if (dg::cuda::device_count() == 0) { WARN("no CUDA device: skipped"); return; }
+  const Case pointwise{{8, 12, 7, 7}, {10, 12, 1, 1}};        // rows of 8 * 49 positions
+  const Case transition{{8, 6, 14, 14}, {4, 6, 2, 2}, 2};     // k2 s2 into 7x7: wide im2col and col2im
+  const Case unbiased{{8, 12, 7, 7}, {10, 12, 1, 1}, 1, 0, 1, 1, false};
+  check_conv_bf16(pointwise, 70);
+  check_conv_bf16(transition, 71);
+  check_conv_bf16(unbiased, 72);
+  {
+    // 10 images, workspace for 9: chunks of 8 (wide) and 2 (2 * 49 positions: per image)
+    WorkspaceLimit limit(9 * (12 + 10) * 49);
+    check_conv_bf16({{10, 12, 7, 7}, {10, 12, 1, 1}}, 73);
+  }
+  {
+    WorkspaceLimit limit(9 * (6 * 4 + 4) * 49);
+    check_conv_bf16({{10, 6, 14, 14}, {4, 6, 2, 2}, 2}, 74);
+  }
+  check_conv_bf16({{5, 12, 7, 7}, {10, 12, 1, 1}}, 75);  // 5 * 49 positions: no multiple of 8, per image
+}
+
 TEST_CASE("cuda conv2d: grouped and depthwise convs ignore bf16 (float products, as on the CPU)", "[cuda][bf16]") {
   if (dg::cuda::device_count() == 0) { WARN("no CUDA device: skipped"); return; }
   for (const Case& c : {Case{{2, 6, 9, 8}, {4, 3, 3, 3}, 1, 1, 1, 2}, Case{{2, 5, 9, 11}, {5, 1, 7, 7}, 1, 3, 1, 5}}) {
@@ -402,6 +423,8 @@ TEST_CASE("cuda gelu_conv2d with bf16 products keeps h in bfloat16: the two ops 
       {{3, 12, 8, 6}, {10, 12, 1, 1}, 1, true, false, 0, "1x1 on 48 positions: staged by quads"},
       {{3, 12, 8, 6}, {10, 12, 1, 1}, 1, true, true, 2 * (12 + 10) * 48, "by quads in chunks of 2 images, tanh form"},
       {{2, 6, 8, 6}, {4, 6, 2, 2}, 2, true, false, 0, "2x2 stride 2 by quads: gelu(round(h)) in float first"},
+      {{8, 12, 7, 7}, {10, 12, 1, 1}, 1, true, false, 0, "7x7 maps: one wide GEMM over 8 images, scattered with bias"},
+      {{10, 12, 7, 7}, {10, 12, 1, 1}, 1, false, false, 9 * (12 + 10) * 49, "7x7 maps in chunks of 8 (wide) and 2"},
   };
   const Device gpu = Device::cuda();
   Generator gen(49);

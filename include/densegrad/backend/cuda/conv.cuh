@@ -17,6 +17,7 @@
 // GEMM paths of ungrouped convs round their operands to bfloat16 where they are staged anyway (im2col, gathered
 // images) or in one extra pass (weights, a pointwise conv's input, dout), and cuBLAS sums the
 // exact products in float into float results. Depthwise convs, bias and col2im stay float.
+// Maps of P % 8 != 0 positions (7x7) run those GEMMs on the wide layout (see odd_maps_go_wide).
 // No atomics anywhere: every output element has one writer, so results are reproducible. Not
 // cuDNN, not Winograd/FFT. Arithmetic in acc_t<T> (float for float, double for double).
 // Shape legend: as in backend/ref/conv.hpp; K = Cg*kH*kW (one column of im2col), P = Ho*Wo.
@@ -108,13 +109,17 @@ __global__ void im2col_kernel(const T* __restrict__ x, U* __restrict__ col, Conv
 /// The adjoint of im2col (narrow layout), gather form: one thread per element of dx (gn, C_in,
 /// H, W) sums the column entries copied from it, i.e. the taps (kh, kw) and output positions
 /// (oh, ow) with oh*s - p + kh*d == ih (and likewise for w). Each dx element has one writer.
+/// With wide, dcol is in the wide layout (C_in*kH*kW, gn*P) instead.
 template <class T, class I>
-__global__ void col2im_kernel(const T* __restrict__ dcol, T* __restrict__ dx, Conv2dGeometry g, I total) {
+__global__ void col2im_kernel(const T* __restrict__ dcol, T* __restrict__ dx, Conv2dGeometry g, I gn, bool wide,
+                              I total) {
   using A = acc_t<T>;
-  const I P = I(g.Ho * g.Wo), taps = I(g.kH * g.kW);
+  const I taps = I(g.kH * g.kW);
+  const I P = wide ? gn * I(g.Ho * g.Wo) : I(g.Ho * g.Wo);  // distance between two taps' rows
   for (I i = I(blockIdx.x) * I(blockDim.x) + I(threadIdx.x); i < total; i += I(gridDim.x) * I(blockDim.x)) {
     const I iw = i % I(g.W), q = i / I(g.W), ih = q % I(g.H), nc = q / I(g.H);  // nc = n*C_in + c
-    const T* rows = dcol + nc * taps * P;
+    const I c = nc % I(g.C_in), n = nc / I(g.C_in);
+    const T* rows = wide ? dcol + c * taps * P + n * I(g.Ho * g.Wo) : dcol + nc * taps * P;
     A acc = A(0);
     for (I kh = 0; kh < I(g.kH); ++kh) {
       const I th = ih + I(g.pH) - kh * I(g.dH);
@@ -193,6 +198,26 @@ struct GeluOfBf16 {
     return g;
   }
   bool quad_ok() const { return true; }
+};
+
+/// Scattering a wide GEMM result (C, gn*P) back to images: the element plus its row's bias
+/// (row j / row_len, read with stride bs); no bias when b is null.
+template <class T>
+struct AddBias {
+  const T* b;
+  int64_t bs;
+  int64_t row_len;
+  template <class I>
+  __device__ T operator()(T v, I j) const { return b ? T(acc_t<T>(v) + acc_t<T>(b[(int64_t(j) / row_len) * bs])) : v; }
+  template <class I>
+  __device__ Quad<T> quad(Quad<T> q, I j4) const {
+    if (b) {
+      const acc_t<T> bc = acc_t<T>(b[(int64_t(j4) * 4 / row_len) * bs]);
+      for (int k = 0; k < 4; ++k) q.v[k] = T(acc_t<T>(q.v[k]) + bc);
+    }
+    return q;
+  }
+  bool quad_ok() const { return row_len % 4 == 0; }
 };
 
 /// dst (R, gn*P) <- load(src (gn, R, P)): gn images' planes side by side (the wide layout), as
@@ -765,21 +790,49 @@ inline int64_t chunk_images(const Conv2dGeometry& g, int64_t staged) {
   return staged == 0 ? g.N : std::clamp<int64_t>(workspace_limit() / std::max<int64_t>(staged, 1), 1, g.N);
 }
 
+/// Maps whose positions are no multiple of 8 (RDNet's last stage: 7x7 = 49) give bf16 GEMM
+/// operands rows of odd length per image, for which cuBLAS falls back to slow kernels for
+/// unaligned operands. The forward and input-gradient GEMMs of such an ungrouped conv with bf16
+/// products therefore run on the wide layout instead, one GEMM over rows of gn*P, in chunks of
+/// a multiple of 8 images (where there are 8 images or more); the result is then scattered to
+/// the images. The operands are staged anyway, so this costs one float pass (the scatter).
+inline bool odd_maps_go_wide(const Conv2dGeometry& g, bool round) {
+  return round && g.groups == 1 && (g.Ho * g.Wo) % 8 != 0;
+}
+/// The chunk size for wide: a multiple of 8 images when G >= 8.
+inline int64_t wide_chunk_images(int64_t G) { return G >= 8 ? G - G % 8 : G; }
+/// Whether a chunk of gn images takes the wide GEMM: rows of gn*P bf16 operands, a multiple of 8.
+inline bool chunk_goes_wide(bool wide, const Conv2dGeometry& g, int64_t gn) {
+  return wide && (gn * g.Ho * g.Wo) % 8 == 0;
+}
+
+/// y (gn images) = W (C_out, K) @ cols + b (read with stride bs; none when null), cols in the
+/// wide layout (K, gn*P): one GEMM into yw (C_out, gn*P), then scattered to the images with the
+/// bias added. Ungrouped convs only.
+template <class T, class U>
+void gemm_conv_forward_wide(const U* w, const U* cols, T* yw, T* y, const T* b, int64_t bs, const Conv2dGeometry& g,
+                            int64_t gn) {
+  const int64_t K = K_of(g), P = g.Ho * g.Wo, GP = gn * P;
+  gemm<T, U>(false, false, g.C_out, GP, K, T(1), w, K, 0, cols, GP, 0, T(0), yw, GP, 0, 1);
+  gather_wide(yw, y, gn, P, g.C_out, AddBias<T>{b, bs, GP});  // (C_out, gn, P) -> (gn, C_out, P)
+}
+
 // ---------------------------------------------------------------- launchers: GEMM path
 
-/// y (N, C_out, Ho, Wo) += b (read with stride bs) per channel; nothing when b is null.
+/// y (N, C, P) += b (read with stride bs) per channel; nothing when b is null.
 template <class T>
-void add_bias(T* y, const T* b, int64_t bs, const Conv2dGeometry& g) {
+void add_bias(T* y, const T* b, int64_t bs, int64_t N, int64_t C, int64_t P) {
   if (!b) return;
-  const int64_t P = g.Ho * g.Wo, total = g.N * g.C_out * P;
+  const int64_t total = N * C * P;
+  if (total == 0) return;
   const bool quads = sizeof(T) <= 4 && P % 4 == 0 && quad_aligned(y);
   with_index_type(total, [&](auto zero_i) {
     using I = decltype(zero_i);
     if (quads)
       add_bias_quad_kernel<T, I><<<blocks_for(total / 4), kThreads, 0, stream()>>>(
-          reinterpret_cast<Quad<T>*>(y), b, bs, I(g.C_out), I(P / 4), I(total / 4));
+          reinterpret_cast<Quad<T>*>(y), b, bs, I(C), I(P / 4), I(total / 4));
     else
-      add_bias_kernel<T, I><<<blocks_for(total), kThreads, 0, stream()>>>(y, b, bs, I(g.C_out), I(P), I(total));
+      add_bias_kernel<T, I><<<blocks_for(total), kThreads, 0, stream()>>>(y, b, bs, I(C), I(P), I(total));
   });
   check_launch("conv2d (bias)");
 }
@@ -788,16 +841,26 @@ void add_bias(T* y, const T* b, int64_t bs, const Conv2dGeometry& g) {
 /// A pointwise conv multiplies the images in place, unless their operands must be rounded.
 template <class T>
 void gemm_path_forward(const T* x, const T* w, const T* b, int64_t bs, T* y, const Conv2dGeometry& g, Device dev) {
-  const int64_t P = g.Ho * g.Wo, col_img = g.C_in * g.kH * g.kW * P;
+  const int64_t P = g.Ho * g.Wo, col_img = g.C_in * g.kH * g.kW * P, y_img = g.C_out * P;
   with_operand_type<T>(g, [&](auto zero_u) {
     using U = decltype(zero_u);
     const bool in_place = is_pointwise(g) && std::is_same_v<U, T>;  // the images are the columns: no copy
-    const int64_t G = chunk_images(g, in_place ? 0 : col_img);
+    const bool wide = odd_maps_go_wide(g, !std::is_same_v<U, T>);
+    int64_t G = chunk_images(g, in_place ? 0 : col_img + (wide ? y_img : 0));
+    if (wide) G = wide_chunk_images(G);
     Scratch<T, U> wbuf, col(in_place ? 0 : G * col_img, dev);
+    Scratch<T, T> yw(wide ? G * y_img : 0, dev);
     const U* wu = weight_operand(w, g.C_out * K_of(g), wbuf, dev);
     for (int64_t n0 = 0; n0 < g.N; n0 += G) {
       const int64_t gn = std::min(G, g.N - n0);
       const T* xc = x + n0 * g.C_in * g.H * g.W;
+      T* yc = y + n0 * y_img;
+      if (chunk_goes_wide(wide, g, gn)) {
+        if (is_pointwise(g)) gather_wide(xc, col.p, g.C_in, P, gn);  // rounded, images side by side
+        else im2col(xc, col.p, g, gn, true);
+        gemm_conv_forward_wide(wu, col.p, yw.p, yc, b, bs, g, gn);
+        continue;
+      }
       const U* cols = nullptr;
       if constexpr (std::is_same_v<U, T>) cols = xc;  // used only when in place
       if (!in_place) {
@@ -805,13 +868,14 @@ void gemm_path_forward(const T* x, const T* w, const T* b, int64_t bs, T* y, con
         else im2col(xc, col.p, g, gn, false);
         cols = col.p;
       }
-      gemm_conv_forward(wu, cols, col_img, y + n0 * g.C_out * P, g, gn);
+      gemm_conv_forward(wu, cols, col_img, yc, g, gn);
+      add_bias(yc, b, bs, gn, g.C_out, P);
     }
   });
-  add_bias(y, b, bs, g);
 }
 
-/// dx = W^T dout by GEMM, then col2im (a pointwise conv writes the GEMM straight into dx).
+/// dx = W^T dout by GEMM, then col2im (a pointwise conv writes the GEMM straight into dx, or
+/// scatters its wide result there).
 template <class T>
 void gemm_path_backward_input(const T* dy, const T* w, T* dx, const Conv2dGeometry& g, Device dev) {
   const int64_t P = g.Ho * g.Wo, col_img = g.C_in * g.kH * g.kW * P;
@@ -819,30 +883,44 @@ void gemm_path_backward_input(const T* dy, const T* w, T* dx, const Conv2dGeomet
   with_operand_type<T>(g, [&](auto zero_u) {
     using U = decltype(zero_u);
     constexpr bool round = !std::is_same_v<U, T>;
-    // per image: float columns for col2im (not pointwise), rounded dout (bf16), counted in
-    // float-sized elements against the workspace
+    const bool wide = odd_maps_go_wide(g, round);
+    // per image: float columns for col2im (not pointwise) or the wide GEMM's result, rounded
+    // dout (bf16), counted in float-sized elements against the workspace
     const int64_t dy_img = g.C_out * P;
-    const int64_t G = chunk_images(g, (pointwise ? 0 : col_img) + (round ? dy_img : 0));
-    Scratch<T, T> col(pointwise ? 0 : G * col_img, dev);
+    const bool need_col = !pointwise || wide;
+    int64_t G = chunk_images(g, (need_col ? col_img : 0) + (round ? dy_img : 0));
+    if (wide) G = wide_chunk_images(G);
+    Scratch<T, T> col(need_col ? G * col_img : 0, dev);
     Scratch<T, U> wbuf, dyr(round ? G * dy_img : 0, dev);
     const U* wu = weight_operand(w, g.C_out * K_of(g), wbuf, dev);
     for (int64_t n0 = 0; n0 < g.N; n0 += G) {
       const int64_t gn = std::min(G, g.N - n0);
       T* dxc = dx + n0 * g.C_in * g.H * g.W;
       const T* dyc = dy + n0 * dy_img;
+      const bool chunk_wide = chunk_goes_wide(wide, g, gn);
       const U* dyu = nullptr;
       if constexpr (round) {
-        gather_wide(dyc, dyr.p, 1, gn * dy_img, 1);
+        if (chunk_wide) gather_wide(dyc, dyr.p, g.C_out, P, gn);  // rounded, images side by side
+        else gather_wide(dyc, dyr.p, 1, gn * dy_img, 1);
         dyu = dyr.p;
       } else {
         dyu = dyc;
       }
-      gemm_conv_backward_input(wu, dyu, pointwise ? dxc : col.p, col_img, g, gn);
-      if (pointwise) continue;
+      if (chunk_wide) {  // dcol (K, gn*P) = W^T (K, C_out) @ dout (C_out, gn*P)
+        const int64_t K = K_of(g), GP = gn * P;
+        gemm<T, U>(true, false, K, GP, g.C_out, T(1), wu, K, 0, dyu, GP, 0, T(0), col.p, GP, 0, 1);
+        if (pointwise) {
+          gather_wide(col.p, dxc, gn, P, g.C_in);  // (C_in, gn, P) -> (gn, C_in, P)
+          continue;
+        }
+      } else {
+        gemm_conv_backward_input(wu, dyu, pointwise ? dxc : col.p, col_img, g, gn);
+        if (pointwise) continue;
+      }
       const int64_t total = gn * g.C_in * g.H * g.W;
       with_index_type(std::max(total, gn * col_img), [&](auto zero_i) {
         using I = decltype(zero_i);
-        col2im_kernel<T, I><<<blocks_for(total), kThreads, 0, stream()>>>(col.p, dxc, g, I(total));
+        col2im_kernel<T, I><<<blocks_for(total), kThreads, 0, stream()>>>(col.p, dxc, g, I(gn), chunk_wide, I(total));
       });
       check_launch("conv2d_backward_input (col2im)");
     }
@@ -862,10 +940,11 @@ void gemm_path_backward_weight(const T* dy, const S* x, T* dw, const Conv2dGeome
   const bool pointwise = is_pointwise(g);
   const int64_t col_rows = g.C_in * g.kH * g.kW;
   const int64_t per_image = (col_rows + g.C_out) * P;
-  const int64_t G = P >= 4096 ? 1 : chunk_images(g, per_image);
   with_operand_type<T>(g, [&](auto zero_u) {
     using U = decltype(zero_u);
     constexpr bool round = !std::is_same_v<U, T>;
+    int64_t G = P >= 4096 ? 1 : chunk_images(g, per_image);
+    if (odd_maps_go_wide(g, round)) G = wide_chunk_images(G);  // rows of a multiple of 8 operands
     constexpr bool as_is = std::is_same_v<S, T> && std::is_same_v<Load, LoadAsIs>;
     const bool need_col = !pointwise || G > 1 || round || !as_is, need_dy = G > 1 || round;
     Scratch<T, U> col(need_col ? G * col_rows * P : 0, dev), dyw(need_dy ? G * g.C_out * P : 0, dev);
@@ -1193,15 +1272,27 @@ inline Tensor<float> gelu_conv2d_bf16_forward(const Tensor<float>& h, const Tens
     return conv2d_forward(a, w, b, g);
   }
   Tensor<float> y = empty<float>(g.out_shape(), dev);
-  const int64_t G = chunk_images(g, img);
+  const float* bp = b.defined() ? b.data() : nullptr;
+  const int64_t bs = b.defined() ? b.strides()[0] : 0, y_img = g.C_out * P;
+  const bool wide = odd_maps_go_wide(g, true);  // as in gemm_path_forward
+  int64_t G = chunk_images(g, img + (wide ? y_img : 0));
+  if (wide) G = wide_chunk_images(G);
   Scratch<float, bf16_t> wbuf, col(G * img, dev);
+  Scratch<float, float> yw(wide ? G * y_img : 0, dev);
   const bf16_t* wu = weight_operand(w.data(), g.C_out * K_of(g), wbuf, dev);
   for (int64_t n0 = 0; n0 < g.N; n0 += G) {
     const int64_t gn = std::min(G, g.N - n0);
-    gather_wide(h.data() + n0 * img, col.p, 1, gn * img, 1, KeepBf16Gelu{hp + n0 * img, tanh});
-    gemm_conv_forward(wu, col.p, img, y.data() + n0 * g.C_out * P, g, gn);
+    float* yc = y.data() + n0 * y_img;
+    const KeepBf16Gelu load{hp + n0 * img, tanh};
+    if (chunk_goes_wide(wide, g, gn)) {
+      gather_wide(h.data() + n0 * img, col.p, g.C_in, P, gn, load);
+      gemm_conv_forward_wide(wu, col.p, yw.p, yc, bp, bs, g, gn);
+      continue;
+    }
+    gather_wide(h.data() + n0 * img, col.p, 1, gn * img, 1, load);
+    gemm_conv_forward(wu, col.p, img, yc, g, gn);
+    add_bias(yc, bp, bs, gn, g.C_out, P);
   }
-  add_bias(y.data(), b.defined() ? b.data() : nullptr, b.defined() ? b.strides()[0] : 0, g);
   return y;
 }
 
