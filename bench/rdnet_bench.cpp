@@ -215,9 +215,10 @@ int main(int argc, char** argv) {
     return 1;
   }
 
-  if (a.precision == "bf16" && !cuda && !dg::cpu::kBf16Gemm)
+  const bool bf16_as_fp32 = a.precision == "bf16" && !cuda && !dg::cpu::kBf16Gemm;  // as in rdnet_train
+  if (bf16_as_fp32)
     std::printf("rdnet_bench: this build has no AVX512-BF16 (compile with -march=native on a CPU that has it): "
-                "--precision bf16 runs fp32 products\n");
+                "--precision bf16 runs fp32 products; gelu_conv2d still keeps its input in bfloat16\n");
   dg::set_matmul_precision(dg::parse_matmul_precision(a.precision));
 
 #ifdef DENSEGRAD_WITH_OPENMP
@@ -265,7 +266,8 @@ int main(int argc, char** argv) {
                 static_cast<double>(rdnet::count_macs(cfg, a.res, a.res)) / 1e9, a.mode.c_str(),
                 cfg.dense_buffer ? "buffer" : "naive concat", cfg.memory_efficient ? " + recompute" : "",
                 static_cast<long long>(a.batch), static_cast<long long>(cfg.in_chans), static_cast<long long>(a.res),
-                static_cast<long long>(a.res), device.str().c_str(), a.tf32 ? " (tf32)" : "", a.precision.c_str(), threads,
+                static_cast<long long>(a.res), device.str().c_str(), a.tf32 ? " (tf32)" : "",
+                bf16_as_fp32 ? "fp32 (bf16 asked, no AVX512-BF16)" : a.precision.c_str(), threads,
                 static_cast<long long>(a.warmup), static_cast<long long>(a.iters));
     std::fflush(stdout);
 

@@ -197,9 +197,12 @@ int train_main(int argc, char** argv) {
     a.out = !a.resume.empty() ? std::filesystem::path(a.resume).parent_path().string() : "runs/" + a.model + "-" + a.data;
   if (a.out.empty()) a.out = ".";
 
-  if (a.precision == "bf16" && a.device == "cpu" && !dg::cpu::kBf16Gemm)
+  // bf16 asked on a CPU build without AVX512-BF16: the products stay float32, while gelu_conv2d
+  // still keeps its input rounded to bfloat16 (that needs no special instructions)
+  const bool bf16_as_fp32 = a.precision == "bf16" && a.device == "cpu" && !dg::cpu::kBf16Gemm;
+  if (bf16_as_fp32)
     std::printf("rdnet_train: this build has no AVX512-BF16 (compile with -march=native on a CPU that has it): "
-                "--precision bf16 runs fp32 products\n");
+                "--precision bf16 runs fp32 products; gelu_conv2d still keeps its input in bfloat16\n");
   dg::set_matmul_precision(dg::parse_matmul_precision(a.precision));  // this thread runs every step
 
 #ifdef DENSEGRAD_WITH_OPENMP
@@ -368,12 +371,13 @@ int train_main(int argc, char** argv) {
                 static_cast<long long>(train_set.height()), static_cast<long long>(train_set.width()),
                 static_cast<long long>(train_set.num_classes()));
     std::printf("rdnet_train: %lld parameters, %.1f MMACs per image; %lld epochs x %lld steps of %lld images, "
-                "AdamW lr %g wd %g, threads %d, %s, %s products -> %s\n",
+                "AdamW lr %g wd %g, threads %d, %s, %s products%s -> %s\n",
                 static_cast<long long>(model.num_parameters()),
                 static_cast<double>(rdnet::count_macs(cfg, train_set.height(), train_set.width())) / 1e6,
                 static_cast<long long>(a.epochs), static_cast<long long>(steps_per_epoch),
                 static_cast<long long>(a.batch_size * a.accum_steps), a.lr, a.weight_decay, a.threads, dev.str().c_str(),
-                a.precision.c_str(), a.out.c_str());
+                bf16_as_fp32 ? "fp32" : a.precision.c_str(), bf16_as_fp32 ? " (bf16 asked, no AVX512-BF16)" : "",
+                a.out.c_str());
     if (world > 1)
       std::printf("rdnet_train: data-parallel on %d ranks: each step sees %d x %lld images; gradients in %lld buckets\n",
                   world, world, static_cast<long long>(a.batch_size * a.accum_steps),
