@@ -322,7 +322,38 @@ struct Indexer {
     if (ndim > 0)  // the outermost dim needs none (i < size[0]): a contiguous tensor costs no division
       for (int k = 0; k < K; ++k) off[k] += i * stride[k][0];
   }
+  /// offsets() in index type I: int where fits_int (32-bit division is several times cheaper).
+  template <class I>
+  __device__ void offsets_as(I i, I* off) const {
+    for (int k = 0; k < K; ++k) off[k] = 0;
+    for (int d = ndim - 1; d >= 1; --d) {
+      const I sz = I(size[d]), q = i / sz, r = i - q * sz;
+      for (int k = 0; k < K; ++k) off[k] += r * I(stride[k][d]);
+      i = q;
+    }
+    if (ndim > 0)
+      for (int k = 0; k < K; ++k) off[k] += i * I(stride[k][0]);
+  }
+  /// True when n elements (a grid-stride loop over them) and every offset stay below 2^30, so
+  /// that offsets_as<int> cannot overflow.
+  bool fits_int(int64_t n) const {
+    const int64_t lim = int64_t(1) << 30;
+    if (n >= lim) return false;
+    for (int k = 0; k < K; ++k) {
+      int64_t m = 0;
+      for (int d = 0; d < ndim; ++d) m += (size[d] - 1) * (stride[k][d] < 0 ? -stride[k][d] : stride[k][d]);
+      if (m >= lim) return false;
+    }
+    return true;
+  }
 };
+
+/// Runs f(I{}) with I = int when ix.fits_int(n), else with I = int64_t.
+template <int K, class F>
+void with_indexer_type(const Indexer<K>& ix, int64_t n, F&& f) {
+  if (ix.fits_int(n)) f(int{});
+  else f(int64_t{});
+}
 
 /// Builds an Indexer for `shape`, reading tensor k through strides[k] (0 along broadcast dims).
 /// Dims of size 1 are dropped and neighbouring dims that are contiguous in every tensor merged,

@@ -109,10 +109,12 @@ __global__ void im2col_kernel(const T* __restrict__ x, U* __restrict__ col, Conv
 /// The adjoint of im2col (narrow layout), gather form: one thread per element of dx (gn, C_in,
 /// H, W) sums the column entries copied from it, i.e. the taps (kh, kw) and output positions
 /// (oh, ow) with oh*s - p + kh*d == ih (and likewise for w). Each dx element has one writer.
-/// With wide, dcol is in the wide layout (C_in*kH*kW, gn*P) instead.
+/// With wide, dcol is in the wide layout (C_in*kH*kW, gn*P) instead. With patch (kernel ==
+/// stride, no padding, no dilation: RDNet's stem and transitions), each dx element was copied to
+/// one column entry at most, found by one division per axis.
 template <class T, class I>
 __global__ void col2im_kernel(const T* __restrict__ dcol, T* __restrict__ dx, Conv2dGeometry g, I gn, bool wide,
-                              I total) {
+                              bool patch, I total) {
   using A = acc_t<T>;
   const I taps = I(g.kH * g.kW);
   const I P = wide ? gn * I(g.Ho * g.Wo) : I(g.Ho * g.Wo);  // distance between two taps' rows
@@ -120,6 +122,11 @@ __global__ void col2im_kernel(const T* __restrict__ dcol, T* __restrict__ dx, Co
     const I iw = i % I(g.W), q = i / I(g.W), ih = q % I(g.H), nc = q / I(g.H);  // nc = n*C_in + c
     const I c = nc % I(g.C_in), n = nc / I(g.C_in);
     const T* rows = wide ? dcol + c * taps * P + n * I(g.Ho * g.Wo) : dcol + nc * taps * P;
+    if (patch) {
+      const I oh = ih / I(g.sH), kh = ih - oh * I(g.sH), ow = iw / I(g.sW), kw = iw - ow * I(g.sW);
+      dx[i] = oh < I(g.Ho) && ow < I(g.Wo) ? rows[(kh * I(g.kW) + kw) * P + oh * I(g.Wo) + ow] : T(0);
+      continue;
+    }
     A acc = A(0);
     for (I kh = 0; kh < I(g.kH); ++kh) {
       const I th = ih + I(g.pH) - kh * I(g.dH);
@@ -305,27 +312,32 @@ __device__ A block_sum(A v, A* warp_part) {
 }
 
 /// dbias, stage 1: block (chunk k, channel c) sums dout[n, c, :] over the images [k*per,
-/// (k+1)*per) into part[k*C + c]; threads stride along each contiguous plane of P elements.
-template <class T>
-__global__ void bias_grad_kernel(const T* __restrict__ dout, T* __restrict__ part, int64_t N, int64_t C, int64_t P,
-                                 int64_t chunks, int64_t per) {
+/// (k+1)*per) into part[k*C + c]. The block's threads walk the chunk's planes as one range of
+/// positions (planes of few positions keep every thread busy), by quads when each plane starts on
+/// a quad boundary, several loads in flight per thread. Fixed order: the same bits every run.
+template <class T, class I>
+__global__ void bias_grad_kernel(const T* __restrict__ dout, T* __restrict__ part, I N, I C, I P, I chunks, I per,
+                                 bool quads) {
   using A = acc_t<T>;
   __shared__ A warp_part[32];
-  const int64_t k = blockIdx.x % chunks, c = blockIdx.x / chunks;
-  const int64_t n_hi = min(N, (k + 1) * per);
+  const I k = I(blockIdx.x) % chunks, c = I(blockIdx.x) / chunks;
+  const I n0 = k * per, images = min(N, n0 + per) - n0;
+  const T* first = dout + (n0 * C + c) * P;  // plane (n0, c); the next image's is C*P further
   A acc = A(0);
-  // by quads when every plane starts on a quad boundary (P a multiple of 4, dout aligned)
-  const bool quads = sizeof(T) <= 4 && P % 4 == 0 && quad_aligned(dout);
-  for (int64_t n = k * per; n < n_hi; ++n) {
-    const T* plane = dout + (n * C + c) * P;
-    if (quads) {
-      const Quad<T>* plane4 = reinterpret_cast<const Quad<T>*>(plane);
-      for (int64_t p = threadIdx.x; p < P / 4; p += blockDim.x) {
-        const Quad<T> q = plane4[p];
-        acc += (A(q.v[0]) + A(q.v[1])) + (A(q.v[2]) + A(q.v[3]));
-      }
-    } else {
-      for (int64_t p = threadIdx.x; p < P; p += blockDim.x) acc += A(plane[p]);
+  if (quads) {
+    const I P4 = P / 4, total = images * P4;
+#pragma unroll 4
+    for (I t = I(threadIdx.x); t < total; t += I(blockDim.x)) {
+      const I n = t / P4, p = t - n * P4;
+      const Quad<T> q = reinterpret_cast<const Quad<T>*>(first + n * C * P)[p];
+      acc += (A(q.v[0]) + A(q.v[1])) + (A(q.v[2]) + A(q.v[3]));
+    }
+  } else {
+    const I total = images * P;
+#pragma unroll 4
+    for (I t = I(threadIdx.x); t < total; t += I(blockDim.x)) {
+      const I n = t / P, p = t - n * P;
+      acc += A(first[n * C * P + p]);
     }
   }
   acc = block_sum(acc, warp_part);
@@ -920,7 +932,9 @@ void gemm_path_backward_input(const T* dy, const T* w, T* dx, const Conv2dGeomet
       const int64_t total = gn * g.C_in * g.H * g.W;
       with_index_type(std::max(total, gn * col_img), [&](auto zero_i) {
         using I = decltype(zero_i);
-        col2im_kernel<T, I><<<blocks_for(total), kThreads, 0, stream()>>>(col.p, dxc, g, I(gn), chunk_wide, I(total));
+        const bool patch = g.kH == g.sH && g.kW == g.sW && g.pH == 0 && g.pW == 0 && g.dH == 1 && g.dW == 1;
+        col2im_kernel<T, I><<<blocks_for(total), kThreads, 0, stream()>>>(col.p, dxc, g, I(gn), chunk_wide, patch,
+                                                                          I(total));
       });
       check_launch("conv2d_backward_input (col2im)");
     }
@@ -1230,8 +1244,13 @@ Tensor<T> conv2d_backward_bias(const Tensor<T>& dout, const Conv2dGeometry& g) {
   const int64_t chunks = image_chunks(g.C_out, g.N, per);
   DG_CHECK(chunks * g.C_out < INT_MAX, "conv2d_backward_bias: C_out = ", g.C_out, " is too large");
   Tensor<T> part = chunks > 1 ? empty<T>({chunks * g.C_out}, dev) : Tensor<T>();
-  bias_grad_kernel<T><<<unsigned(chunks * g.C_out), kThreads, 0, stream()>>>(
-      dout.data(), chunks > 1 ? part.data() : db.data(), g.N, g.C_out, g.Ho * g.Wo, chunks, per);
+  const int64_t P = g.Ho * g.Wo;
+  const bool quads = sizeof(T) <= 4 && P % 4 == 0 && quad_aligned(dout.data());
+  with_index_type(dout.numel(), [&](auto zero_i) {
+    using I = decltype(zero_i);
+    bias_grad_kernel<T, I><<<unsigned(chunks * g.C_out), kThreads, 0, stream()>>>(
+        dout.data(), chunks > 1 ? part.data() : db.data(), I(g.N), I(g.C_out), I(P), I(chunks), I(per), quads);
+  });
   check_launch("conv2d_backward_bias");
   if (chunks > 1) {
     sum_chunks_kernel<T><<<blocks_for(g.C_out), kThreads, 0, stream()>>>(part.data(), db.data(), g.C_out,

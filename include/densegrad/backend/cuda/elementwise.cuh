@@ -69,51 +69,54 @@ __device__ A ternary(TernaryFn f, A d, A a, A b) {
   return A(0);
 }
 
-template <class T>
-__global__ void fill_kernel(T* p, Indexer<1> ix, int64_t n, T v) {
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
-    int64_t o[1];
-    ix.offsets(i, o);
+// The kernels take their index type I from the launcher: int where every offset fits (see
+// Indexer::fits_int), else int64_t.
+
+template <class T, class I>
+__global__ void fill_kernel(T* p, Indexer<1> ix, I n, T v) {
+  for (I i = I(blockIdx.x) * I(blockDim.x) + I(threadIdx.x); i < n; i += I(gridDim.x) * I(blockDim.x)) {
+    I o[1];
+    ix.offsets_as(i, o);
     p[o[0]] = v;
   }
 }
 
-template <class T>
-__global__ void copy_kernel(T* dst, const T* src, Indexer<2> ix, int64_t n, bool accumulate) {
+template <class T, class I>
+__global__ void copy_kernel(T* dst, const T* src, Indexer<2> ix, I n, bool accumulate) {
   using A = acc_t<T>;
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
-    int64_t o[2];
-    ix.offsets(i, o);
+  for (I i = I(blockIdx.x) * I(blockDim.x) + I(threadIdx.x); i < n; i += I(gridDim.x) * I(blockDim.x)) {
+    I o[2];
+    ix.offsets_as(i, o);
     dst[o[0]] = accumulate ? T(A(dst[o[0]]) + A(src[o[1]])) : src[o[1]];
   }
 }
 
-template <class T>
-__global__ void unary_kernel(UnaryFn f, T* out, const T* x, Indexer<1> ix, int64_t n, acc_t<T> s0, acc_t<T> s1) {
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
-    int64_t o[1];
-    ix.offsets(i, o);
+template <class T, class I>
+__global__ void unary_kernel(UnaryFn f, T* out, const T* x, Indexer<1> ix, I n, acc_t<T> s0, acc_t<T> s1) {
+  for (I i = I(blockIdx.x) * I(blockDim.x) + I(threadIdx.x); i < n; i += I(gridDim.x) * I(blockDim.x)) {
+    I o[1];
+    ix.offsets_as(i, o);
     out[i] = T(unary<acc_t<T>>(f, acc_t<T>(x[o[0]]), s0, s1));
   }
 }
 
-template <class T>
-__global__ void binary_kernel(BinaryFn f, T* out, const T* a, const T* b, Indexer<2> ix, int64_t n, acc_t<T> s0,
+template <class T, class I>
+__global__ void binary_kernel(BinaryFn f, T* out, const T* a, const T* b, Indexer<2> ix, I n, acc_t<T> s0,
                               acc_t<T> s1) {
   using A = acc_t<T>;
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
-    int64_t o[2];
-    ix.offsets(i, o);
+  for (I i = I(blockIdx.x) * I(blockDim.x) + I(threadIdx.x); i < n; i += I(gridDim.x) * I(blockDim.x)) {
+    I o[2];
+    ix.offsets_as(i, o);
     out[i] = T(binary<A>(f, A(a[o[0]]), A(b[o[1]]), s0, s1));
   }
 }
 
-template <class T>
-__global__ void ternary_kernel(TernaryFn f, T* out, const T* a, const T* b, const T* c, Indexer<3> ix, int64_t n) {
+template <class T, class I>
+__global__ void ternary_kernel(TernaryFn f, T* out, const T* a, const T* b, const T* c, Indexer<3> ix, I n) {
   using A = acc_t<T>;
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
-    int64_t o[3];
-    ix.offsets(i, o);
+  for (I i = I(blockIdx.x) * I(blockDim.x) + I(threadIdx.x); i < n; i += I(gridDim.x) * I(blockDim.x)) {
+    I o[3];
+    ix.offsets_as(i, o);
     out[i] = T(ternary<A>(f, A(a[o[0]]), A(b[o[1]]), A(c[o[2]])));
   }
 }
@@ -126,7 +129,10 @@ void fill(const Tensor<T>& t, T value) {
   const int64_t n = t.numel();
   if (n == 0) return;
   auto ix = make_indexer<1>(t.shape(), {t.strides()}, "fill_");
-  ew::fill_kernel<T><<<blocks_for(n), kThreads, 0, stream()>>>(t.data(), ix, n, value);
+  with_indexer_type(ix, n, [&](auto zero_i) {
+    using I = decltype(zero_i);
+    ew::fill_kernel<T, I><<<blocks_for(n), kThreads, 0, stream()>>>(t.data(), ix, I(n), value);
+  });
   check_launch("fill_");
 }
 
@@ -141,7 +147,10 @@ void copy_impl(const Tensor<T>& dst, const Tensor<T>& src, bool accumulate, cons
     return;
   }
   auto ix = make_indexer<2>(dst.shape(), {dst.strides(), broadcast_strides(src, dst.shape())}, op);
-  ew::copy_kernel<T><<<blocks_for(n), kThreads, 0, stream()>>>(dst.data(), src.data(), ix, n, accumulate);
+  with_indexer_type(ix, n, [&](auto zero_i) {
+    using I = decltype(zero_i);
+    ew::copy_kernel<T, I><<<blocks_for(n), kThreads, 0, stream()>>>(dst.data(), src.data(), ix, I(n), accumulate);
+  });
   check_launch(op);
 }
 }  // namespace detail
@@ -161,8 +170,11 @@ Tensor<T> unary(UnaryFn f, const Tensor<T>& x, double s0, double s1) {
   const int64_t n = x.numel();
   if (n == 0) return out;
   auto ix = make_indexer<1>(x.shape(), {x.strides()}, "unary op");
-  ew::unary_kernel<T><<<blocks_for(n), kThreads, 0, stream()>>>(f, out.data(), x.data(), ix, n, acc_t<T>(s0),
-                                                                 acc_t<T>(s1));
+  with_indexer_type(ix, n, [&](auto zero_i) {
+    using I = decltype(zero_i);
+    ew::unary_kernel<T, I><<<blocks_for(n), kThreads, 0, stream()>>>(f, out.data(), x.data(), ix, I(n), acc_t<T>(s0),
+                                                                    acc_t<T>(s1));
+  });
   check_launch("unary op");
   return out;
 }
@@ -176,8 +188,11 @@ Tensor<T> binary(BinaryFn f, const Tensor<T>& a, const Tensor<T>& b, double s0, 
   const int64_t n = out.numel();
   if (n == 0) return out;
   auto ix = make_indexer<2>(shape, {broadcast_strides(a, shape), broadcast_strides(b, shape)}, "binary op");
-  ew::binary_kernel<T><<<blocks_for(n), kThreads, 0, stream()>>>(f, out.data(), a.data(), b.data(), ix, n,
-                                                                  acc_t<T>(s0), acc_t<T>(s1));
+  with_indexer_type(ix, n, [&](auto zero_i) {
+    using I = decltype(zero_i);
+    ew::binary_kernel<T, I><<<blocks_for(n), kThreads, 0, stream()>>>(f, out.data(), a.data(), b.data(), ix, I(n),
+                                                                     acc_t<T>(s0), acc_t<T>(s1));
+  });
   check_launch("binary op");
   return out;
 }
@@ -192,7 +207,11 @@ Tensor<T> ternary(TernaryFn f, const Tensor<T>& a, const Tensor<T>& b, const Ten
   if (n == 0) return out;
   auto ix = make_indexer<3>(shape, {broadcast_strides(a, shape), broadcast_strides(b, shape),
                                     broadcast_strides(c, shape)}, "ternary op");
-  ew::ternary_kernel<T><<<blocks_for(n), kThreads, 0, stream()>>>(f, out.data(), a.data(), b.data(), c.data(), ix, n);
+  with_indexer_type(ix, n, [&](auto zero_i) {
+    using I = decltype(zero_i);
+    ew::ternary_kernel<T, I><<<blocks_for(n), kThreads, 0, stream()>>>(f, out.data(), a.data(), b.data(), c.data(), ix,
+                                                                      I(n));
+  });
   check_launch("ternary op");
   return out;
 }
