@@ -143,6 +143,42 @@ TEST_CASE("cuda: elementwise ops with broadcasting match the CPU, outputs and gr
                    {rnd<double>({3, 5}, 8), rnd<double>({3, 5}, 9)}, 1e-12);
 }
 
+TEST_CASE("cuda: the elementwise kernels' 32-bit indices equal the 64-bit ones, and are used only where offsets fit") {
+  // host-side: runs without a GPU too
+  struct Layout {
+    dg::Shape shape;
+    std::array<dg::Shape, 2> strides;
+  };
+  const Layout layouts[] = {
+      {{64, 64, 56, 56}, {dg::Shape{200704, 3136, 56, 1}, dg::Shape{0, 1, 0, 0}}},          // x * gamma (1, C, 1, 1)
+      {{8, 64, 7, 9}, {dg::Shape{64 * 63, 63, 9, 1}, dg::Shape{192 * 63, 63, 9, 1}}},       // a copy into a stage's slice
+      {{5, 3, 4, 6}, {dg::Shape{1, 5, 15, 60}, dg::Shape{72, 0, 6, 1}}},                   // transposed, broadcast
+      {{7, 1, 9}, {dg::Shape{9, 9, 1}, dg::Shape{0, 0, 1}}},
+  };
+  for (const Layout& l : layouts) {
+    INFO(dg::shape_str(l.shape));
+    const auto ix = dg::cuda::make_indexer<2>(l.shape, l.strides, "test");
+    const int64_t n = dg::shape_numel(l.shape);
+    REQUIRE(ix.fits_int(n));
+    int64_t checked = 0, differing = 0;
+    for (int64_t i = 0; i < n; i += 1 + i % 7, ++checked) {
+      int64_t o64[2];
+      int o32[2];
+      ix.offsets(i, o64);
+      ix.offsets_as<int>(int(i), o32);
+      differing += o32[0] != o64[0] || o32[1] != o64[1];
+    }
+    CHECK(checked > n / 5);
+    CHECK(differing == 0);
+  }
+  // offsets of 2^30 or more (or as many elements) take the 64-bit kernels
+  const auto big = dg::cuda::make_indexer<2>({2, 3}, {dg::Shape{int64_t(1) << 30, 1}, dg::Shape{3, 1}}, "test");
+  CHECK_FALSE(big.fits_int(6));
+  const auto many = dg::cuda::make_indexer<2>({int64_t(1) << 30}, {dg::Shape{1}, dg::Shape{1}}, "test");
+  CHECK_FALSE(many.fits_int(int64_t(1) << 30));
+  CHECK(dg::cuda::make_indexer<2>({(int64_t(1) << 30) - 1}, {dg::Shape{1}, dg::Shape{1}}, "test").fits_int((int64_t(1) << 30) - 1));
+}
+
 TEST_CASE("cuda: reductions, views, concat and split match the CPU") {
   DG_REQUIRE_GPU();
   using V = std::vector<Tensor<float>>;

@@ -324,7 +324,7 @@ struct Indexer {
   }
   /// offsets() in index type I: int where fits_int (32-bit division is several times cheaper).
   template <class I>
-  __device__ void offsets_as(I i, I* off) const {
+  __host__ __device__ void offsets_as(I i, I* off) const {
     for (int k = 0; k < K; ++k) off[k] = 0;
     for (int d = ndim - 1; d >= 1; --d) {
       const I sz = I(size[d]), q = i / sz, r = i - q * sz;
