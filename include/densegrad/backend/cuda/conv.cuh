@@ -543,17 +543,19 @@ __device__ __forceinline__ void for_each_strip_row(const T* __restrict__ xp, int
 /// (zero outside the image), for a strip of kStrip rows oh. With kFlip, the taps are read
 /// transposed, w[c, K-1-kh, K-1-kw]: then the kernel computes a stride-1 conv's grad input from
 /// its dout (input dout, output dx, padding K - 1 - pH, which may be negative).
-template <class T, int K, bool kFlip>
+/// I indexes the (plane, strip, column) items: int where there are fewer than 2^31 (3 divisions
+/// of 32 bits per thread instead of 64).
+template <class T, int K, bool kFlip, class I>
 __global__ void depthwise_s1_kernel(const T* __restrict__ x, int64_t x_sn, const T* __restrict__ w,
                                     const T* __restrict__ b, int64_t bs, T* __restrict__ y, int C, int H, int W,
-                                    int Ho, int Wo, int pH, int pW, int strips, int64_t total) {
+                                    int Ho, int Wo, int pH, int pW, int strips, I total) {
   using A = acc_t<T>;
-  const int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  const I i = I(blockIdx.x) * I(blockDim.x) + I(threadIdx.x);
   if (i >= total) return;
-  const int ow = int(i % Wo);
-  const int64_t rest = i / Wo;
-  const int strip = int(rest % strips);
-  const int64_t plane = rest / strips;  // n * C + c
+  const I rest = i / I(Wo), items = rest / I(strips);  // items: the plane n * C + c
+  const int ow = int(i - rest * I(Wo));
+  const int strip = int(rest - items * I(strips));
+  const int64_t plane = int64_t(items);
   const int c = int(plane % C);
   const int64_t n = plane / C;
   const T* xp = x + n * x_sn + int64_t(c) * H * W;
@@ -596,12 +598,19 @@ __global__ void depthwise_s1_weight_kernel(const T* __restrict__ dout, const T* 
   for (int kh = 0; kh < K; ++kh)
 #pragma unroll
     for (int kw = 0; kw < K; ++kw) acc[kh][kw] = A(0);
+  // the block's (image, strip, column) items, indexed in 32 bits where they fit
   const int64_t items = int64_t(n_hi - n_lo) * strips * Wo;
+  const bool narrow_index = items < INT_MAX - int64_t(blockDim.x);
   for (int64_t it = threadIdx.x; it < items; it += blockDim.x) {
-    const int ow = int(it % Wo);
-    const int64_t rest = it / Wo;
-    const int strip = int(rest % strips);
-    const int64_t n = n_lo + rest / strips;
+    int ow, strip;
+    int64_t n;
+    if (narrow_index) {
+      const int i32 = int(it), rest = i32 / Wo, img = rest / strips;
+      ow = i32 - rest * Wo, strip = rest - img * strips, n = n_lo + img;
+    } else {
+      const int64_t rest = it / Wo;
+      ow = int(it % Wo), strip = int(rest % strips), n = n_lo + rest / strips;
+    }
     const T* dp = dout + (n * C + c) * int64_t(Ho) * Wo + ow;
     const T* xp = x + n * x_sn + int64_t(c) * H * W;
     const int oh0 = strip * kStrip;
@@ -1126,9 +1135,14 @@ void depthwise_s1_launch(const T* x, int64_t x_sn, const T* w, const T* b, int64
   const int64_t total = N * C * strips * cols;
   DG_CHECK((total + kThreads - 1) / kThreads < INT_MAX, what, ": too many outputs for one launch");
   with_taps(K, [&](auto k) {
-    depthwise_s1_kernel<T, decltype(k)::value, kFlip><<<unsigned((total + kThreads - 1) / kThreads), kThreads, 0,
-                                                        stream()>>>(
-        x, x_sn, w, b, bs, y, int(C), int(in_h), int(in_w), int(rows), int(cols), int(pH), int(pW), int(strips), total);
+    const unsigned blocks = unsigned((total + kThreads - 1) / kThreads);
+    const int ci = int(C), h = int(in_h), w_ = int(in_w), r = int(rows), co = int(cols), ph = int(pH), pw = int(pW);
+    if (total < INT_MAX - kThreads)
+      depthwise_s1_kernel<T, decltype(k)::value, kFlip, int><<<blocks, kThreads, 0, stream()>>>(
+          x, x_sn, w, b, bs, y, ci, h, w_, r, co, ph, pw, int(strips), int(total));
+    else
+      depthwise_s1_kernel<T, decltype(k)::value, kFlip, int64_t><<<blocks, kThreads, 0, stream()>>>(
+          x, x_sn, w, b, bs, y, ci, h, w_, r, co, ph, pw, int(strips), total);
   });
   check_launch(what);
 }
