@@ -301,6 +301,38 @@ TEMPLATE_TEST_CASE("gelu packets match ref::gelu on every tail length, 1 and 2 t
     }
 }
 
+/// The elements of t, to compare their bytes with memcmp (bit for bit, NaN included).
+template <class T>
+std::vector<T> values_of(const Tensor<T>& t) {
+  return t.contiguous().to_vector();
+}
+
+TEMPLATE_TEST_CASE("gelu_and_backward_ gives cpu::gelu and cpu::gelu_backward to the bit, dy overwritten",
+                   "[fastpath]", float, bfloat16, double) {
+  Generator gen(16);
+  for (int threads : {1, 2})
+    for (int64_t n : {1, 15, 17, 4097, 40000}) {
+      INFO("threads " << threads << " n " << n);
+      auto x = randn<TestType>({n}, gen, 0, 3), dy = randn<TestType>({n}, gen);
+      for (bool tanh_form : {false, true})
+        with_threads(threads, [&] {
+          INFO("tanh form " << tanh_form);
+          Tensor<TestType> d = dy.clone();
+          const Tensor<TestType> y = cpu::gelu_and_backward_(d, x, tanh_form);
+          const std::vector<TestType> y_want = values_of(cpu::gelu(x, tanh_form));
+          const std::vector<TestType> d_want = values_of(cpu::gelu_backward(dy, x, tanh_form));
+          const std::vector<TestType> y_got = values_of(y), d_got = values_of(d);
+          REQUIRE(y_got.size() == y_want.size());
+          REQUIRE(d_got.size() == d_want.size());
+          CHECK(std::memcmp(y_got.data(), y_want.data(), y_got.size() * sizeof(TestType)) == 0);
+          CHECK(std::memcmp(d_got.data(), d_want.data(), d_got.size() * sizeof(TestType)) == 0);
+        });
+    }
+  Tensor<TestType> short_dy = zeros<TestType>({3});
+  CHECK_THROWS_WITH(cpu::gelu_and_backward_(short_dy, zeros<TestType>({4}), false),
+                    Catch::Contains("expected contiguous dy and x of one shape, got [3] and [4]"));
+}
+
 TEST_CASE("gelu packets on a grid into both tails, and at +-inf and NaN", "[fastpath]") {
   // every 1/64 from -90 to 90: the tails where the density's exp underflows (x^2 / 2 > 87) and the
   // negative side where 1 + erf cancels; then the values that must come out exactly. atol: the erf

@@ -43,6 +43,18 @@
 namespace dg {
 
 namespace detail {
+/// gelu_conv2d's gradients {dh, dweight, dbias (if need_b)} on the CPU from dout and h: first dh's
+/// conv part, then one pass that makes gelu(h) again for dweight and multiplies dh by gelu'(h) in
+/// place (one erf per element for both, cpu::gelu_and_backward_), then dweight.
+template <class T>
+std::vector<Tensor<T>> gelu_conv2d_grads_cpu(const Tensor<T>& dout, const Tensor<T>& h, const Tensor<T>& ws,
+                                             const Conv2dGeometry& g, bool need_b, bool tanh_approximation) {
+  std::vector<Tensor<T>> grads = conv2d_grads(dout, Tensor<T>(), ws, g, true, false, need_b);
+  const Tensor<T> a = cpu::gelu_and_backward_(grads[0], h, tanh_approximation);
+  grads[1] = conv2d_grads(dout, a, ws, g, false, true, false)[1];
+  return grads;
+}
+
 /// gelu_conv2d under bf16 products (g.bf16, no groups): h kept rounded to bfloat16 (hs), and the
 /// GELU taken of those values in both passes (see the top of this file).
 inline Tensor<float> gelu_conv2d_bf16(const Tensor<float>& h, const Tensor<float>& weight, const Tensor<float>& bias,
@@ -79,6 +91,7 @@ inline Tensor<float> gelu_conv2d_bf16(const Tensor<float>& h, const Tensor<float
           return grads;
         }
         const Tensor<float> hr = hs.defined() ? cpu::widen_bf16(hs) : Tensor<float>();
+        if (need_h && need_w) return gelu_conv2d_grads_cpu(dout, hr, ws, g, need_b, tanh_approximation);
         Tensor<float> a = need_w ? gelu_forward(hr, tanh_approximation) : Tensor<float>();
         std::vector<Tensor<float>> grads = detail::conv2d_grads(dout, a, ws, g, need_h, need_w, need_b);
         a = Tensor<float>();  // freed before dh is made
@@ -115,6 +128,8 @@ Tensor<T> gelu_conv2d(const Tensor<T>& h, const Tensor<T>& weight, const Tensor<
   if (!need_h && !need_w) hc = Tensor<T>();  // only the bias: dbias = sum of dout
   return autograd::record("gelu_conv2d", out, {h, weight, bias},
                           [hc, ws, g, need_h, need_w, need_b, tanh_approximation](const Tensor<T>& dout) {
+                            if (!dout.device().is_cuda() && need_h && need_w)
+                              return detail::gelu_conv2d_grads_cpu(dout, hc, ws, g, need_b, tanh_approximation);
                             Tensor<T> a = need_w ? detail::gelu_forward(hc, tanh_approximation) : Tensor<T>();
                             std::vector<Tensor<T>> grads = detail::conv2d_grads(dout, a, ws, g, need_h, need_w, need_b);
                             a = Tensor<T>();  // freed before dh is made

@@ -193,6 +193,54 @@ Tensor<T> gelu_backward(const Tensor<T>& dy, const Tensor<T>& x, bool tanh_appro
   return dx;
 }
 
+/// Both halves of gelu_conv2d's backward over contiguous x and dy of one shape, in one pass:
+/// returns y = gelu(x) (made again for the weight's gradient) and overwrites dy with dy * gelu'(x).
+/// One erf and one exp per element serve both, where cpu::gelu and cpu::gelu_backward evaluate
+/// them once each; the values are those two functions' to the bit (the same packet steps).
+template <class T>
+Tensor<T> gelu_and_backward_(Tensor<T>& dy, const Tensor<T>& x, bool tanh_approximation) {
+  DG_CHECK(dy.is_contiguous() && x.is_contiguous() && dy.shape() == x.shape(),
+           "cpu::gelu_and_backward_: expected contiguous dy and x of one shape, got ", shape_str(dy.shape()), " and ",
+           shape_str(x.shape()));
+  Tensor<T> y = Tensor<T>::empty(x.shape());
+  const T* px = x.data();
+  T *py = y.data(), *pdy = dy.data();
+#if defined(EIGEN_VECTORIZE)
+  if constexpr (!std::is_same_v<T, double>) {
+    using detail::GeluPacket, detail::splat;
+    namespace ei = Eigen::internal;
+    detail::for_each_chunk(x.numel(), [&](int64_t i0, int64_t len) {
+      T* g = pdy + i0;  // dy of the packet at offset i of this chunk: g + i, overwritten with dx
+      if (tanh_approximation)
+        detail::map_packets(px + i0, py + i0, len, [g](const GeluPacket& v, int64_t i, int64_t m) {
+          const GeluPacket s = detail::gelu_tanh_sigmoid(v);
+          const GeluPacket q = ei::pmadd(splat(float(6 * ref::kGeluTanhCubic * ref::kSqrt2OverPi)), ei::pmul(v, v),
+                                         splat(float(2 * ref::kSqrt2OverPi)));
+          const GeluPacket ds = ei::pmul(ei::pmul(v, s), ei::psub(splat(1.0f), s));
+          detail::store(ei::pmul(detail::load(g + i, m), ei::pmadd(ds, q, s)), g + i, m);
+          return ei::pmul(v, s);
+        });
+      else
+        detail::map_packets(px + i0, py + i0, len, [g](const GeluPacket& v, int64_t i, int64_t m) {
+          GeluPacket cdf, pdf;
+          detail::gelu_cdf_pdf(v, cdf, pdf);
+          detail::store(ei::pmul(detail::load(g + i, m), ei::pmadd(v, pdf, cdf)), g + i, m);
+          return ei::pmul(v, cdf);
+        });
+    });
+    return y;
+  }
+#endif
+  using A = std::conditional_t<std::is_same_v<T, double>, double, float>;
+  const int64_t n = x.numel();
+  DENSEGRAD_OMP(parallel for schedule(static) if (n >= detail::kActivationParallelMin))
+  for (int64_t i = 0; i < n; ++i) {
+    py[i] = T(ref::gelu_scalar(A(px[i]), tanh_approximation));
+    pdy[i] = T(A(pdy[i]) * ref::gelu_grad_scalar(A(px[i]), tanh_approximation));
+  }
+  return y;
+}
+
 /// hs[0, n) <- x[0, n) rounded to bfloat16 (dg::bfloat16: nearest even), r[0, n) <- the rounded
 /// values as float (r may be x); the calling thread only. gelu_conv2d's input under bf16 products.
 inline void round_bf16_range(const float* x, bfloat16* hs, float* r, int64_t n) {
