@@ -1,6 +1,8 @@
 // tests/test_norm.cpp: the norm family: layer_norm and layer_norm2d. Gradcheck in double on odd
 // shapes (with and without affine, eps variants, non-contiguous inputs), parity with PyTorch/timm
 // fixtures (forward and every input gradient), the fast NCHW path against the ref kernel, errors.
+#include <cstring>
+
 #include "test_util.hpp"
 
 #include <densegrad/ops/norm.hpp>
@@ -211,6 +213,29 @@ TEMPLATE_TEST_CASE("layer_norm2d fast path matches ref on odd shapes", "", float
       }
     }
   }
+}
+
+TEMPLATE_TEST_CASE("layer_norm2d_apply: the forward's output from its saved statistics, to the bit", "", float,
+                   double, bfloat16) {
+  using T = TestType;
+  Generator gen(10);
+  for (const Shape& s : {Shape{1, 1, 1, 1}, Shape{3, 3, 17, 19}, Shape{2, 64, 16, 16}}) {
+    for (bool affine : {true, false}) {
+      INFO(shape_str(s) << (affine ? " affine" : " no affine"));
+      const int64_t c = s[1];
+      const Tensor<T> big = randn<T>({s[0], c + 3, s[2], s[3]}, gen, 0.5, 2.0);
+      const Tensor<T> x = big.narrow(1, 1, c);  // a stage's window of channels: batch-strided
+      const Tensor<T> w = affine ? randn<T>({c}, gen) : Tensor<T>(), b = affine ? randn<T>({c}, gen) : Tensor<T>();
+      const auto f = cpu::layer_norm2d_forward(x, w, b, 1e-6);
+      const std::vector<T> want = f.y.to_vector(), got = cpu::layer_norm2d_apply(x, w, b, f.mean, f.rstd).to_vector();
+      REQUIRE(got.size() == want.size());
+      CHECK(std::memcmp(got.data(), want.data(), got.size() * sizeof(T)) == 0);
+    }
+  }
+  const Tensor<T> x = randn<T>({2, 3, 4, 5}, gen);
+  const auto f = cpu::layer_norm2d_forward(x, Tensor<T>(), Tensor<T>(), 1e-6);
+  CHECK_THROWS_WITH(cpu::layer_norm2d_apply(x, Tensor<T>(), Tensor<T>(), f.mean.narrow(0, 0, 1), f.rstd),
+                    Catch::Contains("its (N, H, W) statistics, got x [2, 3, 4, 5] strides [60, 20, 5, 1], mean [1, 4, 5]"));
 }
 
 TEMPLATE_TEST_CASE("layer_norm2d op on non-contiguous inputs matches ref", "", float, double, bfloat16) {

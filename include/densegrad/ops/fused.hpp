@@ -179,11 +179,15 @@ Tensor<T> layer_norm2d_conv2d_forward(const Tensor<T>& xc, const Tensor<T>& norm
 
 /// layer_norm2d -> conv2d backward: {dx, dnorm_weight, dnorm_bias, dweight, dbias} (those asked
 /// for) from dout and the norm's input x (the same values as in forward; undefined when
-/// !saved.needs_x()). The normalized tensor is made again, by the same kernel, for dweight.
+/// !saved.needs_x()). The normalized tensor is made again for dweight: on the CPU by the forward's
+/// last pass from the saved statistics, on a GPU by the forward kernel.
 template <class T>
 std::vector<Tensor<T>> layer_norm2d_conv2d_grads(const Tensor<T>& dout, const Tensor<T>& xc,
                                                  const LayerNormConvSaved<T>& s) {
-  Tensor<T> n = s.need_w ? layer_norm2d_forward(xc, s.nw, s.nb, s.eps).y : Tensor<T>();
+  Tensor<T> n;  // the normalized tensor again, from the saved statistics on the CPU (the same bits)
+  if (s.need_w)
+    n = xc.device().is_cuda() ? layer_norm2d_forward(xc, s.nw, s.nb, s.eps).y
+                              : cpu::layer_norm2d_apply(xc, s.nw, s.nb, s.mean, s.rstd);
   std::vector<Tensor<T>> conv = conv2d_grads(dout, n, s.ws, s.g, s.need_n(), s.need_w, s.need_b);
   n = Tensor<T>();  // freed before the norm's gradients are made
   std::vector<Tensor<T>> grads{Tensor<T>(), Tensor<T>(), Tensor<T>(), conv[1], conv[2]};

@@ -25,6 +25,20 @@ namespace detail {
 constexpr int64_t kNormTile = 256;
 /// Below this many elements one thread is faster than waking the others.
 constexpr int64_t kNormParallelMin = int64_t(1) << 15;
+
+/// The forward's last pass over one tile of len pixels (channel c at xt + c * P, yt + c * P):
+/// y = (x - mean) * rstd * weight[c] + bias[c], with mean and rstd of the tile's pixels.
+template <class T, class A>
+void layer_norm2d_tile_out(const T* xt, T* yt, int64_t C, int64_t P, int64_t len, const A* mean, const A* rstd,
+                           const T* pw, const T* pb) {
+  for (int64_t c = 0; c < C; ++c) {
+    const T* xc = xt + c * P;
+    T* yc = yt + c * P;
+    const A w = pw ? A(pw[c]) : A(1), b = pb ? A(pb[c]) : A(0);
+    DENSEGRAD_OMP(simd)
+    for (int64_t p = 0; p < len; ++p) yc[p] = T((A(xc[p]) - mean[p]) * rstd[p] * w + b);
+  }
+}
 }  // namespace detail
 
 /// timm LayerNorm2d forward on NCHW (= ref::layer_norm2d_forward). Each task takes one image
@@ -64,15 +78,36 @@ ref::LayerNormForward<T> layer_norm2d_forward(const Tensor<T>& x, const Tensor<T
     }
     DENSEGRAD_OMP(simd)
     for (int64_t p = 0; p < len; ++p) rstd[p] = A(1) / std::sqrt(rstd[p] * inv_c + a_eps);  // biased var
-    for (int64_t c = 0; c < C; ++c) {
-      const T* xc = xt + c * P;
-      T* yc = yt + c * P;
-      const A w = pw ? A(pw[c]) : A(1), b = pb ? A(pb[c]) : A(0);
-      DENSEGRAD_OMP(simd)
-      for (int64_t p = 0; p < len; ++p) yc[p] = T((A(xc[p]) - mean[p]) * rstd[p] * w + b);
-    }
+    detail::layer_norm2d_tile_out(xt, yt, C, P, len, mean, rstd, pw, pb);
   }
   return r;
+}
+
+/// layer_norm2d_forward's output from statistics it gave before for this x (mean, rstd: (N, H, W)):
+/// its last pass only, so the same bits without the two passes that make the statistics. What a
+/// fused op's backward uses to make the normalized tensor again. x: batch-strided; y contiguous.
+template <class T>
+Tensor<T> layer_norm2d_apply(const Tensor<T>& x, const Tensor<T>& weight, const Tensor<T>& bias,
+                             const Tensor<acc_t<T>>& mean, const Tensor<acc_t<T>>& rstd) {
+  using A = acc_t<T>;
+  const int64_t xs = batch_stride(x);
+  DG_CHECK(xs >= 0 && x.dim() == 4 && mean.is_contiguous() && rstd.is_contiguous() &&
+               mean.shape() == Shape({x.size(0), x.size(2), x.size(3)}) && rstd.shape() == mean.shape(),
+           "cpu::layer_norm2d_apply: expected a contiguous or batch-strided (N, C, H, W) input and its (N, H, W) "
+           "statistics, got x ", shape_str(x.shape()), " strides ", shape_str(x.strides()), ", mean ",
+           shape_str(mean.shape()), ", rstd ", shape_str(rstd.shape()));
+  const int64_t N = x.size(0), C = x.size(1), P = x.size(2) * x.size(3), tiles = (P + detail::kNormTile - 1) / detail::kNormTile;
+  Tensor<T> y = Tensor<T>::empty(x.shape());
+  const T *px = x.data(), *pw = weight.defined() ? weight.data() : nullptr, *pb = bias.defined() ? bias.data() : nullptr;
+  T* py = y.data();
+  const A *pmean = mean.data(), *prstd = rstd.data();
+  DENSEGRAD_OMP(parallel for schedule(static) if (N * C * P >= detail::kNormParallelMin))
+  for (int64_t task = 0; task < N * tiles; ++task) {
+    const int64_t n = task / tiles, p0 = (task % tiles) * detail::kNormTile, len = std::min(detail::kNormTile, P - p0);
+    detail::layer_norm2d_tile_out(px + n * xs + p0, py + n * C * P + p0, C, P, len, pmean + n * P + p0,
+                                  prstd + n * P + p0, pw, pb);
+  }
+  return y;
 }
 
 /// timm LayerNorm2d backward on NCHW (= ref::layer_norm2d_backward), from the saved mean/rstd:
