@@ -111,6 +111,14 @@ inline GeluPacket gelu_tanh_sigmoid(const GeluPacket& x) {
   const GeluPacket u = ei::pmul(splat(float(ref::kSqrt2OverPi)), ei::pmadd(splat(float(ref::kGeluTanhCubic)), x3, x));
   return ei::pdiv(splat(1.0f), ei::padd(splat(1.0f), ei::pexp(ei::pmul(splat(-2.0f), u))));
 }
+/// gelu'(x) in the tanh form from s = gelu_tanh_sigmoid(x): s + x s (1 - s) q with
+/// q = 2 sqrt(2/pi) (1 + 3 * 0.044715 x^2).
+inline GeluPacket gelu_tanh_grad(const GeluPacket& x, const GeluPacket& s) {
+  const GeluPacket q = ei::pmadd(splat(float(6 * ref::kGeluTanhCubic * ref::kSqrt2OverPi)), ei::pmul(x, x),
+                                 splat(float(2 * ref::kSqrt2OverPi)));
+  const GeluPacket ds = ei::pmul(ei::pmul(x, s), ei::psub(splat(1.0f), s));
+  return ei::pmadd(ds, q, s);
+}
 #endif
 }  // namespace detail
 
@@ -164,17 +172,13 @@ Tensor<T> gelu_backward(const Tensor<T>& dy, const Tensor<T>& x, bool tanh_appro
   T* pdx = dx.data();
 #if defined(EIGEN_VECTORIZE)
   if constexpr (!std::is_same_v<T, double>) {
-    using detail::GeluPacket, detail::splat;
+    using detail::GeluPacket;
     namespace ei = Eigen::internal;
     detail::for_each_chunk(x.numel(), [&](int64_t i0, int64_t len) {
       const T* g = pdy + i0;  // dy of the packet at offset i of this chunk: g + i
-      if (tanh_approximation)  // s + x s (1 - s) q, q = 2 sqrt(2/pi) (1 + 3 * 0.044715 x^2)
+      if (tanh_approximation)
         detail::map_packets(px + i0, pdx + i0, len, [g](const GeluPacket& v, int64_t i, int64_t m) {
-          const GeluPacket s = detail::gelu_tanh_sigmoid(v);
-          const GeluPacket q = ei::pmadd(splat(float(6 * ref::kGeluTanhCubic * ref::kSqrt2OverPi)), ei::pmul(v, v),
-                                         splat(float(2 * ref::kSqrt2OverPi)));
-          const GeluPacket ds = ei::pmul(ei::pmul(v, s), ei::psub(splat(1.0f), s));
-          return ei::pmul(detail::load(g + i, m), ei::pmadd(ds, q, s));
+          return ei::pmul(detail::load(g + i, m), detail::gelu_tanh_grad(v, detail::gelu_tanh_sigmoid(v)));
         });
       else
         detail::map_packets(px + i0, pdx + i0, len, [g](const GeluPacket& v, int64_t i, int64_t m) {
@@ -207,17 +211,14 @@ Tensor<T> gelu_and_backward_(Tensor<T>& dy, const Tensor<T>& x, bool tanh_approx
   T *py = y.data(), *pdy = dy.data();
 #if defined(EIGEN_VECTORIZE)
   if constexpr (!std::is_same_v<T, double>) {
-    using detail::GeluPacket, detail::splat;
+    using detail::GeluPacket;
     namespace ei = Eigen::internal;
     detail::for_each_chunk(x.numel(), [&](int64_t i0, int64_t len) {
       T* g = pdy + i0;  // dy of the packet at offset i of this chunk: g + i, overwritten with dx
       if (tanh_approximation)
         detail::map_packets(px + i0, py + i0, len, [g](const GeluPacket& v, int64_t i, int64_t m) {
           const GeluPacket s = detail::gelu_tanh_sigmoid(v);
-          const GeluPacket q = ei::pmadd(splat(float(6 * ref::kGeluTanhCubic * ref::kSqrt2OverPi)), ei::pmul(v, v),
-                                         splat(float(2 * ref::kSqrt2OverPi)));
-          const GeluPacket ds = ei::pmul(ei::pmul(v, s), ei::psub(splat(1.0f), s));
-          detail::store(ei::pmul(detail::load(g + i, m), ei::pmadd(ds, q, s)), g + i, m);
+          detail::store(ei::pmul(detail::load(g + i, m), detail::gelu_tanh_grad(v, s)), g + i, m);
           return ei::pmul(v, s);
         });
       else
