@@ -312,26 +312,17 @@ struct Indexer {
   int ndim = 0;
   int64_t size[kMaxDims];
   int64_t stride[K][kMaxDims];
-  __host__ __device__ void offsets(int64_t i, int64_t* off) const {
-    for (int k = 0; k < K; ++k) off[k] = 0;
-    for (int d = ndim - 1; d >= 1; --d) {  // inner dims: one division each
-      int64_t q = i / size[d], r = i - q * size[d];
-      for (int k = 0; k < K; ++k) off[k] += r * stride[k][d];
-      i = q;
-    }
-    if (ndim > 0)  // the outermost dim needs none (i < size[0]): a contiguous tensor costs no division
-      for (int k = 0; k < K; ++k) off[k] += i * stride[k][0];
-  }
+  __host__ __device__ void offsets(int64_t i, int64_t* off) const { offsets_as<int64_t>(i, off); }
   /// offsets() in index type I: int where fits_int (32-bit division is several times cheaper).
   template <class I>
   __host__ __device__ void offsets_as(I i, I* off) const {
     for (int k = 0; k < K; ++k) off[k] = 0;
-    for (int d = ndim - 1; d >= 1; --d) {
+    for (int d = ndim - 1; d >= 1; --d) {  // inner dims: one division each
       const I sz = I(size[d]), q = i / sz, r = i - q * sz;
       for (int k = 0; k < K; ++k) off[k] += r * I(stride[k][d]);
       i = q;
     }
-    if (ndim > 0)
+    if (ndim > 0)  // the outermost dim needs none (i < size[0]): a contiguous tensor costs no division
       for (int k = 0; k < K; ++k) off[k] += i * I(stride[k][0]);
   }
   /// True when n elements (a grid-stride loop over them) and every offset stay below 2^30, so
