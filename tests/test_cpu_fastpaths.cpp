@@ -333,6 +333,57 @@ TEMPLATE_TEST_CASE("gelu_and_backward_ gives cpu::gelu and cpu::gelu_backward to
                     Catch::Contains("expected contiguous dy and x of one shape, got [3] and [4]"));
 }
 
+TEST_CASE("gelu_and_backward_ of a bfloat16 x gives that of the widened float x, to the bit", "[fastpath]") {
+  Generator gen(17);
+  for (int threads : {1, 2})
+    for (int64_t n : {1, 15, 17, 4097, 40000}) {
+      INFO("threads " << threads << " n " << n);
+      const Tensor<float> xf = randn<float>({n}, gen, 0, 3), dy = randn<float>({n}, gen);
+      Tensor<bfloat16> xs = Tensor<bfloat16>::empty({n});
+      const Tensor<float> xr = cpu::round_to_bf16(xf, xs);  // xr: xs's values as float
+      for (bool tanh_form : {false, true})
+        with_threads(threads, [&] {
+          INFO("tanh form " << tanh_form);
+          Tensor<float> d_half = dy.clone(), d_float = dy.clone();
+          const std::vector<float> y_got = values_of(cpu::gelu_and_backward_(d_half, xs, tanh_form));
+          const std::vector<float> y_want = values_of(cpu::gelu_and_backward_(d_float, xr, tanh_form));
+          const std::vector<float> d_got = values_of(d_half), d_want = values_of(d_float);
+          CHECK(std::memcmp(y_got.data(), y_want.data(), y_got.size() * sizeof(float)) == 0);
+          CHECK(std::memcmp(d_got.data(), d_want.data(), d_got.size() * sizeof(float)) == 0);
+        });
+    }
+}
+
+TEST_CASE("round_bf16_range rounds as dg::bfloat16 does: ties to even, overflow, denormals, inf, NaN",
+          "[fastpath]") {
+  std::vector<uint32_t> bits = {0x00000000u, 0x80000000u, 0x3f800000u, 0x3f808000u, 0x3f818000u, 0x3f80ffffu,
+                                0x3f807fffu, 0x7f7fffffu, 0xff7fffffu, 0x7f800000u, 0xff800000u, 0x7fc00000u,
+                                0x7f800001u, 0xffc12345u, 0x00000001u, 0x00008000u, 0x00018000u, 0x807fffffu};
+  std::mt19937 rng(5);
+  for (int i = 0; i < 5000; ++i) bits.push_back(static_cast<uint32_t>(rng()));
+  const int64_t n = static_cast<int64_t>(bits.size());
+  std::vector<float> x(bits.size()), r(bits.size());
+  std::memcpy(x.data(), bits.data(), bits.size() * 4);
+  std::vector<bfloat16> hs(bits.size());
+  cpu::round_bf16_range(x.data(), hs.data(), r.data(), n);
+  int64_t wrong = 0, first = -1;
+  for (int64_t i = 0; i < n; ++i) {
+    const bfloat16 want(x[i]);
+    uint32_t r_bits;
+    std::memcpy(&r_bits, &r[i], 4);
+    if (hs[i].bits != want.bits || r_bits != uint32_t(want.bits) << 16) {
+      ++wrong;
+      if (first < 0) first = i;
+    }
+  }
+  INFO("first wrong input bits 0x" << std::hex << (first < 0 ? 0u : bits[static_cast<size_t>(first)]));
+  CHECK(wrong == 0);
+  // in place (r = x), as gelu_conv2d's forward calls it
+  std::vector<float> y = x;
+  cpu::round_bf16_range(y.data(), hs.data(), y.data(), n);
+  CHECK(std::memcmp(y.data(), r.data(), y.size() * 4) == 0);
+}
+
 TEST_CASE("gelu packets on a grid into both tails, and at +-inf and NaN", "[fastpath]") {
   // every 1/64 from -90 to 90: the tails where the density's exp underflows (x^2 / 2 > 87) and the
   // negative side where 1 + erf cancels; then the values that must come out exactly. atol: the erf

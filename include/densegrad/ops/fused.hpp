@@ -45,9 +45,10 @@ namespace dg {
 namespace detail {
 /// gelu_conv2d's gradients {dh, dweight, dbias (if need_b)} on the CPU from dout and h: first dh's
 /// conv part, then one pass that makes gelu(h) again for dweight and multiplies dh by gelu'(h) in
-/// place (one erf per element for both, cpu::gelu_and_backward_), then dweight.
-template <class T>
-std::vector<Tensor<T>> gelu_conv2d_grads_cpu(const Tensor<T>& dout, const Tensor<T>& h, const Tensor<T>& ws,
+/// place (one erf per element for both, cpu::gelu_and_backward_), then dweight. h may be kept in
+/// bfloat16 (H) for a float conv.
+template <class T, class H>
+std::vector<Tensor<T>> gelu_conv2d_grads_cpu(const Tensor<T>& dout, const Tensor<H>& h, const Tensor<T>& ws,
                                              const Conv2dGeometry& g, bool need_b, bool tanh_approximation) {
   std::vector<Tensor<T>> grads = conv2d_grads(dout, Tensor<T>(), ws, g, true, false, need_b);
   const Tensor<T> a = cpu::gelu_and_backward_(grads[0], h, tanh_approximation);
@@ -90,8 +91,8 @@ inline Tensor<float> gelu_conv2d_bf16(const Tensor<float>& h, const Tensor<float
           if (need_h) k.gelu_grad_bf16_(grads[0], hs, tanh_approximation);
           return grads;
         }
+        if (need_h && need_w) return gelu_conv2d_grads_cpu(dout, hs, ws, g, need_b, tanh_approximation);
         const Tensor<float> hr = hs.defined() ? cpu::widen_bf16(hs) : Tensor<float>();
-        if (need_h && need_w) return gelu_conv2d_grads_cpu(dout, hr, ws, g, need_b, tanh_approximation);
         Tensor<float> a = need_w ? gelu_forward(hr, tanh_approximation) : Tensor<float>();
         std::vector<Tensor<float>> grads = detail::conv2d_grads(dout, a, ws, g, need_h, need_w, need_b);
         a = Tensor<float>();  // freed before dh is made

@@ -10,6 +10,7 @@
 
 #include <Eigen/Core>
 #include <algorithm>
+#include <cstring>
 
 #include "parallel.hpp"
 #include "../ref/activation.hpp"
@@ -47,6 +48,16 @@ GeluPacket load(const T* p, int64_t len) {
   if constexpr (std::is_same_v<T, float>) {
     if (len == kGeluLanes) return ei::ploadu<GeluPacket>(p);
   }
+  if constexpr (std::is_same_v<T, bfloat16>) {  // a bfloat16 is the top half of its float
+    if (len == kGeluLanes) {
+      alignas(64) float v[kGeluLanes];
+      for (int64_t j = 0; j < kGeluLanes; ++j) {
+        const uint32_t u = uint32_t(p[j].bits) << 16;
+        std::memcpy(v + j, &u, 4);
+      }
+      return ei::pload<GeluPacket>(v);
+    }
+  }
   alignas(64) float v[kGeluLanes] = {};
   for (int64_t j = 0; j < len; ++j) v[j] = float(p[j]);
   return ei::pload<GeluPacket>(v);
@@ -62,8 +73,9 @@ void store(const GeluPacket& v, T* p, int64_t len) {
 }
 /// out[i, i + m) = f(p[i, i + m) as a packet, i, m) for the packets of [0, len); m = kGeluLanes
 /// but for a partial last packet (f sees the offset and length to load its other inputs alike).
-template <class T, class F>
-void map_packets(const T* p, T* out, int64_t len, F f) {
+/// p may hold bfloat16 where out holds float.
+template <class X, class T, class F>
+void map_packets(const X* p, T* out, int64_t len, F f) {
   for (int64_t i = 0; i < len; i += kGeluLanes) {
     const int64_t m = std::min<int64_t>(kGeluLanes, len - i);
     store(f(load(p + i, m), i, m), out + i, m);
@@ -201,13 +213,17 @@ Tensor<T> gelu_backward(const Tensor<T>& dy, const Tensor<T>& x, bool tanh_appro
 /// returns y = gelu(x) (made again for the weight's gradient) and overwrites dy with dy * gelu'(x).
 /// One erf and one exp per element serve both, where cpu::gelu and cpu::gelu_backward evaluate
 /// them once each; the values are those two functions' to the bit (the same packet steps).
-template <class T>
-Tensor<T> gelu_and_backward_(Tensor<T>& dy, const Tensor<T>& x, bool tanh_approximation) {
+/// x may also be bfloat16 for float dy (gelu_conv2d's input kept in bfloat16): the values are
+/// then those of the float x = widen(x), without making that tensor.
+template <class T, class X>
+Tensor<T> gelu_and_backward_(Tensor<T>& dy, const Tensor<X>& x, bool tanh_approximation) {
+  static_assert(std::is_same_v<X, T> || (std::is_same_v<X, bfloat16> && std::is_same_v<T, float>),
+                "cpu::gelu_and_backward_: x must have dy's type, or be bfloat16 for float dy");
   DG_CHECK(dy.is_contiguous() && x.is_contiguous() && dy.shape() == x.shape(),
            "cpu::gelu_and_backward_: expected contiguous dy and x of one shape, got ", shape_str(dy.shape()), " and ",
            shape_str(x.shape()));
   Tensor<T> y = Tensor<T>::empty(x.shape());
-  const T* px = x.data();
+  const X* px = x.data();
   T *py = y.data(), *pdy = dy.data();
 #if defined(EIGEN_VECTORIZE)
   if constexpr (!std::is_same_v<T, double>) {
@@ -244,11 +260,17 @@ Tensor<T> gelu_and_backward_(Tensor<T>& dy, const Tensor<T>& x, bool tanh_approx
 
 /// hs[0, n) <- x[0, n) rounded to bfloat16 (dg::bfloat16: nearest even), r[0, n) <- the rounded
 /// values as float (r may be x); the calling thread only. gelu_conv2d's input under bf16 products.
+/// dg::bfloat16::from_float's steps without its early return, so that the loop vectorizes.
 inline void round_bf16_range(const float* x, bfloat16* hs, float* r, int64_t n) {
   for (int64_t i = 0; i < n; ++i) {
-    const bfloat16 v(x[i]);
-    hs[i] = v;
-    r[i] = float(v);
+    uint32_t u;
+    std::memcpy(&u, x + i, 4);
+    const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
+    const uint32_t v = (u & 0x7fffffffu) > 0x7f800000u ? 0x7fc00000u : rounded;  // NaN: the quiet NaN
+    hs[i].bits = static_cast<uint16_t>(v >> 16);
+    float f;
+    std::memcpy(&f, &v, 4);
+    r[i] = f;
   }
 }
 
