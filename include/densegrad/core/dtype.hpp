@@ -33,11 +33,10 @@ struct bfloat16 {
   static uint16_t from_float(float f) {
     uint32_t u;
     std::memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;  // any NaN -> canonical quiet NaN
     // round to nearest, ties to even: add 0x7fff plus the lowest kept bit
-    uint32_t lsb = (u >> 16) & 1u;
-    u += 0x7fffu + lsb;
-    return static_cast<uint16_t>(u >> 16);
+    const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    // any NaN -> the canonical quiet NaN; a select, not an early return, so loops over it vectorize
+    return static_cast<uint16_t>((u & 0x7fffffffu) > 0x7f800000u ? 0x7fc0u : rounded);
   }
   static float to_float(uint16_t b) {
     uint32_t u = static_cast<uint32_t>(b) << 16;
