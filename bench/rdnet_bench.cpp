@@ -191,7 +191,7 @@ int main(int argc, char** argv) {
                "recompute each dense block in backward instead of keeping its activations");
   app.add_option("--cache-budget", a.cache_budget,
                  "the CPU allocator holds memory in use plus cached up to this factor of the most in use at once "
-                 "(default: the allocator's, 1.1 on Linux and no bound elsewhere, or 1.25 with --memory-efficient)")
+                 "(default: the allocator's, 1.2 on Linux and no bound elsewhere, or 1.25 with --memory-efficient)")
       ->check(CLI::Range(1.0, 1e6));
   app.add_option("--op", a.op,
                  "time one op of a dense block instead of the model, on (batch, channels, res, res): depthwise 7x7 "

@@ -601,7 +601,7 @@ TEST_CASE("caching CPU allocator keeps in use + cached within its budget, big bl
   using A = CachingCpuAllocator;
   // Sizes from 64 bytes to 8 MiB: blocks of 1 MiB and more are pages of their own (mmap on Linux).
   for (double fit : {1.0, 2.0, 4.0})                          // 2: the default
-  for (double budget : {1.0, 1.1, 1.25, 1.5, 3.0, HUGE_VAL}) {  // HUGE_VAL: no bound; 1.1 the default on Linux
+  for (double budget : {1.0, 1.1, 1.2, 1.5, 3.0, HUGE_VAL}) {  // HUGE_VAL: no bound; 1.2 the default on Linux
     INFO("fit ratio " << fit << ", budget " << budget);
     A r;
     r.set_fit_ratio(fit);
@@ -756,11 +756,39 @@ TEST_CASE("caching CPU allocator splits big free pieces for smaller requests and
   auto* whole = static_cast<char*>(a.allocate(8 * MiB));
   CHECK(whole == p);
   std::memset(whole, 4, 8 * MiB);
-  // a request bigger than every free piece maps new pages
+  // a request bigger than every free piece grows the largest: its pages, and what they hold,
+  // become the block's first 8 MiB (new pages would read 0), and only the last MiB is new
   a.deallocate(whole, 8 * MiB);
   auto* bigger = static_cast<char*>(a.allocate(9 * MiB));
-  CHECK(a.cached_bytes() == 8 * MiB);
+  CHECK(a.cached_bytes() == 0);
+  CHECK(a.in_use_bytes() == 9 * MiB);
+  CHECK(bigger[0] == 4);
+  CHECK(bigger[8 * MiB - 1] == 4);
+  CHECK(bigger[8 * MiB] == 0);
+  std::memset(bigger, 5, 9 * MiB);  // all of it is the block's
   a.deallocate(bigger, 9 * MiB);
+  CHECK(a.cached_bytes() == 9 * MiB);
+  // with pieces in use between them, two free pieces stay apart; the larger grows, and the other
+  // goes back when it would pass the budget (1.0 here: in use + cached within the peak)
+  {
+    A b;
+    b.set_budget(1.0);
+    auto* x = static_cast<char*>(b.allocate(4 * MiB));
+    void* y = b.allocate(1 * MiB);
+    void* z = b.allocate(2 * MiB);
+    void* w = b.allocate(1 * MiB);
+    std::memset(x, 6, 4 * MiB);
+    b.deallocate(x, 4 * MiB);
+    b.deallocate(z, 2 * MiB);
+    CHECK(b.cached_bytes() == 6 * MiB);
+    auto* big = static_cast<char*>(b.allocate(6 * MiB));  // 2 in use + 6 > the 8 MiB peak with 2 cached
+    CHECK(big[4 * MiB - 1] == 6);                          // x's pages
+    CHECK(b.cached_bytes() == 0);
+    CHECK(b.in_use_bytes() == 8 * MiB);
+    b.deallocate(big, 6 * MiB);
+    b.deallocate(y, 1 * MiB);
+    b.deallocate(w, 1 * MiB);
+  }
   a.release_cached();
   CHECK(a.cached_bytes() == 0);
   // caching off: a big block goes straight back, whatever its neighbours
@@ -769,16 +797,22 @@ TEST_CASE("caching CPU allocator splits big free pieces for smaller requests and
   a.deallocate(u, 2 * MiB);
   CHECK(a.cached_bytes() == 0);
   CHECK(a.in_use_bytes() == 0);
-  // the default budget, 1.1 here: a miss first gives back free pieces past 1.1 x the peak
-  REQUIRE(A::kDefaultBudget == 1.1);
+  // the default budget, 1.2 here: 8 MiB free and 3 in use, then 9 asked: the 8 grow into the 9
+  // (in use 12 + cached 0 <= 1.2 x 12)
+  REQUIRE(A::kDefaultBudget == 1.2);
   A d;
+  void* k = d.allocate(3 * MiB);
   d.deallocate(d.allocate(8 * MiB), 8 * MiB);
-  void* e = d.allocate(9 * MiB);  // 8 cached + 9 asked > 1.1 x 9: the 8 MiB go back first
+  void* e = d.allocate(9 * MiB);
   CHECK(d.cached_bytes() == 0);
+  d.deallocate(k, 3 * MiB);
   d.deallocate(e, 9 * MiB);
-  void* f = d.allocate(4 * MiB);  // a hit: split from the 9 MiB, nothing given back
+  d.release_cached();  // then one 9 MiB piece alone
+  void* f = d.allocate(9 * MiB);
+  d.deallocate(f, 9 * MiB);
+  void* h = d.allocate(4 * MiB);  // a hit: split from the 9 MiB, nothing given back
   CHECK(d.cached_bytes() == 5 * MiB);
-  d.deallocate(f, 4 * MiB);
+  d.deallocate(h, 4 * MiB);
   CHECK(d.cached_bytes() == 9 * MiB);
 }
 

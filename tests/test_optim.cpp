@@ -3,6 +3,7 @@
 // (tests/fixtures/optim.safetensors), timm param groups, state_dict round trips, ModelEMA, errors.
 #include "test_util.hpp"
 
+#include <chrono>
 #include <cstdio>
 #include <filesystem>
 #include <memory>
@@ -355,7 +356,11 @@ void round_trip(const Options& o, double lr) {
     set_fixture_grads(pa, s);
     a.step();
   }
-  auto path = (std::filesystem::temp_directory_path() / "densegrad_test_optim_state.safetensors").string();
+  // a name of its own: ctest -j runs the SGD and AdamW cases at once, in two processes
+  const auto stamp = std::chrono::steady_clock::now().time_since_epoch().count();
+  auto path = (std::filesystem::temp_directory_path() /
+               ("densegrad_test_optim_state_" + std::to_string(stamp) + ".safetensors"))
+                  .string();
   dg::io::save_safetensors(path, a.state_dict());
   auto loaded = dg::io::load_safetensors<float>(path);
   std::remove(path.c_str());

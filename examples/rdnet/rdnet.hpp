@@ -111,7 +111,7 @@ struct RDNetConfig {
 /// Sets the CPU allocator's cache budget for a program's run (dg::set_cpu_cache_budget): the
 /// requested factor when one was given (> 0), else 1.25 for a memory-efficient model (measured:
 /// 1.1 held 15 MiB less there for 40% more page faults) and the allocator's default otherwise
-/// (1.1 on Linux, no bound elsewhere: dg::CachingCpuAllocator::kDefaultBudget).
+/// (1.2 on Linux, no bound elsewhere: dg::CachingCpuAllocator::kDefaultBudget).
 inline void set_cache_budget_for(const RDNetConfig& cfg, double requested) {
   dg::set_cpu_cache_budget(requested > 0 ? requested
                            : cfg.memory_efficient ? 1.25

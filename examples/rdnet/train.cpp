@@ -98,7 +98,7 @@ void add_options(CLI::App& app, Args& a) {
       ->capture_default_str();
   app.add_option("--cache-budget", a.cache_budget,
                  "the CPU allocator holds memory in use plus cached up to this factor of the most in use at once "
-                 "(>= 1; 0, the default: the allocator's, 1.1 on Linux and no bound elsewhere, or 1.25 with --memory-efficient)")
+                 "(>= 1; 0, the default: the allocator's, 1.2 on Linux and no bound elsewhere, or 1.25 with --memory-efficient)")
       ->check(CLI::NonNegativeNumber);
   app.add_option("--accum-steps", a.accum_steps, "micro-batches per optimizer step")->check(CLI::PositiveNumber);
   app.add_option("--ema", a.ema, "EMA decay of the weights; evaluated and recorded instead of the raw weights (0: off)")->check(CLI::Range(0.0, 1.0));

@@ -2,7 +2,8 @@
 // Views share one Storage; the bytes are freed when the last view goes away. The default CPU
 // allocator caches freed blocks: small ones by size class (a training step frees and re-requests
 // the same sizes every step), blocks of 1 MiB and more as pieces of mapped pages that are split
-// to serve smaller requests and merged with free neighbours when freed; with a budget it gives
+// to serve smaller requests, merged with free neighbours when freed, and grown (mremap) for a
+// request that none holds; with a budget it gives
 // cached memory back when a request misses and the total would pass the budget.
 // CPU memory statistics (cpu_memory_allocated and friends) count the bytes that live CPU
 // storages requested, like torch.cuda.memory_allocated does for the GPU.
@@ -109,9 +110,16 @@ struct CpuAllocator final : Allocator {
 /// same pages, so a tight bound costs faults only while a program warms up: at 1.1x, RDNet nano's
 /// training steps faulted 62.4k times in 10 steps and in 40 (55.8k without a bound), RDNet-T's
 /// training step at batch 16 510k times either way, and peak RSS went 1926 -> 1720 MiB (RDNet-T
-/// train, batch 16), 502 -> 465 (RDNet-T inference, batch 8), 210 -> 203 (nano train). So the
-/// default (kDefaultBudget) is 1.1 where big blocks are pieces and no bound elsewhere; 1.0 (in
-/// use + cached never above the peak) doubled the faults. set_budget() sets the factor
+/// train, batch 16), 502 -> 465 (RDNet-T inference, batch 8), 210 -> 203 (nano train); 1.0 (in
+/// use + cached never above the peak) doubled the faults. Later steps with other tensor sizes
+/// (nano under bf16 products, whose saved GELU inputs are half as wide) split the pieces so that
+/// 1.1 never settled: 3-4 misses per step, each for a block (13 or 24.5 MiB) that none of 9-13
+/// free pieces (up to 73 MiB in all) held, 14k page faults per bf16 step and 1.8k per float32
+/// one. A miss now grows the largest free piece into the block (mremap: its resident pages serve
+/// again, only the rest is new), which halves those faults; at 1.2 there are none once warm,
+/// for peak RSS 152 -> 165 MiB (nano bf16), 188 -> 190 (nano float32) and 1399 -> 1405 (RDNet-T
+/// train, batch 16). So the default (kDefaultBudget) is 1.2 where big blocks are pieces and no
+/// bound elsewhere. set_budget() sets the factor
 /// (set_cpu_cache_budget() for the default allocator); release_cached() frees every cached block;
 /// set_max_cached_bytes() caps the cache.
 class CachingCpuAllocator final : public Allocator {
@@ -242,8 +250,8 @@ class CachingCpuAllocator final : public Allocator {
     return 4096;
 #endif
   }
-  /// The budget a new allocator starts with (see the class comment): 1.1 with pieces, else none.
-  static constexpr double kDefaultBudget = kPieces ? 1.1 : HUGE_VAL;
+  /// The budget a new allocator starts with (see the class comment): 1.2 with pieces, else none.
+  static constexpr double kDefaultBudget = kPieces ? 1.2 : HUGE_VAL;
 
  private:
   // Blocks of 1 MiB and more are pages of their own (mmap), so a block given back leaves the RSS
@@ -259,9 +267,17 @@ class CachingCpuAllocator final : public Allocator {
     return p == MAP_FAILED ? nullptr : static_cast<char*>(p);
   }
   static void unmap(char* p, size_t bytes) { ::munmap(p, bytes); }  // any page-aligned part of a mapping
+  /// The mapped pages [p, p + bytes) grown to `to` bytes: in place, or moved (their page table
+  /// entries, not their contents) to where `to` bytes fit; the pages past `bytes` are new. Null
+  /// when the kernel refuses (e.g. a range over two mappings that it did not merge): p untouched.
+  static char* grow(char* p, size_t bytes, size_t to) {
+    void* q = ::mremap(p, bytes, to, MREMAP_MAYMOVE);
+    return q == MAP_FAILED ? nullptr : static_cast<char*>(q);
+  }
 #else
   static char* map(size_t) { return nullptr; }  // never called: no pieces here
   static void unmap(char*, size_t) {}
+  static char* grow(char*, size_t, size_t) { return nullptr; }
 #endif
   struct Block {
     void* p;
@@ -327,11 +343,13 @@ class CachingCpuAllocator final : public Allocator {
   }
 
   /// A big block: the smallest free piece that holds the page-rounded request (split when larger),
-  /// or on a miss newly mapped pages.
+  /// or on a miss the largest free piece grown to the request (grow(): its pages, already
+  /// resident, keep serving, and only the rest is new), else newly mapped pages.
   void* allocate_piece(size_t nbytes) {
     const size_t page = page_bytes(), r = (nbytes + page - 1) / page * page;
     std::vector<Block> evicted;
     std::vector<Range> evicted_pieces;
+    Range base{nullptr, 0};  // on a miss: the free piece the block grows from
     {
       std::lock_guard<std::mutex> lock(mu_);
       auto f = free_pieces_.lower_bound({r, nullptr});
@@ -348,11 +366,32 @@ class CachingCpuAllocator final : public Allocator {
         peak_ = std::max(peak_, in_use_);
         return p;
       }
-      evict_for(r, evicted, evicted_pieces);
+      if (!free_pieces_.empty()) {  // all smaller than r here
+        auto largest = std::prev(free_pieces_.end());
+        base = {largest->second, largest->first};
+        free_pieces_.erase(largest);
+        pieces_.erase(base.first);
+        cached_ -= base.second;
+      }
+      evict_for(r, evicted, evicted_pieces);  // in use + cached + r: the new pages past base's
       in_use_ += r;
     }
-    char* p = fresh(r, nbytes, evicted, evicted_pieces, map);
+    char* p = base.first ? grow(base.first, base.second, r) : nullptr;
+    if (p) {
+      release(evicted, evicted_pieces);
+    } else {
+      if (base.first) {  // not grown: a free piece again, and the budget checked again without it
+        std::lock_guard<std::mutex> lock(mu_);
+        in_use_ -= r;
+        pieces_.emplace(base.first, Piece{base.second, false});
+        free_piece(base.first);
+        evict_for(r, evicted, evicted_pieces);
+        in_use_ += r;
+      }
+      p = fresh(r, nbytes, evicted, evicted_pieces, map);
+    }
     std::lock_guard<std::mutex> lock(mu_);
+    peak_ = std::max(peak_, in_use_);
     pieces_.emplace(p, Piece{r, false});
     return p;
   }
@@ -371,6 +410,13 @@ class CachingCpuAllocator final : public Allocator {
       unmap(p, bytes);
       return;
     }
+    free_piece(p);
+  }
+  /// Under the lock: the piece at p (in pieces_, not free) becomes a free piece, merged with
+  /// free neighbours, and counts as cached.
+  void free_piece(char* p) {
+    auto it = pieces_.find(p);
+    size_t bytes = it->second.bytes;
     cached_ += bytes;
     auto next = std::next(it);
     if (next != pieces_.end() && next->second.free && next->first == p + bytes) {
@@ -465,7 +511,7 @@ inline size_t release_cached_cpu_memory() {
 }
 
 /// How much memory the default CPU allocator may hold: in use plus cached up to `factor` times the
-/// most ever in use at once (default CachingCpuAllocator::kDefaultBudget: 1.1 on Linux, else no
+/// most ever in use at once (default CachingCpuAllocator::kDefaultBudget: 1.2 on Linux, else no
 /// bound; HUGE_VAL is no bound). Lower keeps the RSS nearer
 /// to what tensors need, at the cost of giving blocks back and faulting fresh pages more often.
 /// Frees nothing by itself.
@@ -481,6 +527,33 @@ inline void set_cpu_cache_fit_ratio(double ratio) { detail::default_cpu_allocato
 inline Allocator* get_allocator(Device::Kind kind) { return detail::allocator_table()[static_cast<int>(kind)]; }
 /// Installs `a` for `kind`; storage allocated before keeps its old allocator.
 inline void set_allocator(Device::Kind kind, Allocator* a) { detail::allocator_table()[static_cast<int>(kind)] = a; }
+
+/// A standard-library allocator over the CPU allocator (the caching one by default), for the
+/// scratch buffers of CPU kernels: buffers a training step asks for again every step (im2col
+/// columns, packed GEMM operands, per-thread partial sums) then come from the cache. From
+/// malloc, big ones came as fresh pages each time (glibc gives blocks of 128 KiB and more back
+/// to the system, or trims them off its heaps): RDNet nano's training step at batch 128 took
+/// 1.8k page faults per step in float32 and 4k in bf16 that way, about 3% of the step. Scratch
+/// is not a tensor: cpu_memory_allocated() does not count it. Each buffer keeps the allocator it
+/// was made with (set_allocator() later does not strand it).
+template <class T>
+struct CpuScratchAllocator {
+  using value_type = T;
+  Allocator* a = get_allocator(Device::Kind::CPU);
+  CpuScratchAllocator() noexcept = default;
+  template <class U>
+  CpuScratchAllocator(const CpuScratchAllocator<U>& o) noexcept : a(o.a) {}
+  T* allocate(size_t n) { return static_cast<T*>(a->allocate(n * sizeof(T))); }
+  void deallocate(T* p, size_t n) noexcept { a->deallocate(p, n * sizeof(T)); }
+  template <class U>
+  bool operator==(const CpuScratchAllocator<U>& o) const noexcept { return a == o.a; }
+  template <class U>
+  bool operator!=(const CpuScratchAllocator<U>& o) const noexcept { return a != o.a; }
+};
+/// A kernel's scratch buffer: a std::vector whose memory comes from the CPU allocator.
+///   dg::scratch_vector<float> col(K * P);  // zeroed, like any std::vector<float>(n)
+template <class T>
+using scratch_vector = std::vector<T, CpuScratchAllocator<T>>;
 
 /// Copies nbytes between devices: (dst, dst_device, src, src_device, nbytes). A backend
 /// registers one for its device kind (the CUDA backend: cudaMemcpy); CPU <-> CPU is memcpy.

@@ -43,7 +43,7 @@ constexpr int64_t kParallelMinMacs = int64_t(1) << 18;
 template <class A>
 struct DenseArray {
   const A* borrowed = nullptr;
-  std::vector<A> own;
+  scratch_vector<A> own;
   int64_t image = 0;  // for images(): elements from image n to image n + 1
   const A* data() const { return borrowed ? borrowed : own.data(); }
 };
@@ -191,7 +191,7 @@ void gemm_forward(Planes<A> x, const A* w, const A* b, A* y, const Conv2dGeometr
   const int64_t Cg = g.cin_g(), OCg = g.cout_g(), K = Cg * g.kH * g.kW, P = g.Ho * g.Wo, jobs = g.N * g.groups;
   const bool pointwise = is_pointwise(g);
   DENSEGRAD_OMP(parallel if (jobs > 1 && jobs * OCg * K * P >= kParallelMinMacs)) {
-    std::vector<A> col(pointwise ? 0 : static_cast<size_t>(K * P));
+    scratch_vector<A> col(pointwise ? 0 : static_cast<size_t>(K * P));
     DENSEGRAD_OMP(for)
     for (int64_t j = 0; j < jobs; ++j) {
       const int64_t n = j / g.groups, gi = j % g.groups;
@@ -213,7 +213,7 @@ void gemm_backward_input(Planes<A> dout, const A* w, A* dx, const Conv2dGeometry
   const int64_t Cg = g.cin_g(), OCg = g.cout_g(), K = Cg * g.kH * g.kW, P = g.Ho * g.Wo, jobs = g.N * g.groups;
   const bool pointwise = is_pointwise(g);
   DENSEGRAD_OMP(parallel if (jobs > 1 && jobs * OCg * K * P >= kParallelMinMacs)) {
-    std::vector<A> col(pointwise ? 0 : static_cast<size_t>(K * P));
+    scratch_vector<A> col(pointwise ? 0 : static_cast<size_t>(K * P));
     DENSEGRAD_OMP(for)
     for (int64_t j = 0; j < jobs; ++j) {
       const int64_t n = j / g.groups, gi = j % g.groups;
@@ -234,9 +234,9 @@ void gemm_backward_weight(Planes<A> dout, Planes<A> x, A* dw, const Conv2dGeomet
   const int64_t Cg = g.cin_g(), OCg = g.cout_g(), K = Cg * g.kH * g.kW, P = g.Ho * g.Wo, jobs = g.N * g.groups;
   const bool pointwise = is_pointwise(g);
   const int64_t wsize = g.C_out * K, copies = std::max<int64_t>(1, std::min<int64_t>(max_threads(), jobs));
-  std::vector<A> part(static_cast<size_t>(copies * wsize), A(0));
+  scratch_vector<A> part(static_cast<size_t>(copies * wsize), A(0));
   DENSEGRAD_OMP(parallel if (copies > 1 && jobs * OCg * K * P >= kParallelMinMacs) num_threads(static_cast<int>(copies))) {
-    std::vector<A> col(pointwise ? 0 : static_cast<size_t>(K * P));
+    scratch_vector<A> col(pointwise ? 0 : static_cast<size_t>(K * P));
     A* mine = part.data() + thread_num() * wsize;
     DENSEGRAD_OMP(for)
     for (int64_t j = 0; j < jobs; ++j) {
@@ -293,7 +293,7 @@ template <class A>
 void folded_forward(Planes<A> x, const A* w, const A* b, A* y, const Conv2dGeometry& g, int64_t G) {
   const int64_t C = g.C_in, OC = g.C_out, P = g.Ho * g.Wo, chunks = (g.N + G - 1) / G;
   DENSEGRAD_OMP(parallel if (chunks > 1)) {
-    std::vector<A> xs(static_cast<size_t>(C * G * P)), ys(static_cast<size_t>(OC * G * P));
+    scratch_vector<A> xs(static_cast<size_t>(C * G * P)), ys(static_cast<size_t>(OC * G * P));
     DENSEGRAD_OMP(for)
     for (int64_t ch = 0; ch < chunks; ++ch) {
       const int64_t n0 = ch * G, gn = std::min(G, g.N - n0);
@@ -312,7 +312,7 @@ template <class A>
 void folded_backward_input(Planes<A> dout, const A* w, A* dx, const Conv2dGeometry& g, int64_t G) {
   const int64_t C = g.C_in, OC = g.C_out, P = g.Ho * g.Wo, chunks = (g.N + G - 1) / G;
   DENSEGRAD_OMP(parallel if (chunks > 1)) {
-    std::vector<A> ds(static_cast<size_t>(OC * G * P)), xs(static_cast<size_t>(C * G * P));
+    scratch_vector<A> ds(static_cast<size_t>(OC * G * P)), xs(static_cast<size_t>(C * G * P));
     DENSEGRAD_OMP(for)
     for (int64_t ch = 0; ch < chunks; ++ch) {
       const int64_t n0 = ch * G, gn = std::min(G, g.N - n0);
@@ -569,7 +569,7 @@ Operand<A> matrix(const A* a, int64_t lda, int64_t K) { return {a, lda, 0, K, 1}
 /// buf, which it resizes; rows past M in the last block are 0. For operands used many times (a
 /// conv's weight, once per image).
 template <class A, class F>
-Operand<A> pack_rows(int64_t M, int64_t K, F at, std::vector<A>& buf) {
+Operand<A> pack_rows(int64_t M, int64_t K, F at, scratch_vector<A>& buf) {
   buf.assign(static_cast<size_t>(round_up(M, kPackRows) * K), A(0));
   for (int64_t i = 0; i < M; ++i)
     for (int64_t k = 0; k < K; ++k) buf[(i / kPackRows) * kPackRows * K + k * kPackRows + i % kPackRows] = at(i, k);
@@ -590,7 +590,7 @@ constexpr bool bf16_products(const Conv2dGeometry& g) {
 
 /// An A operand packed in bfloat16 (gemm_bf16.hpp's layout); empty: not used.
 struct HalfRows {
-  std::vector<uint32_t> buf, row;  // row: pack_a's scratch
+  scratch_vector<uint32_t> buf, row;  // row: pack_a's scratch
   const uint32_t* data() const { return buf.empty() ? nullptr : buf.data(); }
 };
 
@@ -611,7 +611,7 @@ void round_operand(const Operand<A>& op, int64_t M, HalfRows& h) {
 /// bf16 products when ah holds a in bf16 (b is rounded into pairs in scratch first).
 template <TileInit Init, class A>
 void panel_gemm(const Operand<A>& a, const HalfRows& ah, const A* b, int64_t ldb, A* c, int64_t ldc, int64_t M,
-                int64_t N, int64_t K, std::vector<uint32_t>& scratch, const A* row_init = nullptr) {
+                int64_t N, int64_t K, scratch_vector<uint32_t>& scratch, const A* row_init = nullptr) {
 #if DENSEGRAD_BF16_GEMM
   if constexpr (std::is_same_v<A, float>) {
     if (ah.data()) {
@@ -756,15 +756,15 @@ void panel_forward(Planes<A> x, const A* w, const A* b, A* y, const Conv2dGeomet
   const int64_t img = g.C_in * g.H * g.W;  // of a prepped image, dense
   const int64_t K = g.C_in * g.kH * g.kW, OC = g.C_out, P = g.Ho * g.Wo, G = panel_images(g);
   const int64_t chunks = (g.N + G - 1) / G, c0 = inplace_cols<A>(g), ld = round_up(G * (P - c0), kLanes<A>);
-  std::vector<A> packed;
+  scratch_vector<A> packed;
   HalfRows wh;  // bf16 products: the weight rounded, instead of packed
   Operand<A> a{};
   if (bf16_products<A>(g)) round_operand(matrix(w, K, K), OC, wh);
   else a = pack_rows<A>(OC, K, [&](int64_t i, int64_t k) { return w[i * K + k]; }, packed);
   DENSEGRAD_OMP(parallel if (chunks > 1 && g.N * OC * K * P >= kParallelMinMacs)) {
-    std::vector<A> cols(static_cast<size_t>(K * ld), A(0)), out(static_cast<size_t>(OC * ld));
-    std::vector<A> prepped(static_cast<size_t>(kPrep ? G * img : 0));
-    std::vector<uint32_t> bh;
+    scratch_vector<A> cols(static_cast<size_t>(K * ld), A(0)), out(static_cast<size_t>(OC * ld));
+    scratch_vector<A> prepped(static_cast<size_t>(kPrep ? G * img : 0));
+    scratch_vector<uint32_t> bh;
     DENSEGRAD_OMP(for schedule(static))
     for (int64_t ch = 0; ch < chunks; ++ch) {
       const int64_t n0 = ch * G, gn = std::min(G, g.N - n0);
@@ -798,7 +798,7 @@ void panel_backward_input(Planes<A> dout, const A* w, A* dx, const Conv2dGeometr
   const int64_t K = g.C_in * g.kH * g.kW, OC = g.C_out, P = g.Ho * g.Wo, G = panel_images(g);
   const int64_t chunks = (g.N + G - 1) / G, c0 = inplace_cols<A>(g), ld = round_up(G * (P - c0), kLanes<A>);
   const int64_t image = g.C_in * g.H * g.W;  // of dx
-  std::vector<A> packed;  // W^T (K, OC): the A operand, packed (float32 products) or rounded (bf16)
+  scratch_vector<A> packed;  // W^T (K, OC): the A operand, packed (float32 products) or rounded (bf16)
   HalfRows wh;
   Operand<A> a{};
   if (bf16_products<A>(g)) {
@@ -809,8 +809,8 @@ void panel_backward_input(Planes<A> dout, const A* w, A* dx, const Conv2dGeometr
     a = pack_rows<A>(K, OC, [&](int64_t i, int64_t k) { return w[k * K + i]; }, packed);
   }
   DENSEGRAD_OMP(parallel if (chunks > 1 && g.N * OC * K * P >= kParallelMinMacs)) {
-    std::vector<A> ds(static_cast<size_t>(OC * ld), A(0)), cols(static_cast<size_t>(K * ld));
-    std::vector<uint32_t> bh;
+    scratch_vector<A> ds(static_cast<size_t>(OC * ld), A(0)), cols(static_cast<size_t>(K * ld));
+    scratch_vector<uint32_t> bh;
     DENSEGRAD_OMP(for schedule(static))
     for (int64_t ch = 0; ch < chunks; ++ch) {
       const int64_t n0 = ch * G, gn = std::min(G, g.N - n0);
@@ -845,12 +845,12 @@ void panel_backward_weight(Planes<A> dout, Planes<A> x, A* dw, const Conv2dGeome
   const int64_t M = transpose_x ? OC : K, R = transpose_x ? K : OC, ldb = round_up(R, kLanes<A>);
   const int64_t copies = std::max<int64_t>(1, std::min<int64_t>(max_threads(), chunks));
   const bool parallel = copies > 1 && g.N * OC * K * P >= kParallelMinMacs;
-  std::vector<A> part(static_cast<size_t>((parallel ? copies : 1) * M * ldb), A(0));
+  scratch_vector<A> part(static_cast<size_t>((parallel ? copies : 1) * M * ldb), A(0));
   DENSEGRAD_OMP(parallel if (parallel) num_threads(static_cast<int>(copies))) {
-    std::vector<A> cols(static_cast<size_t>(pointwise ? 0 : K * G * P)), bs(static_cast<size_t>(G * P * ldb), A(0));
+    scratch_vector<A> cols(static_cast<size_t>(pointwise ? 0 : K * G * P)), bs(static_cast<size_t>(G * P * ldb), A(0));
     A* mine = part.data() + thread_num() * M * ldb;
     HalfRows ah;  // bf16 products: this chunk's A rounded
-    std::vector<uint32_t> bh;
+    scratch_vector<uint32_t> bh;
     DENSEGRAD_OMP(for schedule(static))
     for (int64_t ch = 0; ch < chunks; ++ch) {
       const int64_t n0 = ch * G, gn = std::min(G, g.N - n0);
@@ -952,7 +952,7 @@ void depthwise_backward_weight(Planes<A> dout, Planes<A> x, A* dw, const Conv2dG
   const int64_t C = g.C_in, taps = g.kH * g.kW;
   DENSEGRAD_OMP(parallel for if (C > 1))
   for (int64_t c = 0; c < C; ++c) {
-    std::vector<A> acc(static_cast<size_t>(taps * g.Wo), A(0));  // acc[tap][ow]
+    scratch_vector<A> acc(static_cast<size_t>(taps * g.Wo), A(0));  // acc[tap][ow]
     for (int64_t n = 0; n < g.N; ++n) {
       const A* xp = x.at(n) + c * g.H * g.W;
       const A* dp = dout.at(n) + c * g.Ho * g.Wo;
@@ -1101,7 +1101,7 @@ void plane_correlate(Planes<A> in, const A* w, const A* bias, A* out, const Conv
   const int64_t C = g.C_in, groups = (g.N + sw.G - 1) / sw.G, jobs = groups * C, taps = g.kH * g.kW;
   const int64_t nt = static_cast<int64_t>(sw.off.size());
   DENSEGRAD_OMP(parallel if (jobs > 1 && g.N * C * h * wd * nt > 32768)) {
-    std::vector<A> buf(sw.padded_size(), A(0)), acc(static_cast<size_t>(sw.Lr)), wv(static_cast<size_t>(nt));
+    scratch_vector<A> buf(sw.padded_size(), A(0)), acc(static_cast<size_t>(sw.Lr)), wv(static_cast<size_t>(nt));
     DENSEGRAD_OMP(for schedule(static))
     for (int64_t j = 0; j < jobs; ++j) {
       const int64_t c = j % C, n0 = (j / C) * sw.G, gn = std::min(sw.G, g.N - n0);
@@ -1137,8 +1137,8 @@ void plane_backward_weight(Planes<A> dout, Planes<A> x, A* dw, const Conv2dGeome
   const int64_t nt = static_cast<int64_t>(sw.off.size());
   std::fill(dw, dw + C * taps, A(0));  // taps that only read the border get exactly 0
   DENSEGRAD_OMP(parallel if (C > 1 && g.N * C * g.H * g.W * nt > 32768)) {
-    std::vector<A> buf(sw.padded_size(), A(0)), d(static_cast<size_t>(sw.Lr), A(0));
-    std::vector<P> acc(static_cast<size_t>(nt));  // per tap: 16 partial sums, added up at the end
+    scratch_vector<A> buf(sw.padded_size(), A(0)), d(static_cast<size_t>(sw.Lr), A(0));
+    scratch_vector<P> acc(static_cast<size_t>(nt));  // per tap: 16 partial sums, added up at the end
     DENSEGRAD_OMP(for schedule(static))
     for (int64_t c = 0; c < C; ++c) {
       std::fill(acc.begin(), acc.end(), P::Zero());
@@ -1325,7 +1325,7 @@ void rows_correlate(Planes<A> in, const A* w, const A* bias, A* out, const Conv2
   const RowBlocks rb(g, pw, h, wd, ho, ph);
   const int64_t C = g.C_in, groups = (g.N + rb.G - 1) / rb.G, jobs = groups * C, taps = g.kH * g.kW;
   DENSEGRAD_OMP(parallel if (jobs > 1 && g.N * C * h * wd * taps > 32768)) {
-    std::vector<A> buf(rb.in_size(g), A(0)), acc(static_cast<size_t>(rb.Hor * rb.Wa)), wk(static_cast<size_t>(taps));
+    scratch_vector<A> buf(rb.in_size(g), A(0)), acc(static_cast<size_t>(rb.Hor * rb.Wa)), wk(static_cast<size_t>(taps));
     DENSEGRAD_OMP(for schedule(static))
     for (int64_t j = 0; j < jobs; ++j) {
       const int64_t c = j % C, n0 = (j / C) * rb.G, gn = std::min(rb.G, g.N - n0);
@@ -1351,8 +1351,8 @@ void rows_backward_weight(Planes<A> dout, Planes<A> x, A* dw, const Conv2dGeomet
   const RowBlocks rb(g, g.pW, g.H, g.W, g.Ho, g.pH);
   const int64_t C = g.C_in, taps = g.kH * g.kW;
   DENSEGRAD_OMP(parallel if (C > 1 && g.N * C * g.H * g.W * taps > 32768)) {
-    std::vector<A> buf(rb.in_size(g), A(0)), d(static_cast<size_t>(rb.Hor * rb.Wa + 16), A(0));
-    std::vector<P> accm(static_cast<size_t>(taps));  // per tap: 16 partial sums, added up at the end
+    scratch_vector<A> buf(rb.in_size(g), A(0)), d(static_cast<size_t>(rb.Hor * rb.Wa + 16), A(0));
+    scratch_vector<P> accm(static_cast<size_t>(taps));  // per tap: 16 partial sums, added up at the end
     DENSEGRAD_OMP(for schedule(static))
     for (int64_t c = 0; c < C; ++c) {
       std::fill(accm.begin(), accm.end(), P::Zero());

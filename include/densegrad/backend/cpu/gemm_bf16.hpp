@@ -98,8 +98,9 @@ inline int64_t bf16_a_pairs(int64_t M, int64_t K) { return (M + 7) / 8 * 8 * bf1
 /// [s*seg_len, (s+1)*seg_len) lies at a + i*lda + s*seg_stride (segs segments: the pixels of
 /// several images, each in place), rounded to bfloat16; an odd K's last pair is padded with 0.
 /// row: scratch for one rounded row.
-inline void pack_a(const float* a, int64_t lda, int64_t seg_stride, int64_t seg_len, int64_t segs, int64_t M,
-                   uint32_t* dst, std::vector<uint32_t>& row) {
+template <class Row>  // a std::vector of uint32_t, of any allocator
+void pack_a(const float* a, int64_t lda, int64_t seg_stride, int64_t seg_len, int64_t segs, int64_t M, uint32_t* dst,
+            Row& row) {
   const int64_t K = seg_len * segs, Kp = bf16_pairs(K);
   row.resize(static_cast<size_t>(Kp));
   uint16_t* halves = reinterpret_cast<uint16_t*>(row.data());

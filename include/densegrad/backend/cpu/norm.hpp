@@ -134,7 +134,7 @@ ref::LayerNormGrads<T> layer_norm2d_backward(const Tensor<T>& dy, const Tensor<T
   T* pdx = need_dx ? g.dx.data() : nullptr;
   const A *pmean = mean.data(), *prstd = rstd.data();
   const A inv_c = A(1) / A(C);
-  std::vector<A> dw_part(static_cast<size_t>(N * tiles * C)), db_part(dw_part.size());  // (task, C)
+  scratch_vector<A> dw_part(static_cast<size_t>(N * tiles * C)), db_part(dw_part.size());  // (task, C)
   DENSEGRAD_OMP(parallel for schedule(static) if (N * C * P >= detail::kNormParallelMin))
   for (int64_t task = 0; task < N * tiles; ++task) {
     const int64_t n = task / tiles, p0 = (task % tiles) * detail::kNormTile, len = std::min(detail::kNormTile, P - p0);
@@ -175,8 +175,8 @@ ref::LayerNormGrads<T> layer_norm2d_backward(const Tensor<T>& dy, const Tensor<T
       }
     }
   }
-  auto reduce_parts = [&](const std::vector<A>& part) {
-    std::vector<A> s(static_cast<size_t>(C), A(0));
+  auto reduce_parts = [&](const scratch_vector<A>& part) {
+    scratch_vector<A> s(static_cast<size_t>(C), A(0));
     for (int64_t task = 0; task < N * tiles; ++task)
       for (int64_t c = 0; c < C; ++c) s[c] += part[task * C + c];
     Tensor<T> t = Tensor<T>::empty({C});
