@@ -2,6 +2,7 @@
 // against the float64 ref kernels run on the same operands rounded to bfloat16, the precision
 // setting and its guard, and that backward follows the precision its forward ran in.
 #include <algorithm>
+#include <random>
 #include <thread>
 
 #include "test_util.hpp"
@@ -103,6 +104,41 @@ TEST_CASE("bf16 products: conv2d panel GEMMs equal float64 on bf16-rounded opera
     }
   }
 }
+
+#if DENSEGRAD_BF16_GEMM
+TEST_CASE("bf16 products: pack_a lays out rounded pairs exactly as element by element") {
+  // rows of 8 and partial blocks, even and odd K, one segment and several (pixels of several
+  // images in place), pair counts below, at and past a multiple of 8
+  struct PackCase {
+    int64_t M, seg_len, segs;
+  };
+  const std::vector<PackCase> cases = {{8, 16, 1}, {24, 49, 3}, {13, 9, 5}, {5, 7, 1}, {32, 196, 4}, {17, 3, 1}, {1, 1, 1}};
+  std::mt19937 rng(5);
+  std::normal_distribution<float> normal(0.0f, 3.0f);
+  for (const PackCase& c : cases) {
+    INFO("M " << c.M << ", " << c.segs << " segments of " << c.seg_len);
+    const int64_t K = c.seg_len * c.segs, Kp = cpu::bf16_pairs(K);
+    const int64_t lda = K + 5, seg_stride = c.seg_len + 3;  // rows and segments apart, as in place
+    std::vector<float> a(static_cast<size_t>(c.M * lda + c.segs * seg_stride));
+    for (float& v : a) v = normal(rng);
+    std::vector<uint32_t> got(static_cast<size_t>(cpu::bf16_a_pairs(c.M, K)), 0xdeadbeefu), rows;
+    cpu::pack_a(a.data(), lda, seg_stride, c.seg_len, c.segs, c.M, got.data(), rows);
+    auto bits = [&](int64_t i, int64_t k) -> uint32_t {  // element (i, k) rounded, as dg::bfloat16
+      if (k >= K) return 0;
+      const float v = a[static_cast<size_t>(i * lda + (k / c.seg_len) * seg_stride + k % c.seg_len)];
+      return bfloat16(v).bits;
+    };
+    int64_t wrong = 0;
+    for (int64_t i = 0; i < c.M; ++i)
+      for (int64_t kp = 0; kp < Kp; ++kp) {
+        const uint32_t want = bits(i, 2 * kp) | (bits(i, 2 * kp + 1) << 16);
+        const uint32_t at = got[static_cast<size_t>((i / 8) * 8 * Kp + kp * 8 + i % 8)];
+        if (at != want && wrong++ == 0) UNSCOPED_INFO("first: row " << i << ", pair " << kp << ": got " << at << ", want " << want);
+      }
+    CHECK(wrong == 0);
+  }
+}
+#endif
 
 TEST_CASE("bf16 products: depthwise convs and double tensors ignore the setting") {
   Generator gen(8);

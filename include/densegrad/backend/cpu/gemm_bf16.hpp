@@ -94,21 +94,58 @@ void tile(const uint32_t* a, int64_t Kp, const uint32_t* b, int64_t ldb, float* 
 /// Pairs in a packed a of M rows: whole blocks of 8.
 inline int64_t bf16_a_pairs(int64_t M, int64_t K) { return (M + 7) / 8 * 8 * bf16_pairs(K); }
 
+/// The 8 x 8 block of 32-bit words in r[0..8) (rows) transposed into out[0..8): out[k] = (r[0][k],
+/// ..., r[7][k]). Shuffles only: any bit patterns (bf16 pairs here) come through unchanged.
+inline void transpose8x8(const __m256 r[8], __m256 out[8]) {
+  const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+  const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+  const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+  const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+  const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+  const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+  const __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+  const __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+  out[0] = _mm256_permute2f128_ps(u0, u4, 0x20);
+  out[1] = _mm256_permute2f128_ps(u1, u5, 0x20);
+  out[2] = _mm256_permute2f128_ps(u2, u6, 0x20);
+  out[3] = _mm256_permute2f128_ps(u3, u7, 0x20);
+  out[4] = _mm256_permute2f128_ps(u0, u4, 0x31);
+  out[5] = _mm256_permute2f128_ps(u1, u5, 0x31);
+  out[6] = _mm256_permute2f128_ps(u2, u6, 0x31);
+  out[7] = _mm256_permute2f128_ps(u3, u7, 0x31);
+}
+
 /// dst (packed a, bf16_a_pairs(M, K) pairs) <- the (M, K) float matrix whose row i, k-range
 /// [s*seg_len, (s+1)*seg_len) lies at a + i*lda + s*seg_stride (segs segments: the pixels of
 /// several images, each in place), rounded to bfloat16; an odd K's last pair is padded with 0.
-/// row: scratch for one rounded row.
+/// Eight rows at a time: each is rounded into rows (scratch, 8 rounded rows), then 8 x 8 blocks
+/// of pairs are transposed into the block's k-major layout (one 32-byte store per pair index
+/// instead of eight 4-byte ones); a partial last block and the last Kp % 8 pairs go by element.
 template <class Row>  // a std::vector of uint32_t, of any allocator
 void pack_a(const float* a, int64_t lda, int64_t seg_stride, int64_t seg_len, int64_t segs, int64_t M, uint32_t* dst,
-            Row& row) {
+            Row& rows) {
   const int64_t K = seg_len * segs, Kp = bf16_pairs(K);
-  row.resize(static_cast<size_t>(Kp));
-  uint16_t* halves = reinterpret_cast<uint16_t*>(row.data());
-  for (int64_t i = 0; i < M; ++i) {
-    for (int64_t s = 0; s < segs; ++s) bf16_detail::round_into(a + i * lda + s * seg_stride, seg_len, halves + s * seg_len);
-    if (K % 2) halves[K] = 0;
-    uint32_t* block = dst + (i / 8) * 8 * Kp + i % 8;
-    for (int64_t kp = 0; kp < Kp; ++kp) block[kp * 8] = row[static_cast<size_t>(kp)];
+  rows.resize(static_cast<size_t>(8 * Kp));
+  for (int64_t i0 = 0; i0 < M; i0 += 8) {
+    const int64_t mr = std::min<int64_t>(8, M - i0);
+    for (int64_t r = 0; r < mr; ++r) {
+      uint16_t* halves = reinterpret_cast<uint16_t*>(rows.data() + r * Kp);
+      for (int64_t s = 0; s < segs; ++s)
+        bf16_detail::round_into(a + (i0 + r) * lda + s * seg_stride, seg_len, halves + s * seg_len);
+      if (K % 2) halves[K] = 0;
+    }
+    uint32_t* block = dst + i0 * Kp;  // i0 is a multiple of 8: its block starts at i0 * Kp
+    int64_t kp = 0;
+    if (mr == 8) {
+      for (; kp + 8 <= Kp; kp += 8) {
+        __m256 in[8], out[8];
+        for (int r = 0; r < 8; ++r) in[r] = _mm256_loadu_ps(reinterpret_cast<const float*>(rows.data() + r * Kp + kp));
+        transpose8x8(in, out);
+        for (int k = 0; k < 8; ++k) _mm256_storeu_ps(reinterpret_cast<float*>(block + (kp + k) * 8), out[k]);
+      }
+    }
+    for (; kp < Kp; ++kp)
+      for (int64_t r = 0; r < mr; ++r) block[kp * 8 + r] = rows[static_cast<size_t>(r * Kp + kp)];
   }
 }
 
