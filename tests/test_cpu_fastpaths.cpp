@@ -3,6 +3,7 @@
 // dims (cpu::sum), concatenation (cpu::concat), depthwise padded-plane conv kernels, dense convs
 // as panel GEMMs over several images, GELU packets, in-place gradient accumulation on the tape
 // (threaded above 2^15 elements; a leaf's first gradient adopted), and the caching CPU allocator. Kernels that split work over OpenMP threads run on 1 and 2.
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -66,6 +67,10 @@ void conv_fast_matches_ref(const Tensor<T>& x, const Tensor<T>& w, const Tensor<
   dgtest::require_close(cpu::conv2d_backward_weight(dout, x, g), dw, tol, tol * scale, "dweight");
   dgtest::require_close(cpu::conv2d_backward_bias(dout, g), ref::conv2d_backward_bias(dout, g), tol, tol * scale,
                         "dbias");
+  // dx and dbias in one pass (conv2d's backward takes them so): the two functions' bits
+  const auto [dx, db] = cpu::conv2d_backward_input_bias(dout, w, g);
+  require_equal(dx, cpu::conv2d_backward_input(dout, w, g), "dx of conv2d_backward_input_bias");
+  require_equal(db, cpu::conv2d_backward_bias(dout, g), "dbias of conv2d_backward_input_bias");
 }
 }  // namespace
 
@@ -862,6 +867,43 @@ TEST_CASE("caching CPU allocator is thread-safe", "[fastpath][storage]") {
   for (auto& t : ts) t.join();
   a.release_cached();
   CHECK(a.cached_bytes() == 0);
+}
+
+TEST_CASE("scratch_vector takes its memory from the CPU allocator it was made with, and is no tensor",
+          "[fastpath][storage]") {
+  struct Counting final : Allocator {  // malloc, counting what goes through it
+    size_t allocated = 0, freed = 0, live = 0;
+    void* allocate(size_t n) override {
+      allocated += n;
+      ++live;
+      return std::malloc(n);
+    }
+    void deallocate(void* p, size_t n) override {
+      freed += n;
+      --live;
+      std::free(p);
+    }
+  };
+  Counting counting;
+  Allocator* before = get_allocator(Device::Kind::CPU);
+  struct Restore {  // the default allocator comes back even when a check throws
+    Allocator* a;
+    ~Restore() { set_allocator(Device::Kind::CPU, a); }
+  } restore{before};
+  const size_t tensors = cpu_memory_allocated();
+  set_allocator(Device::Kind::CPU, &counting);
+  {
+    scratch_vector<float> v(1000);  // zeroed, like std::vector<float>(1000)
+    CHECK(counting.allocated == 4000);
+    CHECK(std::all_of(v.begin(), v.end(), [](float x) { return x == 0.0f; }));
+    CHECK(cpu_memory_allocated() == tensors);  // scratch is not counted as tensors
+    set_allocator(Device::Kind::CPU, before);  // v still goes back to the allocator it came from
+    v.assign(10, 1.0f);
+    scratch_vector<float> w(8);  // a new one takes the allocator installed now
+    CHECK(counting.allocated == 4000);
+  }
+  CHECK(counting.freed == 4000);
+  CHECK(counting.live == 0);
 }
 
 TEST_CASE("release_cached_cpu_memory frees what tensors gave back", "[fastpath][storage]") {

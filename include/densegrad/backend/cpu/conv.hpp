@@ -17,6 +17,7 @@
 #include <Eigen/Core>
 #include <algorithm>
 #include <type_traits>
+#include <utility>
 #include <vector>
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
@@ -791,10 +792,14 @@ void panel_forward(Planes<A> x, const A* w, const A* b, A* y, const Conv2dGeomet
   }
 }
 
-/// dcol = W^T @ dout per image (in place and gathered, as panel_forward); an im2col conv's dcol
-/// then goes back through col2im.
 template <class A>
-void panel_backward_input(Planes<A> dout, const A* w, A* dx, const Conv2dGeometry& g) {
+A plane_sum(const A* p, int64_t n);  // below, with the depthwise kernels
+
+/// dcol = W^T @ dout per image (in place and gathered, as panel_forward); an im2col conv's dcol
+/// then goes back through col2im. With sums (N x C_out), also each image's plane sums of dout
+/// (plane_sum, as conv2d_backward_bias takes them), while the chunk's dout is still in cache.
+template <class A>
+void panel_backward_input(Planes<A> dout, const A* w, A* dx, const Conv2dGeometry& g, A* sums = nullptr) {
   const int64_t K = g.C_in * g.kH * g.kW, OC = g.C_out, P = g.Ho * g.Wo, G = panel_images(g);
   const int64_t chunks = (g.N + G - 1) / G, c0 = inplace_cols<A>(g), ld = round_up(G * (P - c0), kLanes<A>);
   const int64_t image = g.C_in * g.H * g.W;  // of dx
@@ -821,14 +826,18 @@ void panel_backward_input(Planes<A> dout, const A* w, A* dx, const Conv2dGeometr
         }
         panel_gemm<TileInit::Zero>(a, wh, dout.at(n0 + i), P, dx + (n0 + i) * image, P, K, c0, OC, bh);
       }
-      if (c0 == P) continue;
-      gather_planes(dout, n0, gn, OC, P, c0, ds.data(), ld);
-      panel_gemm<TileInit::Zero>(a, wh, ds.data(), ld, cols.data(), ld, K, round_up(gn * (P - c0), kLanes<A>), OC, bh);
-      if (is_pointwise(g)) {
-        scatter_cols(cols.data(), ld, gn, K, P, c0, dx + n0 * image, image, static_cast<const A*>(nullptr));
-      } else {
-        for (int64_t i = 0; i < gn; ++i) col2im(cols.data() + i * P, dx + (n0 + i) * image, g, ld);
+      if (c0 < P) {
+        gather_planes(dout, n0, gn, OC, P, c0, ds.data(), ld);
+        panel_gemm<TileInit::Zero>(a, wh, ds.data(), ld, cols.data(), ld, K, round_up(gn * (P - c0), kLanes<A>), OC,
+                                   bh);
+        if (is_pointwise(g)) {
+          scatter_cols(cols.data(), ld, gn, K, P, c0, dx + n0 * image, image, static_cast<const A*>(nullptr));
+        } else {
+          for (int64_t i = 0; i < gn; ++i) col2im(cols.data() + i * P, dx + (n0 + i) * image, g, ld);
+        }
       }
+      for (int64_t i = 0; i < gn && sums; ++i)
+        for (int64_t oc = 0; oc < OC; ++oc) sums[(n0 + i) * OC + oc] = plane_sum(dout.at(n0 + i) + oc * P, P);
     }
   }
 }
@@ -1489,6 +1498,27 @@ Tensor<T> conv2d_backward_bias(const Tensor<T>& dout, const Conv2dGeometry& g) {
       for (int64_t oc = ob * bs; oc < std::min(g.C_out, ob * bs + bs); ++oc)
         o[oc] += plane_sum(d.at(n) + oc * P, P);
   return rounded<T>(db);
+}
+
+/// Gradients wrt the input and the bias at once: {dx, dbias}. Where the conv runs as panel GEMMs,
+/// the bias's plane sums are taken image by image right after each image's dx, while its dout
+/// is still in cache, instead of in a pass of their own over all of dout; the same sums in the
+/// same order as conv2d_backward_bias, so the same bits. Elsewhere the two functions.
+template <class T>
+std::pair<Tensor<T>, Tensor<T>> conv2d_backward_input_bias(const Tensor<T>& dout, const Tensor<T>& weight,
+                                                           const Conv2dGeometry& g) {
+  using A = acc_t<T>;
+  using namespace conv_detail;
+  if (is_depthwise(g) || !panel_ok(g)) return {conv2d_backward_input(dout, weight, g), conv2d_backward_bias(dout, g)};
+  auto pd = images<A>(dout), pw = dense<A>(weight);
+  Tensor<A> dx = Tensor<A>::empty(g.x_shape()), db = Tensor<A>::empty({g.C_out});
+  scratch_vector<A> sums(static_cast<size_t>(g.N * g.C_out));
+  panel_backward_input(planes(pd), pw.data(), dx.data(), g, sums.data());
+  A* o = db.data();
+  std::fill(o, o + g.C_out, A(0));
+  for (int64_t n = 0; n < g.N; ++n)  // image by image, as conv2d_backward_bias adds them
+    for (int64_t oc = 0; oc < g.C_out; ++oc) o[oc] += sums[static_cast<size_t>(n * g.C_out + oc)];
+  return {rounded<T>(dx), rounded<T>(db)};
 }
 
 }  // namespace dg::cpu
