@@ -67,10 +67,21 @@ void conv_fast_matches_ref(const Tensor<T>& x, const Tensor<T>& w, const Tensor<
   dgtest::require_close(cpu::conv2d_backward_weight(dout, x, g), dw, tol, tol * scale, "dweight");
   dgtest::require_close(cpu::conv2d_backward_bias(dout, g), ref::conv2d_backward_bias(dout, g), tol, tol * scale,
                         "dbias");
-  // dx and dbias in one pass (conv2d's backward takes them so): the two functions' bits
-  const auto [dx, db] = cpu::conv2d_backward_input_bias(dout, w, g);
-  require_equal(dx, cpu::conv2d_backward_input(dout, w, g), "dx of conv2d_backward_input_bias");
-  require_equal(db, cpu::conv2d_backward_bias(dout, g), "dbias of conv2d_backward_input_bias");
+  // the gradients in one sweep (conv2d's backward takes them so), every combination asked for:
+  // the bits of the three functions apart
+  const Tensor<T> dx = cpu::conv2d_backward_input(dout, w, g), dw1 = cpu::conv2d_backward_weight(dout, x, g);
+  const Tensor<T> db = cpu::conv2d_backward_bias(dout, g);
+  for (int asked = 1; asked < 8; ++asked) {
+    const bool need_x = asked & 1, need_w = asked & 2, need_b = asked & 4;
+    INFO("conv2d_backward asked for dx " << need_x << ", dweight " << need_w << ", dbias " << need_b);
+    const std::array<Tensor<T>, 3> got = cpu::conv2d_backward(dout, x, w, g, need_x, need_w, need_b);
+    CHECK(got[0].defined() == need_x);
+    CHECK(got[1].defined() == need_w);
+    CHECK(got[2].defined() == need_b);
+    if (need_x) require_equal(got[0], dx, "dx");
+    if (need_w) require_equal(got[1], dw1, "dweight");
+    if (need_b) require_equal(got[2], db, "dbias");
+  }
 }
 }  // namespace
 

@@ -5,7 +5,7 @@
 // out: (N, C_out, Ho, Wo) with Ho = floor((H + 2*pH - dH*(kH-1) - 1) / sH) + 1 (Wo alike).
 #pragma once
 
-#include <tuple>
+#include <array>
 
 #include "../autograd/tape.hpp"
 #include "../core/precision.hpp"
@@ -76,10 +76,8 @@ std::vector<Tensor<T>> conv2d_grads(const Tensor<T>& dout, const Tensor<T>& xs, 
     if (need_b) grads[2] = k.conv2d_backward_bias(d, g);
     return grads;
   }
-  if (need_x && need_b) std::tie(grads[0], grads[2]) = cpu::conv2d_backward_input_bias(dout, ws, g);
-  else if (need_x) grads[0] = cpu::conv2d_backward_input(dout, ws, g);
-  else if (need_b) grads[2] = cpu::conv2d_backward_bias(dout, g);
-  if (need_w) grads[1] = cpu::conv2d_backward_weight(dout, xs, g);
+  std::array<Tensor<T>, 3> cpu_grads = cpu::conv2d_backward(dout, xs, ws, g, need_x, need_w, need_b);
+  for (size_t i = 0; i < 3; ++i) grads[i] = std::move(cpu_grads[i]);
   return grads;
 }
 

@@ -16,8 +16,8 @@
 
 #include <Eigen/Core>
 #include <algorithm>
+#include <array>
 #include <type_traits>
-#include <utility>
 #include <vector>
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
@@ -795,98 +795,181 @@ void panel_forward(Planes<A> x, const A* w, const A* b, A* y, const Conv2dGeomet
 template <class A>
 A plane_sum(const A* p, int64_t n);  // below, with the depthwise kernels
 
-/// dcol = W^T @ dout per image (in place and gathered, as panel_forward); an im2col conv's dcol
-/// then goes back through col2im. With sums (N x C_out), also each image's plane sums of dout
-/// (plane_sum, as conv2d_backward_bias takes them), while the chunk's dout is still in cache.
+/// The A operand of dx's GEMMs, W^T (K, OC), made once per conv: packed (float32 products) or
+/// rounded (bf16 products).
 template <class A>
-void panel_backward_input(Planes<A> dout, const A* w, A* dx, const Conv2dGeometry& g, A* sums = nullptr) {
-  const int64_t K = g.C_in * g.kH * g.kW, OC = g.C_out, P = g.Ho * g.Wo, G = panel_images(g);
-  const int64_t chunks = (g.N + G - 1) / G, c0 = inplace_cols<A>(g), ld = round_up(G * (P - c0), kLanes<A>);
-  const int64_t image = g.C_in * g.H * g.W;  // of dx
-  scratch_vector<A> packed;  // W^T (K, OC): the A operand, packed (float32 products) or rounded (bf16)
+struct DxOperand {
+  scratch_vector<A> packed;
   HalfRows wh;
   Operand<A> a{};
-  if (bf16_products<A>(g)) {
-    for (int64_t i = 0; i < K; ++i)
-      for (int64_t k = 0; k < OC; ++k) packed.push_back(w[k * K + i]);
-    round_operand(matrix(static_cast<const A*>(packed.data()), OC, OC), K, wh);
-  } else {
-    a = pack_rows<A>(K, OC, [&](int64_t i, int64_t k) { return w[k * K + i]; }, packed);
-  }
-  DENSEGRAD_OMP(parallel if (chunks > 1 && g.N * OC * K * P >= kParallelMinMacs)) {
-    scratch_vector<A> ds(static_cast<size_t>(OC * ld), A(0)), cols(static_cast<size_t>(K * ld));
-    scratch_vector<uint32_t> bh;
-    DENSEGRAD_OMP(for schedule(static))
-    for (int64_t ch = 0; ch < chunks; ++ch) {
-      const int64_t n0 = ch * G, gn = std::min(G, g.N - n0);
-      for (int64_t i = 0; i < gn && c0 > 0; ++i) {  // pointwise, in place: dout (OC, P) -> dx (C, P)
-        if (i + 1 < gn) {
-          prefetch_l2(dout.at(n0 + i + 1), OC * P, false);
-          prefetch_l2(dx + (n0 + i + 1) * image, image, true);
-        }
-        panel_gemm<TileInit::Zero>(a, wh, dout.at(n0 + i), P, dx + (n0 + i) * image, P, K, c0, OC, bh);
-      }
-      if (c0 < P) {
-        gather_planes(dout, n0, gn, OC, P, c0, ds.data(), ld);
-        panel_gemm<TileInit::Zero>(a, wh, ds.data(), ld, cols.data(), ld, K, round_up(gn * (P - c0), kLanes<A>), OC,
-                                   bh);
-        if (is_pointwise(g)) {
-          scatter_cols(cols.data(), ld, gn, K, P, c0, dx + n0 * image, image, static_cast<const A*>(nullptr));
-        } else {
-          for (int64_t i = 0; i < gn; ++i) col2im(cols.data() + i * P, dx + (n0 + i) * image, g, ld);
-        }
-      }
-      for (int64_t i = 0; i < gn && sums; ++i)
-        for (int64_t oc = 0; oc < OC; ++oc) sums[(n0 + i) * OC + oc] = plane_sum(dout.at(n0 + i) + oc * P, P);
+  DxOperand(const A* w, const Conv2dGeometry& g) {
+    const int64_t K = g.C_in * g.kH * g.kW, OC = g.C_out;
+    if (bf16_products<A>(g)) {
+      for (int64_t i = 0; i < K; ++i)
+        for (int64_t k = 0; k < OC; ++k) packed.push_back(w[k * K + i]);
+      round_operand(matrix(static_cast<const A*>(packed.data()), OC, OC), K, wh);
+    } else {
+      a = pack_rows<A>(K, OC, [&](int64_t i, int64_t k) { return w[k * K + i]; }, packed);
     }
+  }
+};
+
+/// One thread's buffers for dx_chunk: the gathered dout tails (ds) and their product (cols).
+template <class A>
+struct DxScratch {
+  scratch_vector<A> ds, cols;
+  scratch_vector<uint32_t> bh;
+  explicit DxScratch(const Conv2dGeometry& g)
+      : ds(static_cast<size_t>(g.C_out * dx_ld(g)), A(0)), cols(static_cast<size_t>(g.C_in * g.kH * g.kW * dx_ld(g))) {}
+  /// Rows of the gathered tails: G images' last P - c0 columns side by side, whole vectors.
+  static int64_t dx_ld(const Conv2dGeometry& g) {
+    return round_up(panel_images(g) * (g.Ho * g.Wo - inplace_cols<A>(g)), kLanes<A>);
+  }
+};
+
+/// dx of images n0 .. n0+gn-1: dcol = W^T @ dout per image (in place and gathered, as
+/// panel_forward); an im2col conv's dcol then goes back through col2im. With sums (N x C_out),
+/// also each image's plane sums of dout (plane_sum, as conv2d_backward_bias takes them), while the
+/// chunk's dout is still in cache.
+template <class A>
+void dx_chunk(const DxOperand<A>& op, Planes<A> dout, A* dx, const Conv2dGeometry& g, int64_t n0, int64_t gn,
+              DxScratch<A>& s, A* sums) {
+  const int64_t K = g.C_in * g.kH * g.kW, OC = g.C_out, P = g.Ho * g.Wo, c0 = inplace_cols<A>(g);
+  const int64_t ld = DxScratch<A>::dx_ld(g), image = g.C_in * g.H * g.W;  // of dx
+  for (int64_t i = 0; i < gn && c0 > 0; ++i) {  // pointwise, in place: dout (OC, P) -> dx (C, P)
+    if (i + 1 < gn) {
+      prefetch_l2(dout.at(n0 + i + 1), OC * P, false);
+      prefetch_l2(dx + (n0 + i + 1) * image, image, true);
+    }
+    panel_gemm<TileInit::Zero>(op.a, op.wh, dout.at(n0 + i), P, dx + (n0 + i) * image, P, K, c0, OC, s.bh);
+  }
+  if (c0 < P) {
+    gather_planes(dout, n0, gn, OC, P, c0, s.ds.data(), ld);
+    panel_gemm<TileInit::Zero>(op.a, op.wh, s.ds.data(), ld, s.cols.data(), ld, K, round_up(gn * (P - c0), kLanes<A>),
+                               OC, s.bh);
+    if (is_pointwise(g)) {
+      scatter_cols(s.cols.data(), ld, gn, K, P, c0, dx + n0 * image, image, static_cast<const A*>(nullptr));
+    } else {
+      for (int64_t i = 0; i < gn; ++i) col2im(s.cols.data() + i * P, dx + (n0 + i) * image, g, ld);
+    }
+  }
+  for (int64_t i = 0; i < gn && sums; ++i)
+    for (int64_t oc = 0; oc < OC; ++oc) sums[(n0 + i) * OC + oc] = plane_sum(dout.at(n0 + i) + oc * P, P);
+}
+
+/// dx = W^T @ dout, chunk by chunk (dx_chunk); with sums, the bias's plane sums too.
+template <class A>
+void panel_backward_input(Planes<A> dout, const A* w, A* dx, const Conv2dGeometry& g, A* sums = nullptr) {
+  const int64_t OC = g.C_out, K = g.C_in * g.kH * g.kW, P = g.Ho * g.Wo, G = panel_images(g);
+  const int64_t chunks = (g.N + G - 1) / G;
+  const DxOperand<A> op(w, g);
+  DENSEGRAD_OMP(parallel if (chunks > 1 && g.N * OC * K * P >= kParallelMinMacs)) {
+    DxScratch<A> s(g);
+    DENSEGRAD_OMP(for schedule(static))
+    for (int64_t ch = 0; ch < chunks; ++ch) dx_chunk(op, dout, dx, g, ch * G, std::min(G, g.N - ch * G), s, sums);
   }
 }
 
-/// dW (OC, K) = sum over images of dout (OC, P) @ col^T (P, K), G images per GEMM: a contraction
-/// over G*P pixels. B is gathered transposed (rows padded to whole vectors): x for a pointwise
-/// conv with C_in < C_out, else dout. A is the other, read in place image by image (an im2col
-/// conv's col is gathered first).
+/// How the weight gradient's GEMMs are laid out: dW (OC, K) = sum over images of dout (OC, P) @
+/// col^T (P, K), G images per GEMM: a contraction over G*P pixels. B is gathered transposed (rows
+/// padded to whole vectors): x for a pointwise conv with C_in < C_out, else dout. A is the other,
+/// read in place image by image (an im2col conv's col is gathered first). Each thread sums its
+/// chunks into its own copy of dW (M x ldb: dW, or dW^T when B is dout), added up in thread order.
+struct DwLayout {
+  int64_t K, OC, P, G, chunks, M, R, ldb, copies;
+  bool pointwise, transpose_x, parallel;
+  template <class A>
+  static DwLayout of(const Conv2dGeometry& g) {
+    DwLayout l{};
+    l.K = g.C_in * g.kH * g.kW, l.OC = g.C_out, l.P = g.Ho * g.Wo, l.G = panel_images(g);
+    l.chunks = (g.N + l.G - 1) / l.G;
+    l.pointwise = is_pointwise(g), l.transpose_x = l.pointwise && g.C_in < l.OC;  // true: A = dout, B = x^T
+    l.M = l.transpose_x ? l.OC : l.K, l.R = l.transpose_x ? l.K : l.OC, l.ldb = round_up(l.R, kLanes<A>);
+    l.copies = std::max<int64_t>(1, std::min<int64_t>(max_threads(), l.chunks));
+    l.parallel = l.copies > 1 && g.N * l.OC * l.K * l.P >= kParallelMinMacs;
+    return l;
+  }
+  int64_t used() const { return parallel ? copies : 1; }
+};
+
+/// One thread's buffers for dw_chunk.
+template <class A>
+struct DwScratch {
+  scratch_vector<A> cols, bs;
+  HalfRows ah;  // bf16 products: the chunk's A rounded
+  scratch_vector<uint32_t> bh;
+  explicit DwScratch(const DwLayout& l)
+      : cols(static_cast<size_t>(l.pointwise ? 0 : l.K * l.G * l.P)), bs(static_cast<size_t>(l.G * l.P * l.ldb), A(0)) {}
+};
+
+/// Adds images n0 .. n0+gn-1's share of dW into `mine` (this thread's copy, see DwLayout).
+template <class A>
+void dw_chunk(const DwLayout& l, Planes<A> dout, Planes<A> x, A* mine, const Conv2dGeometry& g, int64_t n0,
+              int64_t gn, DwScratch<A>& s) {
+  Operand<A> a{};
+  if (l.transpose_x) {
+    a = {dout.at(n0), l.P, dout.image, l.P, gn};
+    gather_planes_transposed(x, n0, gn, l.K, l.P, s.bs.data(), l.ldb);
+  } else {
+    if (l.pointwise) a = {x.at(n0), l.P, x.image, l.P, gn};
+    else {
+      gather_cols(x, n0, gn, g, 0, s.cols.data(), gn * l.P);
+      a = matrix(static_cast<const A*>(s.cols.data()), gn * l.P, gn * l.P);
+    }
+    gather_planes_transposed(dout, n0, gn, l.OC, l.P, s.bs.data(), l.ldb);
+  }
+  if (bf16_products<A>(g)) round_operand(a, l.M, s.ah);
+  panel_gemm<TileInit::Load>(a, s.ah, s.bs.data(), l.ldb, mine, l.ldb, l.M, l.ldb, gn * l.P, s.bh);
+}
+
+/// dw (OC, K) <- the threads' copies added up in thread order.
+template <class A>
+void dw_finish(const DwLayout& l, const scratch_vector<A>& part, A* dw) {
+  for (int64_t oc = 0; oc < l.OC; ++oc)
+    for (int64_t k = 0; k < l.K; ++k) {
+      const int64_t at = l.transpose_x ? oc * l.ldb + k : k * l.ldb + oc;
+      A s = 0;
+      for (int64_t t = 0; t < l.used(); ++t) s += part[static_cast<size_t>(t * l.M * l.ldb + at)];
+      dw[oc * l.K + k] = s;
+    }
+}
+
+/// dW, chunk by chunk (dw_chunk), each thread into its own copy, then added up (dw_finish).
 template <class A>
 void panel_backward_weight(Planes<A> dout, Planes<A> x, A* dw, const Conv2dGeometry& g) {
-  const int64_t K = g.C_in * g.kH * g.kW, OC = g.C_out, P = g.Ho * g.Wo, G = panel_images(g);
-  const int64_t chunks = (g.N + G - 1) / G;
-  const bool pointwise = is_pointwise(g), transpose_x = pointwise && g.C_in < OC;  // true: A = dout, B = x^T
-  const int64_t M = transpose_x ? OC : K, R = transpose_x ? K : OC, ldb = round_up(R, kLanes<A>);
-  const int64_t copies = std::max<int64_t>(1, std::min<int64_t>(max_threads(), chunks));
-  const bool parallel = copies > 1 && g.N * OC * K * P >= kParallelMinMacs;
-  scratch_vector<A> part(static_cast<size_t>((parallel ? copies : 1) * M * ldb), A(0));
-  DENSEGRAD_OMP(parallel if (parallel) num_threads(static_cast<int>(copies))) {
-    scratch_vector<A> cols(static_cast<size_t>(pointwise ? 0 : K * G * P)), bs(static_cast<size_t>(G * P * ldb), A(0));
-    A* mine = part.data() + thread_num() * M * ldb;
-    HalfRows ah;  // bf16 products: this chunk's A rounded
-    scratch_vector<uint32_t> bh;
+  const DwLayout l = DwLayout::of<A>(g);
+  scratch_vector<A> part(static_cast<size_t>(l.used() * l.M * l.ldb), A(0));
+  DENSEGRAD_OMP(parallel if (l.parallel) num_threads(static_cast<int>(l.copies))) {
+    DwScratch<A> s(l);
+    A* mine = part.data() + thread_num() * l.M * l.ldb;
     DENSEGRAD_OMP(for schedule(static))
-    for (int64_t ch = 0; ch < chunks; ++ch) {
-      const int64_t n0 = ch * G, gn = std::min(G, g.N - n0);
-      Operand<A> a{};
-      if (transpose_x) {
-        a = {dout.at(n0), P, dout.image, P, gn};
-        gather_planes_transposed(x, n0, gn, K, P, bs.data(), ldb);
-      } else {
-        if (pointwise) a = {x.at(n0), P, x.image, P, gn};
-        else {
-          gather_cols(x, n0, gn, g, 0, cols.data(), gn * P);
-          a = matrix(static_cast<const A*>(cols.data()), gn * P, gn * P);
-        }
-        gather_planes_transposed(dout, n0, gn, OC, P, bs.data(), ldb);
-      }
-      if (bf16_products<A>(g)) round_operand(a, M, ah);
-      panel_gemm<TileInit::Load>(a, ah, bs.data(), ldb, mine, ldb, M, ldb, gn * P, bh);
+    for (int64_t ch = 0; ch < l.chunks; ++ch) dw_chunk(l, dout, x, mine, g, ch * l.G, std::min(l.G, g.N - ch * l.G), s);
+  }
+  dw_finish(l, part, dw);
+}
+
+/// dx, dW (and with sums the bias's plane sums) of a conv in one sweep over chunks of images: a
+/// chunk's dout, read for its dx GEMMs, is still in cache for its share of dW. The chunks, the
+/// threads that take them and their order are those of panel_backward_input and
+/// panel_backward_weight apart, so are the bits.
+template <class A>
+void panel_backward_input_weight(Planes<A> dout, Planes<A> x, const A* w, A* dx, A* dw, const Conv2dGeometry& g,
+                                 A* sums) {
+  const DwLayout l = DwLayout::of<A>(g);
+  const DxOperand<A> op(w, g);
+  scratch_vector<A> part(static_cast<size_t>(l.used() * l.M * l.ldb), A(0));
+  DENSEGRAD_OMP(parallel if (l.parallel) num_threads(static_cast<int>(l.copies))) {
+    DxScratch<A> sx(g);
+    DwScratch<A> sw(l);
+    A* mine = part.data() + thread_num() * l.M * l.ldb;
+    DENSEGRAD_OMP(for schedule(static))
+    for (int64_t ch = 0; ch < l.chunks; ++ch) {
+      const int64_t n0 = ch * l.G, gn = std::min(l.G, g.N - n0);
+      dx_chunk(op, dout, dx, g, n0, gn, sx, sums);
+      dw_chunk(l, dout, x, mine, g, n0, gn, sw);
     }
   }
-  const int64_t used = parallel ? copies : 1;
-  for (int64_t oc = 0; oc < OC; ++oc)
-    for (int64_t k = 0; k < K; ++k) {
-      const int64_t at = transpose_x ? oc * ldb + k : k * ldb + oc;
-      A s = 0;
-      for (int64_t t = 0; t < used; ++t) s += part[t * M * ldb + at];
-      dw[oc * K + k] = s;
-    }
+  dw_finish(l, part, dw);
 }
 
 // ---------------------------------------------------------------- depthwise: direct loops
@@ -1500,25 +1583,48 @@ Tensor<T> conv2d_backward_bias(const Tensor<T>& dout, const Conv2dGeometry& g) {
   return rounded<T>(db);
 }
 
-/// Gradients wrt the input and the bias at once: {dx, dbias}. Where the conv runs as panel GEMMs,
-/// the bias's plane sums are taken image by image right after each image's dx, while its dout
-/// is still in cache, instead of in a pass of their own over all of dout; the same sums in the
-/// same order as conv2d_backward_bias, so the same bits. Elsewhere the two functions.
+/// The gradients asked for, {dx, dweight, dbias} (undefined where not asked): the same bits as
+/// conv2d_backward_input, conv2d_backward_weight and conv2d_backward_bias. Where the conv runs as
+/// panel GEMMs and dx is asked for, one sweep over chunks of images makes them: a chunk's dout,
+/// read for its dx GEMMs, is still in cache for its share of dW and for the bias's plane sums
+/// (each image's, added up after in conv2d_backward_bias's order), instead of each gradient
+/// reading all of dout from memory again.
 template <class T>
-std::pair<Tensor<T>, Tensor<T>> conv2d_backward_input_bias(const Tensor<T>& dout, const Tensor<T>& weight,
-                                                           const Conv2dGeometry& g) {
+std::array<Tensor<T>, 3> conv2d_backward(const Tensor<T>& dout, const Tensor<T>& x, const Tensor<T>& weight,
+                                         const Conv2dGeometry& g, bool need_x, bool need_w, bool need_b) {
   using A = acc_t<T>;
   using namespace conv_detail;
-  if (is_depthwise(g) || !panel_ok(g)) return {conv2d_backward_input(dout, weight, g), conv2d_backward_bias(dout, g)};
+  std::array<Tensor<T>, 3> r;
+  if (!need_x || is_depthwise(g) || !panel_ok(g) || (!need_w && !need_b)) {  // nothing to share
+    if (need_x) r[0] = conv2d_backward_input(dout, weight, g);
+    if (need_w) r[1] = conv2d_backward_weight(dout, x, g);
+    if (need_b) r[2] = conv2d_backward_bias(dout, g);
+    return r;
+  }
+  const bool with_w = need_w && panel_weight_ok(g);
   auto pd = images<A>(dout), pw = dense<A>(weight);
-  Tensor<A> dx = Tensor<A>::empty(g.x_shape()), db = Tensor<A>::empty({g.C_out});
-  scratch_vector<A> sums(static_cast<size_t>(g.N * g.C_out));
-  panel_backward_input(planes(pd), pw.data(), dx.data(), g, sums.data());
-  A* o = db.data();
-  std::fill(o, o + g.C_out, A(0));
-  for (int64_t n = 0; n < g.N; ++n)  // image by image, as conv2d_backward_bias adds them
-    for (int64_t oc = 0; oc < g.C_out; ++oc) o[oc] += sums[static_cast<size_t>(n * g.C_out + oc)];
-  return {rounded<T>(dx), rounded<T>(db)};
+  Tensor<A> dx = Tensor<A>::empty(g.x_shape()), dw;
+  scratch_vector<A> sums(static_cast<size_t>(need_b ? g.N * g.C_out : 0));
+  A* sp = need_b ? sums.data() : nullptr;
+  if (with_w) {
+    auto px = images<A>(x);
+    dw = Tensor<A>::empty(g.w_shape());
+    panel_backward_input_weight(planes(pd), planes(px), pw.data(), dx.data(), dw.data(), g, sp);
+    r[1] = rounded<T>(dw);
+  } else {
+    panel_backward_input(planes(pd), pw.data(), dx.data(), g, sp);
+    if (need_w) r[1] = conv2d_backward_weight(dout, x, g);
+  }
+  r[0] = rounded<T>(dx);
+  if (need_b) {
+    Tensor<A> db = Tensor<A>::empty({g.C_out});
+    A* o = db.data();
+    std::fill(o, o + g.C_out, A(0));
+    for (int64_t n = 0; n < g.N; ++n)  // image by image, as conv2d_backward_bias adds them
+      for (int64_t oc = 0; oc < g.C_out; ++oc) o[oc] += sums[static_cast<size_t>(n * g.C_out + oc)];
+    r[2] = rounded<T>(db);
+  }
+  return r;
 }
 
 }  // namespace dg::cpu
