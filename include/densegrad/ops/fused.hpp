@@ -36,6 +36,8 @@
 // norm weight and bias (C_in).
 #pragma once
 
+#include <array>
+
 #include "activation.hpp"
 #include "conv.hpp"
 #include "norm.hpp"
@@ -45,11 +47,22 @@ namespace dg {
 namespace detail {
 /// gelu_conv2d's gradients {dh, dweight, dbias (if need_b)} on the CPU from dout and h: first dh's
 /// conv part, then one pass that makes gelu(h) again for dweight and multiplies dh by gelu'(h) in
-/// place (one erf per element for both, cpu::gelu_and_backward_), then dweight. h may be kept in
-/// bfloat16 (H) for a float conv.
+/// place (one erf per element for both, cpu::gelu_and_backward_), then dweight. Where the conv's
+/// gradients run as panel GEMMs, all three chunk by chunk of images (cpu::conv2d_backward_prepped):
+/// gelu(h) then never exists for the whole batch, and dout is read from memory once; the same
+/// bits. h may be kept in bfloat16 (H) for a float conv.
 template <class T, class H>
 std::vector<Tensor<T>> gelu_conv2d_grads_cpu(const Tensor<T>& dout, const Tensor<H>& h, const Tensor<T>& ws,
                                              const Conv2dGeometry& g, bool need_b, bool tanh_approximation) {
+  if (cpu::backward_runs_panels<T>(g)) {  // chunk by chunk: dh, the GELU pass, the chunk's dweight
+    const H* ph = h.data();                // contiguous
+    const int64_t img = g.C_in * g.H * g.W;
+    std::array<Tensor<T>, 3> r = cpu::conv2d_backward_prepped(
+        dout, ws, g, need_b, [ph, img, tanh_approximation](int64_t n0, int64_t gn, T* dh, T* a) {
+          cpu::gelu_and_backward_range(dh, ph + n0 * img, a, gn * img, tanh_approximation);
+        });
+    return {r[0], r[1], r[2]};
+  }
   std::vector<Tensor<T>> grads = conv2d_grads(dout, Tensor<T>(), ws, g, true, false, need_b);
   const Tensor<T> a = cpu::gelu_and_backward_(grads[0], h, tanh_approximation);
   grads[1] = conv2d_grads(dout, a, ws, g, false, true, false)[1];

@@ -209,6 +209,38 @@ Tensor<T> gelu_backward(const Tensor<T>& dy, const Tensor<T>& x, bool tanh_appro
   return dx;
 }
 
+/// gelu_and_backward_ on a contiguous range, the calling thread only: y[0, n) <- gelu(x), dy[0, n)
+/// <- dy * gelu'(x); the same bits as gelu_and_backward_ (every element on its own).
+template <class T, class X>
+void gelu_and_backward_range(T* dy, const X* x, T* y, int64_t n, bool tanh_approximation) {
+#if defined(EIGEN_VECTORIZE)
+  if constexpr (!std::is_same_v<T, double>) {
+    using detail::GeluPacket;
+    namespace ei = Eigen::internal;
+    T* g = dy;  // dy of the packet at offset i: g + i, overwritten with dx
+    if (tanh_approximation)
+      detail::map_packets(x, y, n, [g](const GeluPacket& v, int64_t i, int64_t m) {
+        const GeluPacket s = detail::gelu_tanh_sigmoid(v);
+        detail::store(ei::pmul(detail::load(g + i, m), detail::gelu_tanh_grad(v, s)), g + i, m);
+        return ei::pmul(v, s);
+      });
+    else
+      detail::map_packets(x, y, n, [g](const GeluPacket& v, int64_t i, int64_t m) {
+        GeluPacket cdf, pdf;
+        detail::gelu_cdf_pdf(v, cdf, pdf);
+        detail::store(ei::pmul(detail::load(g + i, m), ei::pmadd(v, pdf, cdf)), g + i, m);
+        return ei::pmul(v, cdf);
+      });
+    return;
+  }
+#endif
+  using A = std::conditional_t<std::is_same_v<T, double>, double, float>;
+  for (int64_t i = 0; i < n; ++i) {
+    y[i] = T(ref::gelu_scalar(A(x[i]), tanh_approximation));
+    dy[i] = T(A(dy[i]) * ref::gelu_grad_scalar(A(x[i]), tanh_approximation));
+  }
+}
+
 /// Both halves of gelu_conv2d's backward over contiguous x and dy of one shape, in one pass:
 /// returns y = gelu(x) (made again for the weight's gradient) and overwrites dy with dy * gelu'(x).
 /// One erf and one exp per element serve both, where cpu::gelu and cpu::gelu_backward evaluate
@@ -225,36 +257,9 @@ Tensor<T> gelu_and_backward_(Tensor<T>& dy, const Tensor<X>& x, bool tanh_approx
   Tensor<T> y = Tensor<T>::empty(x.shape());
   const X* px = x.data();
   T *py = y.data(), *pdy = dy.data();
-#if defined(EIGEN_VECTORIZE)
-  if constexpr (!std::is_same_v<T, double>) {
-    using detail::GeluPacket;
-    namespace ei = Eigen::internal;
-    detail::for_each_chunk(x.numel(), [&](int64_t i0, int64_t len) {
-      T* g = pdy + i0;  // dy of the packet at offset i of this chunk: g + i, overwritten with dx
-      if (tanh_approximation)
-        detail::map_packets(px + i0, py + i0, len, [g](const GeluPacket& v, int64_t i, int64_t m) {
-          const GeluPacket s = detail::gelu_tanh_sigmoid(v);
-          detail::store(ei::pmul(detail::load(g + i, m), detail::gelu_tanh_grad(v, s)), g + i, m);
-          return ei::pmul(v, s);
-        });
-      else
-        detail::map_packets(px + i0, py + i0, len, [g](const GeluPacket& v, int64_t i, int64_t m) {
-          GeluPacket cdf, pdf;
-          detail::gelu_cdf_pdf(v, cdf, pdf);
-          detail::store(ei::pmul(detail::load(g + i, m), ei::pmadd(v, pdf, cdf)), g + i, m);
-          return ei::pmul(v, cdf);
-        });
-    });
-    return y;
-  }
-#endif
-  using A = std::conditional_t<std::is_same_v<T, double>, double, float>;
-  const int64_t n = x.numel();
-  DENSEGRAD_OMP(parallel for schedule(static) if (n >= detail::kActivationParallelMin))
-  for (int64_t i = 0; i < n; ++i) {
-    py[i] = T(ref::gelu_scalar(A(px[i]), tanh_approximation));
-    pdy[i] = T(A(pdy[i]) * ref::gelu_grad_scalar(A(px[i]), tanh_approximation));
-  }
+  detail::for_each_chunk(x.numel(), [&](int64_t i0, int64_t len) {
+    gelu_and_backward_range(pdy + i0, px + i0, py + i0, len, tanh_approximation);
+  });
   return y;
 }
 

@@ -902,18 +902,19 @@ struct DwScratch {
       : cols(static_cast<size_t>(l.pointwise ? 0 : l.K * l.G * l.P)), bs(static_cast<size_t>(l.G * l.P * l.ldb), A(0)) {}
 };
 
-/// Adds images n0 .. n0+gn-1's share of dW into `mine` (this thread's copy, see DwLayout).
+/// Adds images n0 .. n0+gn-1's share of dW into `mine` (this thread's copy, see DwLayout). Their
+/// x is x's images xn0 .. xn0+gn-1 (xn0 = n0, or 0 for a chunk's own buffer).
 template <class A>
-void dw_chunk(const DwLayout& l, Planes<A> dout, Planes<A> x, A* mine, const Conv2dGeometry& g, int64_t n0,
-              int64_t gn, DwScratch<A>& s) {
+void dw_chunk(const DwLayout& l, Planes<A> dout, Planes<A> x, int64_t xn0, A* mine, const Conv2dGeometry& g,
+              int64_t n0, int64_t gn, DwScratch<A>& s) {
   Operand<A> a{};
   if (l.transpose_x) {
     a = {dout.at(n0), l.P, dout.image, l.P, gn};
-    gather_planes_transposed(x, n0, gn, l.K, l.P, s.bs.data(), l.ldb);
+    gather_planes_transposed(x, xn0, gn, l.K, l.P, s.bs.data(), l.ldb);
   } else {
-    if (l.pointwise) a = {x.at(n0), l.P, x.image, l.P, gn};
+    if (l.pointwise) a = {x.at(xn0), l.P, x.image, l.P, gn};
     else {
-      gather_cols(x, n0, gn, g, 0, s.cols.data(), gn * l.P);
+      gather_cols(x, xn0, gn, g, 0, s.cols.data(), gn * l.P);
       a = matrix(static_cast<const A*>(s.cols.data()), gn * l.P, gn * l.P);
     }
     gather_planes_transposed(dout, n0, gn, l.OC, l.P, s.bs.data(), l.ldb);
@@ -943,7 +944,8 @@ void panel_backward_weight(Planes<A> dout, Planes<A> x, A* dw, const Conv2dGeome
     DwScratch<A> s(l);
     A* mine = part.data() + thread_num() * l.M * l.ldb;
     DENSEGRAD_OMP(for schedule(static))
-    for (int64_t ch = 0; ch < l.chunks; ++ch) dw_chunk(l, dout, x, mine, g, ch * l.G, std::min(l.G, g.N - ch * l.G), s);
+    for (int64_t ch = 0; ch < l.chunks; ++ch)
+      dw_chunk(l, dout, x, ch * l.G, mine, g, ch * l.G, std::min(l.G, g.N - ch * l.G), s);
   }
   dw_finish(l, part, dw);
 }
@@ -966,7 +968,34 @@ void panel_backward_input_weight(Planes<A> dout, Planes<A> x, const A* w, A* dx,
     for (int64_t ch = 0; ch < l.chunks; ++ch) {
       const int64_t n0 = ch * l.G, gn = std::min(l.G, g.N - n0);
       dx_chunk(op, dout, dx, g, n0, gn, sx, sums);
-      dw_chunk(l, dout, x, mine, g, n0, gn, sw);
+      dw_chunk(l, dout, x, n0, mine, g, n0, gn, sw);
+    }
+  }
+  dw_finish(l, part, dw);
+}
+
+/// panel_backward_input_weight for a conv whose input is made from dx: after a chunk's dx GEMMs,
+/// prep(n0, gn, xs) turns the chunk's dx (images n0 .. n0+gn-1) in place into the gradient
+/// wanted and writes their conv input into xs (gn dense images), which then serves the chunk's
+/// share of dW (gelu_conv2d: dh *= gelu'(h), xs = gelu(h)). The conv input never exists for the
+/// whole batch; the chunks, threads and sums are those of the functions apart.
+template <class A, class Prep>
+void panel_backward_prepped(Planes<A> dout, const A* w, A* dx, A* dw, const Conv2dGeometry& g, A* sums, Prep prep) {
+  const DwLayout l = DwLayout::of<A>(g);
+  const DxOperand<A> op(w, g);
+  const int64_t img = g.C_in * g.H * g.W;
+  scratch_vector<A> part(static_cast<size_t>(l.used() * l.M * l.ldb), A(0));
+  DENSEGRAD_OMP(parallel if (l.parallel) num_threads(static_cast<int>(l.copies))) {
+    DxScratch<A> sx(g);
+    DwScratch<A> sw(l);
+    scratch_vector<A> xs(static_cast<size_t>(l.G * img));
+    A* mine = part.data() + thread_num() * l.M * l.ldb;
+    DENSEGRAD_OMP(for schedule(static))
+    for (int64_t ch = 0; ch < l.chunks; ++ch) {
+      const int64_t n0 = ch * l.G, gn = std::min(l.G, g.N - n0);
+      dx_chunk(op, dout, dx, g, n0, gn, sx, sums);
+      prep(n0, gn, xs.data());
+      dw_chunk(l, dout, Planes<A>{xs.data(), img}, 0, mine, g, n0, gn, sw);
     }
   }
   dw_finish(l, part, dw);
@@ -1583,6 +1612,20 @@ Tensor<T> conv2d_backward_bias(const Tensor<T>& dout, const Conv2dGeometry& g) {
   return rounded<T>(db);
 }
 
+namespace conv_detail {
+/// dbias (C_out) from each image's plane sums (N x C_out), added up image by image: the order
+/// conv2d_backward_bias adds in, so its bits.
+template <class A>
+Tensor<A> bias_from_sums(const scratch_vector<A>& sums, const Conv2dGeometry& g) {
+  Tensor<A> db = Tensor<A>::empty({g.C_out});
+  A* o = db.data();
+  std::fill(o, o + g.C_out, A(0));
+  for (int64_t n = 0; n < g.N; ++n)
+    for (int64_t oc = 0; oc < g.C_out; ++oc) o[oc] += sums[static_cast<size_t>(n * g.C_out + oc)];
+  return db;
+}
+}  // namespace conv_detail
+
 /// The gradients asked for, {dx, dweight, dbias} (undefined where not asked): the same bits as
 /// conv2d_backward_input, conv2d_backward_weight and conv2d_backward_bias. Where the conv runs as
 /// panel GEMMs and dx is asked for, one sweep over chunks of images makes them: a chunk's dout,
@@ -1616,15 +1659,38 @@ std::array<Tensor<T>, 3> conv2d_backward(const Tensor<T>& dout, const Tensor<T>&
     if (need_w) r[1] = conv2d_backward_weight(dout, x, g);
   }
   r[0] = rounded<T>(dx);
-  if (need_b) {
-    Tensor<A> db = Tensor<A>::empty({g.C_out});
-    A* o = db.data();
-    std::fill(o, o + g.C_out, A(0));
-    for (int64_t n = 0; n < g.N; ++n)  // image by image, as conv2d_backward_bias adds them
-      for (int64_t oc = 0; oc < g.C_out; ++oc) o[oc] += sums[static_cast<size_t>(n * g.C_out + oc)];
-    r[2] = rounded<T>(db);
-  }
+  if (need_b) r[2] = rounded<T>(conv_detail::bias_from_sums(sums, g));
   return r;
+}
+
+/// True when conv2d_backward_prepped applies to conv g: a float or double conv whose gradients
+/// run as panel GEMMs (not depthwise).
+template <class T>
+bool backward_runs_panels(const Conv2dGeometry& g) {
+  using namespace conv_detail;
+  return !std::is_same_v<T, bfloat16> && !is_depthwise(g) && panel_ok(g) && panel_weight_ok(g);
+}
+
+/// {dx, dweight, dbias (if need_b)} of a conv whose input x is a function of the gradient wrt it,
+/// in one sweep over chunks of images (where backward_runs_panels<T>(g)): prep(n0, gn, dx_chunk,
+/// x_chunk) gets images n0 .. n0+gn-1's dx (gn dense images, just made) to turn in place into the
+/// gradient returned, and writes their conv input into x_chunk. gelu_conv2d's backward: dx = dh,
+/// turned into dh * gelu'(h), and x = gelu(h), so gelu(h) never exists for the whole batch. The
+/// same bits as conv2d_backward_input, prep over the whole batch, then conv2d_backward_weight.
+template <class T, class Prep>
+std::array<Tensor<T>, 3> conv2d_backward_prepped(const Tensor<T>& dout, const Tensor<T>& weight,
+                                                 const Conv2dGeometry& g, bool need_b, Prep prep) {
+  using namespace conv_detail;
+  DG_CHECK(backward_runs_panels<T>(g), "cpu::conv2d_backward_prepped: conv ", shape_str(g.x_shape()), " -> ",
+           shape_str(g.out_shape()), " does not run as panel GEMMs here");
+  auto pd = images<T>(dout), pw = dense<T>(weight);
+  Tensor<T> dx = Tensor<T>::empty(g.x_shape()), dw = Tensor<T>::empty(g.w_shape());
+  scratch_vector<T> sums(static_cast<size_t>(need_b ? g.N * g.C_out : 0));
+  const int64_t img = g.C_in * g.H * g.W;
+  T* px = dx.data();
+  panel_backward_prepped(planes(pd), pw.data(), px, dw.data(), g, need_b ? sums.data() : nullptr,
+                         [&](int64_t n0, int64_t gn, T* xs) { prep(n0, gn, px + n0 * img, xs); });
+  return {dx, dw, need_b ? bias_from_sums(sums, g) : Tensor<T>()};
 }
 
 }  // namespace dg::cpu
