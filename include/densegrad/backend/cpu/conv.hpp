@@ -18,6 +18,7 @@
 #include <algorithm>
 #include <array>
 #include <type_traits>
+#include <utility>
 #include <vector>
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
@@ -951,51 +952,29 @@ void panel_backward_weight(Planes<A> dout, Planes<A> x, A* dw, const Conv2dGeome
 }
 
 /// dx, dW (and with sums the bias's plane sums) of a conv in one sweep over chunks of images: a
-/// chunk's dout, read for its dx GEMMs, is still in cache for its share of dW. The chunks, the
-/// threads that take them and their order are those of panel_backward_input and
-/// panel_backward_weight apart, so are the bits.
-template <class A>
-void panel_backward_input_weight(Planes<A> dout, Planes<A> x, const A* w, A* dx, A* dw, const Conv2dGeometry& g,
-                                 A* sums) {
+/// chunk's dout, read for its dx GEMMs, is still in cache for its share of dW. That share's x is
+/// chunk_x(n0, gn, xs) = {planes, the index of image n0 in them}: x itself, or (conv2d_backward_
+/// prepped) the chunk's conv input made from its dx into xs, xs_images dense images of the
+/// thread's own (gelu_conv2d: dh *= gelu'(h) in place, xs = gelu(h)), so that input never exists
+/// for the whole batch. The chunks, the threads that take them and their order are those of
+/// panel_backward_input and panel_backward_weight apart, so are the bits.
+template <class A, class ChunkX>
+void panel_backward_sweep(Planes<A> dout, const A* w, A* dx, A* dw, const Conv2dGeometry& g, A* sums,
+                          int64_t xs_images, ChunkX chunk_x) {
   const DwLayout l = DwLayout::of<A>(g);
   const DxOperand<A> op(w, g);
   scratch_vector<A> part(static_cast<size_t>(l.used() * l.M * l.ldb), A(0));
   DENSEGRAD_OMP(parallel if (l.parallel) num_threads(static_cast<int>(l.copies))) {
     DxScratch<A> sx(g);
     DwScratch<A> sw(l);
+    scratch_vector<A> xs(static_cast<size_t>(xs_images * g.C_in * g.H * g.W));
     A* mine = part.data() + thread_num() * l.M * l.ldb;
     DENSEGRAD_OMP(for schedule(static))
     for (int64_t ch = 0; ch < l.chunks; ++ch) {
       const int64_t n0 = ch * l.G, gn = std::min(l.G, g.N - n0);
       dx_chunk(op, dout, dx, g, n0, gn, sx, sums);
-      dw_chunk(l, dout, x, n0, mine, g, n0, gn, sw);
-    }
-  }
-  dw_finish(l, part, dw);
-}
-
-/// panel_backward_input_weight for a conv whose input is made from dx: after a chunk's dx GEMMs,
-/// prep(n0, gn, xs) turns the chunk's dx (images n0 .. n0+gn-1) in place into the gradient
-/// wanted and writes their conv input into xs (gn dense images), which then serves the chunk's
-/// share of dW (gelu_conv2d: dh *= gelu'(h), xs = gelu(h)). The conv input never exists for the
-/// whole batch; the chunks, threads and sums are those of the functions apart.
-template <class A, class Prep>
-void panel_backward_prepped(Planes<A> dout, const A* w, A* dx, A* dw, const Conv2dGeometry& g, A* sums, Prep prep) {
-  const DwLayout l = DwLayout::of<A>(g);
-  const DxOperand<A> op(w, g);
-  const int64_t img = g.C_in * g.H * g.W;
-  scratch_vector<A> part(static_cast<size_t>(l.used() * l.M * l.ldb), A(0));
-  DENSEGRAD_OMP(parallel if (l.parallel) num_threads(static_cast<int>(l.copies))) {
-    DxScratch<A> sx(g);
-    DwScratch<A> sw(l);
-    scratch_vector<A> xs(static_cast<size_t>(l.G * img));
-    A* mine = part.data() + thread_num() * l.M * l.ldb;
-    DENSEGRAD_OMP(for schedule(static))
-    for (int64_t ch = 0; ch < l.chunks; ++ch) {
-      const int64_t n0 = ch * l.G, gn = std::min(l.G, g.N - n0);
-      dx_chunk(op, dout, dx, g, n0, gn, sx, sums);
-      prep(n0, gn, xs.data());
-      dw_chunk(l, dout, Planes<A>{xs.data(), img}, 0, mine, g, n0, gn, sw);
+      const std::pair<Planes<A>, int64_t> x = chunk_x(n0, gn, xs.data());
+      dw_chunk(l, dout, x.first, x.second, mine, g, n0, gn, sw);
     }
   }
   dw_finish(l, part, dw);
@@ -1652,7 +1631,9 @@ std::array<Tensor<T>, 3> conv2d_backward(const Tensor<T>& dout, const Tensor<T>&
   if (with_w) {
     auto px = images<A>(x);
     dw = Tensor<A>::empty(g.w_shape());
-    panel_backward_input_weight(planes(pd), planes(px), pw.data(), dx.data(), dw.data(), g, sp);
+    const Planes<A> xp = planes(px);
+    panel_backward_sweep(planes(pd), pw.data(), dx.data(), dw.data(), g, sp, 0,
+                         [xp](int64_t n0, int64_t, A*) { return std::make_pair(xp, n0); });
     r[1] = rounded<T>(dw);
   } else {
     panel_backward_input(planes(pd), pw.data(), dx.data(), g, sp);
@@ -1688,8 +1669,11 @@ std::array<Tensor<T>, 3> conv2d_backward_prepped(const Tensor<T>& dout, const Te
   scratch_vector<T> sums(static_cast<size_t>(need_b ? g.N * g.C_out : 0));
   const int64_t img = g.C_in * g.H * g.W;
   T* px = dx.data();
-  panel_backward_prepped(planes(pd), pw.data(), px, dw.data(), g, need_b ? sums.data() : nullptr,
-                         [&](int64_t n0, int64_t gn, T* xs) { prep(n0, gn, px + n0 * img, xs); });
+  panel_backward_sweep(planes(pd), pw.data(), px, dw.data(), g, need_b ? sums.data() : nullptr, panel_images(g),
+                       [&](int64_t n0, int64_t gn, T* xs) {
+                         prep(n0, gn, px + n0 * img, xs);
+                         return std::make_pair(Planes<T>{xs, img}, int64_t{0});
+                       });
   return {dx, dw, need_b ? bias_from_sums(sums, g) : Tensor<T>()};
 }
 
