@@ -10,15 +10,13 @@
 #include <random>
 #include <thread>
 
-#ifdef DENSEGRAD_WITH_OPENMP
-#include <omp.h>
-#endif
 
 #include "test_util.hpp"
 
 namespace test_cpu_fastpaths {
 
 using namespace dg;
+using dgtest::with_threads;
 
 namespace {
 /// Every element equal (fast and ref paths do the same per-element math).
@@ -33,24 +31,6 @@ void require_equal(const Tensor<T>& a, const Tensor<T>& b, const std::string& wh
   REQUIRE(i == va.size());
 }
 
-/// Runs f() with OpenMP limited to `threads` threads (once, unchanged, without OpenMP).
-template <class F>
-void with_threads(int threads, F f) {
-#ifdef DENSEGRAD_WITH_OPENMP
-  const int before = omp_get_max_threads();
-  omp_set_num_threads(threads);
-  try {
-    f();
-  } catch (...) {
-    omp_set_num_threads(before);
-    throw;
-  }
-  omp_set_num_threads(before);
-#else
-  (void)threads;
-  f();
-#endif
-}
 
 /// cpu::conv2d_* against ref::conv2d_* on the given x and dout (views as they come): forward,
 /// dx, dweight (relative to its largest element: it sums N*Ho*Wo products) and dbias.

@@ -6,6 +6,7 @@
 // normalized x; x, not the depthwise output), and their errors.
 #include "test_util.hpp"
 
+#include <array>
 #include <functional>
 
 #include <densegrad/ops/fused.hpp>
@@ -69,9 +70,9 @@ namespace {
 /// leaf's gradient are equal to the bit. `names` lists them in that order, for the failure message.
 void require_same_bits(const std::vector<Tensor<float>>& values, const Tensor<float>& dout,
                        const std::function<Tensor<float>(const std::vector<Tensor<float>>&, bool)>& f,
-                       const char* names) {
+                       const char* names, int threads = 0) {
   std::vector<std::vector<float>> got[2];
-  for (const bool fused : {true, false}) {
+  for (const bool fused : {true, false}) dgtest::with_threads(threads > 0 ? threads : cpu::max_threads(), [&] {
     std::vector<Tensor<float>> leaves;
     for (const Tensor<float>& v : values) leaves.push_back(v.detach().requires_grad_());
     Tensor<float> y = f(leaves, fused);
@@ -79,7 +80,7 @@ void require_same_bits(const std::vector<Tensor<float>>& values, const Tensor<fl
     std::vector<std::vector<float>>& out = got[fused ? 0 : 1];
     out.push_back(y.to_vector());
     for (const Tensor<float>& l : leaves) out.push_back(l.grad().to_vector());
-  }
+  });
   for (size_t i = 0; i < got[0].size(); ++i) {
     INFO("output " << i << " (" << names << ")");
     CHECK(got[0][i] == got[1][i]);
@@ -219,12 +220,17 @@ TEST_CASE("layer_norm2d_conv2d equals conv2d(layer_norm2d(x)) bit for bit, prefi
     int64_t c_out, k;
     bool prefix;
   };
-  // panel GEMMs over several images (1x1 and k2 s2), odd sizes, and x as a dense stage's prefix
-  // view (channels [0, 24) of a 40-channel buffer): read in place by the norm, saved as the view
+  // panel GEMMs over several images (1x1 and k2 s2), where backward runs chunk by chunk of
+  // images (the norm's backward too), on 1 and 2 threads; odd sizes; maps of more than one
+  // norm tile (17x17 = 289 pixels); and x as a dense stage's prefix view (channels [0, 24) of a
+  // 40-channel buffer): read in place by the norm, saved as the view
+  for (const int threads : {1, 2})
   for (const Case& c : {Case{{8, 24, 7, 7}, 16, 1, false}, Case{{8, 32, 14, 14}, 48, 2, false},
                         Case{{3, 5, 4, 6}, 7, 1, false}, Case{{8, 24, 7, 7}, 16, 1, true},
-                        Case{{4, 24, 8, 8}, 12, 2, true}}) {
-    INFO("x " << shape_str(c.x) << " kernel " << c.k << (c.prefix ? " (prefix view)" : ""));
+                        Case{{4, 24, 8, 8}, 12, 2, true}, Case{{6, 16, 17, 17}, 40, 1, false},
+                        Case{{5, 20, 18, 18}, 8, 2, true}}) {
+    INFO("x " << shape_str(c.x) << " kernel " << c.k << (c.prefix ? " (prefix view)" : "") << ", threads "
+              << threads);
     Tensor<float> base = randn<float>({c.x[0], c.prefix ? 40 : c.x[1], c.x[2], c.x[3]}, gen) * 2.0f + 1.0f;
     Tensor<float> nw0 = randn<float>({c.x[1]}, gen) * 0.3f + 1.0f, nb0 = randn<float>({c.x[1]}, gen) * 0.3f;
     Tensor<float> w0 = randn<float>({c.c_out, c.x[1], c.k, c.k}, gen), b0 = randn<float>({c.c_out}, gen);
@@ -236,7 +242,39 @@ TEST_CASE("layer_norm2d_conv2d equals conv2d(layer_norm2d(x)) bit for bit, prefi
           return fused ? layer_norm2d_conv2d(x, l[1], l[2], 1e-6, l[3], l[4], c.k)
                        : conv2d(layer_norm2d(x, l[1], l[2], 1e-6), l[3], l[4], c.k);
         },
-        "y, dx, dnorm_weight, dnorm_bias, dweight, dbias");
+        "y, dx, dnorm_weight, dnorm_bias, dweight, dbias", threads);
+  }
+}
+
+TEST_CASE("layer_norm2d_conv2d equals conv2d(layer_norm2d(x)) bit for bit when only some inputs ask for gradients") {
+  Generator gen(16);
+  const Tensor<float> x0 = randn<float>({8, 24, 7, 7}, gen) * 2.0f + 1.0f, nw0 = randn<float>({24}, gen) * 0.3f + 1.0f,
+                      nb0 = randn<float>({24}, gen) * 0.3f, w0 = randn<float>({16, 24, 1, 1}, gen),
+                      b0 = randn<float>({16}, gen), dout = randn<float>({8, 16, 7, 7}, gen);
+  // which of x, the norm's weight and bias, the conv's weight and bias ask for a gradient
+  for (const std::array<bool, 5> need : {std::array<bool, 5>{true, false, false, true, false},
+                                         std::array<bool, 5>{false, true, true, true, true},
+                                         std::array<bool, 5>{false, true, false, true, false},
+                                         std::array<bool, 5>{true, true, true, false, false},
+                                         std::array<bool, 5>{false, false, false, true, true}}) {
+    INFO("x, nw, nb, w, b ask for gradients: " << need[0] << need[1] << need[2] << need[3] << need[4]);
+    std::vector<std::vector<float>> got[2];
+    for (const bool fused : {true, false}) {
+      std::vector<Tensor<float>> l;
+      for (const Tensor<float>& v : {x0, nw0, nb0, w0, b0}) l.push_back(v.detach());
+      for (size_t i = 0; i < l.size(); ++i)
+        if (need[i]) l[i].requires_grad_();
+      Tensor<float> y = fused ? layer_norm2d_conv2d(l[0], l[1], l[2], 1e-6, l[3], l[4])
+                              : conv2d(layer_norm2d(l[0], l[1], l[2], 1e-6), l[3], l[4]);
+      y.backward(dout);
+      got[fused ? 0 : 1].push_back(y.to_vector());
+      for (size_t i = 0; i < l.size(); ++i) {
+        CHECK(l[i].grad().defined() == need[i]);
+        if (need[i]) got[fused ? 0 : 1].push_back(l[i].grad().to_vector());
+      }
+    }
+    REQUIRE(got[0].size() == got[1].size());
+    for (size_t i = 0; i < got[0].size(); ++i) CHECK(got[0][i] == got[1][i]);
   }
 }
 
@@ -264,6 +302,30 @@ TEST_CASE("layer_norm2d_conv2d keeps x and the statistics for backward, not the 
   }
   NoGradGuard no_grad;
   CHECK(layer_norm2d_conv2d(x, nw, nb, 1e-6, w).to_vector() == twice.to_vector());
+}
+
+TEST_CASE("layer_norm2d_conv2d backward on the CPU runs chunk by chunk: the normalized x never exists whole") {
+  Generator gen(17);
+  // batch 8, 1x1 and k2 s2 (im2col): where the conv's gradients run as panel GEMMs, each chunk of
+  // images is normalized again into the thread's scratch for dweight, and the norm's backward
+  // turns the conv's dx into x's gradient in place; backward then holds one tensor as large as x.
+  // Apart (the other paths), the normalized x and the conv's dx exist at once: two.
+  for (int64_t k : {1, 2}) {
+    INFO("kernel " << k);
+    Tensor<float> x = (randn<float>({8, 40, 14, 14}, gen) * 2.0f).requires_grad_();
+    Tensor<float> nw = (randn<float>({40}, gen) * 0.3f + 1.0f).requires_grad_(), nb = zeros<float>({40}).requires_grad_();
+    Tensor<float> w = randn<float>({24, 40, k, k}, gen).requires_grad_(), b = randn<float>({24}, gen).requires_grad_();
+    const Conv2dGeometry g = detail::conv2d_checked_geometry(x, w, b, k, 0, 1, 1, "test");
+    Tensor<float> y = layer_norm2d_conv2d(x, nw, nb, 1e-6, w, b, k);
+    const Tensor<float> dout = randn<float>(y.shape(), gen);
+    const size_t before = cpu_memory_allocated(), x_bytes = static_cast<size_t>(x.numel()) * 4;
+    cpu_reset_peak_memory_stats();
+    y.backward(dout);
+    const size_t peak = cpu_max_memory_allocated() - before;
+    if (cpu::backward_runs_panels<float>(g)) CHECK(peak < x_bytes + x_bytes / 2);  // AVX2 or AVX-512, 8 images >= threads
+    else CHECK(peak >= 2 * x_bytes);
+    CHECK(x.grad().defined());
+  }
 }
 
 TEST_CASE("layer_norm2d_conv2d rejects bad shapes and devices naming itself") {

@@ -8,6 +8,10 @@
 #include <sstream>
 #include <string>
 
+#ifdef DENSEGRAD_WITH_OPENMP
+#include <omp.h>
+#endif
+
 namespace dgtest {
 
 /// Directory of the committed fixtures (tests/fixtures).
@@ -94,6 +98,25 @@ inline void require_gradcheck(const std::function<dg::Tensor<double>(const std::
   auto r = dg::gradcheck(fn, inputs, opt);
   INFO(r.message);
   REQUIRE(r.ok);
+}
+
+/// Runs f() with OpenMP limited to `threads` threads (once, unchanged, without OpenMP).
+template <class F>
+void with_threads(int threads, F f) {
+#ifdef DENSEGRAD_WITH_OPENMP
+  const int before = omp_get_max_threads();
+  omp_set_num_threads(threads);
+  try {
+    f();
+  } catch (...) {
+    omp_set_num_threads(before);
+    throw;
+  }
+  omp_set_num_threads(before);
+#else
+  (void)threads;
+  f();
+#endif
 }
 
 }  // namespace dgtest

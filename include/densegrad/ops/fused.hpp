@@ -198,6 +198,17 @@ Tensor<T> layer_norm2d_conv2d_forward(const Tensor<T>& xc, const Tensor<T>& norm
 template <class T>
 std::vector<Tensor<T>> layer_norm2d_conv2d_grads(const Tensor<T>& dout, const Tensor<T>& xc,
                                                  const LayerNormConvSaved<T>& s) {
+  if (s.need_w && s.need_n() && !xc.device().is_cuda() && cpu::backward_runs_panels<T>(s.g)) {
+    // chunk by chunk of images: the conv's dx (the norm's dy), the normalized chunk for its
+    // dweight, and the norm's backward turning that dy into dx in place (the same bits)
+    cpu::LayerNorm2dParamGrads<acc_t<T>> parts(s.g.N, s.g.C_in, s.g.H * s.g.W);
+    std::array<Tensor<T>, 3> r = cpu::conv2d_backward_prepped(
+        dout, s.ws, s.g, s.need_b, [&xc, &s, &parts](int64_t n0, int64_t gn, T* d, T* y) {
+          cpu::layer_norm2d_apply_backward_images(xc, s.nw, s.nb, s.mean, s.rstd, n0, gn, y, d, s.need_norm[0], parts);
+        });
+    return {s.need_norm[0] ? r[0] : Tensor<T>(), s.need_norm[1] ? parts.template sum<T>(parts.dw) : Tensor<T>(),
+            s.need_norm[2] ? parts.template sum<T>(parts.db) : Tensor<T>(), r[1], r[2]};
+  }
   Tensor<T> n;  // the normalized tensor again, from the saved statistics on the CPU (the same bits)
   if (s.need_w)
     n = xc.device().is_cuda() ? layer_norm2d_forward(xc, s.nw, s.nb, s.eps).y

@@ -110,6 +110,74 @@ Tensor<T> layer_norm2d_apply(const Tensor<T>& x, const Tensor<T>& weight, const 
   return y;
 }
 
+namespace detail {
+/// The backward of one task (image n, len pixels from p0; xt, dyt, dxt at that image's pixel p0,
+/// channel c at + c * P): dweight and dbias's partial sums of the task into dw[c], db[c], and
+/// (dxt not null) dx. dxt may be dyt: each channel's dy is read before its dx is written.
+template <class T, class A>
+void layer_norm2d_backward_tile(const T* xt, const T* dyt, T* dxt, int64_t C, int64_t P, int64_t len, const A* m,
+                                const A* r, const T* pw, A* dw, A* db) {
+  const A inv_c = A(1) / A(C);
+  A s1[kNormTile], s2[kNormTile];  // per pixel: sum_c dnorm, sum_c dnorm * xhat
+  std::fill_n(s1, len, A(0));
+  std::fill_n(s2, len, A(0));
+  for (int64_t c = 0; c < C; ++c) {
+    const T *xc = xt + c * P, *dyc = dyt + c * P;
+    const A w = pw ? A(pw[c]) : A(1);
+    A dw_c = 0, db_c = 0;
+    DENSEGRAD_OMP(simd reduction(+ : dw_c, db_c))
+    for (int64_t p = 0; p < len; ++p) {
+      const A xhat = (A(xc[p]) - m[p]) * r[p], d = A(dyc[p]);
+      s1[p] += d * w;
+      s2[p] += d * w * xhat;
+      dw_c += d * xhat;
+      db_c += d;
+    }
+    dw[c] = dw_c;
+    db[c] = db_c;
+  }
+  if (!dxt) return;
+  for (int64_t p = 0; p < len; ++p) {
+    s1[p] *= inv_c;
+    s2[p] *= inv_c;
+  }
+  for (int64_t c = 0; c < C; ++c) {
+    const T *xc = xt + c * P, *dyc = dyt + c * P;
+    T* dxc = dxt + c * P;
+    const A w = pw ? A(pw[c]) : A(1);
+    DENSEGRAD_OMP(simd)
+    for (int64_t p = 0; p < len; ++p) {
+      const A xhat = (A(xc[p]) - m[p]) * r[p];
+      dxc[p] = T(r[p] * (A(dyc[p]) * w - s1[p] - xhat * s2[p]));
+    }
+  }
+}
+}  // namespace detail
+
+/// The norm weight's and bias's gradients as partial sums, a row of C per task (task = image *
+/// tiles + tile, tiles of kNormTile pixels), added up over the tasks in order by sum(): the same
+/// bits however the tasks were split over threads or chunks of images.
+template <class A>
+struct LayerNorm2dParamGrads {
+  int64_t N, C, P, tiles;
+  scratch_vector<A> dw, db;  // (N * tiles, C)
+  LayerNorm2dParamGrads(int64_t n, int64_t c, int64_t p)
+      : N(n), C(c), P(p), tiles((p + detail::kNormTile - 1) / detail::kNormTile),
+        dw(static_cast<size_t>(n * tiles * c)), db(dw.size()) {}
+  /// Task t's rows.
+  A* dw_row(int64_t t) { return dw.data() + t * C; }
+  A* db_row(int64_t t) { return db.data() + t * C; }
+  template <class T>
+  Tensor<T> sum(const scratch_vector<A>& part) const {
+    scratch_vector<A> s(static_cast<size_t>(C), A(0));
+    for (int64_t task = 0; task < N * tiles; ++task)
+      for (int64_t c = 0; c < C; ++c) s[c] += part[task * C + c];
+    Tensor<T> t = Tensor<T>::empty({C});
+    for (int64_t c = 0; c < C; ++c) t.data()[c] = T(s[c]);
+    return t;
+  }
+};
+
 /// timm LayerNorm2d backward on NCHW (= ref::layer_norm2d_backward), from the saved mean/rstd:
 ///   dx = rstd * (dnorm - mean_c(dnorm) - xhat * mean_c(dnorm * xhat)), dnorm = dy * weight[c]
 ///   dweight[c] = sum over (n, pixels) of dy * xhat, dbias[c] = sum of dy.
@@ -127,65 +195,45 @@ ref::LayerNormGrads<T> layer_norm2d_backward(const Tensor<T>& dy, const Tensor<T
            "cpu::layer_norm2d_backward: expected contiguous or batch-strided dy and x of one (N, C, H, W) shape and "
            "the saved (N, H, W) statistics, got dy ", shape_str(dy.shape()), " strides ", shape_str(dy.strides()),
            ", x ", shape_str(x.shape()), " strides ", shape_str(x.strides()), ", mean ", shape_str(mean.shape()));
-  const int64_t N = x.size(0), C = x.size(1), P = x.size(2) * x.size(3), tiles = (P + detail::kNormTile - 1) / detail::kNormTile;
+  const int64_t N = x.size(0), C = x.size(1), P = x.size(2) * x.size(3);
   ref::LayerNormGrads<T> g;
   if (need_dx) g.dx = Tensor<T>::empty(x.shape());
   const T *px = x.data(), *pdy = dy.data(), *pw = weight.defined() ? weight.data() : nullptr;
   T* pdx = need_dx ? g.dx.data() : nullptr;
   const A *pmean = mean.data(), *prstd = rstd.data();
-  const A inv_c = A(1) / A(C);
-  scratch_vector<A> dw_part(static_cast<size_t>(N * tiles * C)), db_part(dw_part.size());  // (task, C)
+  LayerNorm2dParamGrads<A> parts(N, C, P);
+  const int64_t tiles = parts.tiles;
   DENSEGRAD_OMP(parallel for schedule(static) if (N * C * P >= detail::kNormParallelMin))
   for (int64_t task = 0; task < N * tiles; ++task) {
     const int64_t n = task / tiles, p0 = (task % tiles) * detail::kNormTile, len = std::min(detail::kNormTile, P - p0);
-    const int64_t xbase = n * xs + p0, dbase = n * ds + p0, obase = n * C * P + p0;
-    const A *m = pmean + n * P + p0, *r = prstd + n * P + p0;
-    A *dw = dw_part.data() + task * C, *db = db_part.data() + task * C;
-    A s1[detail::kNormTile], s2[detail::kNormTile];  // per pixel: sum_c dnorm, sum_c dnorm * xhat
-    std::fill_n(s1, len, A(0));
-    std::fill_n(s2, len, A(0));
-    for (int64_t c = 0; c < C; ++c) {
-      const T *xc = px + xbase + c * P, *dyc = pdy + dbase + c * P;
-      const A w = pw ? A(pw[c]) : A(1);
-      A dw_c = 0, db_c = 0;
-      DENSEGRAD_OMP(simd reduction(+ : dw_c, db_c))
-      for (int64_t p = 0; p < len; ++p) {
-        const A xhat = (A(xc[p]) - m[p]) * r[p], d = A(dyc[p]);
-        s1[p] += d * w;
-        s2[p] += d * w * xhat;
-        dw_c += d * xhat;
-        db_c += d;
-      }
-      dw[c] = dw_c;
-      db[c] = db_c;
-    }
-    if (!need_dx) continue;
-    for (int64_t p = 0; p < len; ++p) {
-      s1[p] *= inv_c;
-      s2[p] *= inv_c;
-    }
-    for (int64_t c = 0; c < C; ++c) {
-      const T *xc = px + xbase + c * P, *dyc = pdy + dbase + c * P;
-      T* dxc = pdx + obase + c * P;
-      const A w = pw ? A(pw[c]) : A(1);
-      DENSEGRAD_OMP(simd)
-      for (int64_t p = 0; p < len; ++p) {
-        const A xhat = (A(xc[p]) - m[p]) * r[p];
-        dxc[p] = T(r[p] * (A(dyc[p]) * w - s1[p] - xhat * s2[p]));
-      }
-    }
+    detail::layer_norm2d_backward_tile(px + n * xs + p0, pdy + n * ds + p0, pdx ? pdx + n * C * P + p0 : nullptr, C, P,
+                                       len, pmean + n * P + p0, prstd + n * P + p0, pw, parts.dw_row(task),
+                                       parts.db_row(task));
   }
-  auto reduce_parts = [&](const scratch_vector<A>& part) {
-    scratch_vector<A> s(static_cast<size_t>(C), A(0));
-    for (int64_t task = 0; task < N * tiles; ++task)
-      for (int64_t c = 0; c < C; ++c) s[c] += part[task * C + c];
-    Tensor<T> t = Tensor<T>::empty({C});
-    for (int64_t c = 0; c < C; ++c) t.data()[c] = T(s[c]);
-    return t;
-  };
-  if (need_dweight) g.dweight = reduce_parts(dw_part);
-  if (need_dbias) g.dbias = reduce_parts(db_part);
+  if (need_dweight) g.dweight = parts.template sum<T>(parts.dw);
+  if (need_dbias) g.dbias = parts.template sum<T>(parts.db);
   return g;
+}
+
+/// layer_norm2d_apply and layer_norm2d_backward on images n0 .. n0+gn-1 alone, on the calling
+/// thread: y (gn dense images) <- the normalized tensor, and d (gn dense images) turned from dy
+/// into dx in place (need_dx; else only read), the tasks' partial sums into parts. What a fused
+/// op's backward runs chunk by chunk of images (layer_norm2d_conv2d): the same bits as the two
+/// over the whole batch. x: batch-strided; weight, bias, mean, rstd as for those two.
+template <class T>
+void layer_norm2d_apply_backward_images(const Tensor<T>& x, const Tensor<T>& weight, const Tensor<T>& bias,
+                                        const Tensor<acc_t<T>>& mean, const Tensor<acc_t<T>>& rstd, int64_t n0,
+                                        int64_t gn, T* y, T* d, bool need_dx, LayerNorm2dParamGrads<acc_t<T>>& parts) {
+  const int64_t xs = batch_stride(x), C = parts.C, P = parts.P, tiles = parts.tiles;
+  const T *px = x.data(), *pw = weight.defined() ? weight.data() : nullptr, *pb = bias.defined() ? bias.data() : nullptr;
+  for (int64_t task = n0 * tiles; task < (n0 + gn) * tiles; ++task) {
+    const int64_t n = task / tiles, p0 = (task % tiles) * detail::kNormTile, len = std::min(detail::kNormTile, P - p0);
+    const int64_t at = (n - n0) * C * P + p0;  // in y and d
+    const acc_t<T>*m = mean.data() + n * P + p0, *r = rstd.data() + n * P + p0;
+    detail::layer_norm2d_tile_out(px + n * xs + p0, y + at, C, P, len, m, r, pw, pb);
+    detail::layer_norm2d_backward_tile(px + n * xs + p0, d + at, need_dx ? d + at : nullptr, C, P, len, m, r, pw,
+                                       parts.dw_row(task), parts.db_row(task));
+  }
 }
 
 }  // namespace dg::cpu
