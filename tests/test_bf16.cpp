@@ -2,6 +2,7 @@
 // against the float64 ref kernels run on the same operands rounded to bfloat16, the precision
 // setting and its guard, and that backward follows the precision its forward ran in.
 #include <algorithm>
+#include <cstring>
 #include <random>
 #include <thread>
 
@@ -148,6 +149,45 @@ TEST_CASE("bf16 products: pack_a lays out rounded pairs exactly as element by el
   }
 }
 #endif
+
+TEST_CASE("bf16 rounding of a range: the bits of dg::bfloat16 element by element, and with the GELU after it") {
+  // normal values, ties to even both ways, the largest finite float (rounds to infinity), both
+  // infinities, NaNs of either sign and payload, subnormals, zeros; lengths below, at and past a
+  // whole SIMD register, so whole packets and a partial last one
+  std::vector<float> special;
+  for (uint32_t u : {0x3f808000u, 0x3f818000u, 0x3f80ffffu, 0x7f7fffffu, 0x7f800000u, 0xff800000u, 0x7fc00001u,
+                     0xffc12345u, 0x7f800001u, 0x00000001u, 0x807fffffu, 0x00000000u, 0x80000000u, 0x3f7f8000u}) {
+    float f;
+    std::memcpy(&f, &u, 4);
+    special.push_back(f);
+  }
+  std::mt19937 rng(21);
+  std::normal_distribution<float> normal(0.0f, 3.0f);
+  for (const int64_t n : {int64_t(1), int64_t(7), int64_t(16), int64_t(37), int64_t(100)}) {
+    INFO("n " << n);
+    std::vector<float> x(static_cast<size_t>(n)), r(x.size()), y(x.size()), g(x.size()), gt(x.size());
+    for (int64_t i = 0; i < n; ++i) x[i] = i % 3 == 0 ? special[(i / 3) % special.size()] : normal(rng);
+    std::vector<bfloat16> hs(x.size()), hs2(x.size());
+    cpu::round_bf16_range(x.data(), hs.data(), r.data(), n);
+    int64_t wrong = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      const bfloat16 want(x[i]);
+      uint32_t rb, wb;
+      const float wf = float(want);
+      std::memcpy(&rb, &r[i], 4);
+      std::memcpy(&wb, &wf, 4);
+      if ((hs[i].bits != want.bits || rb != wb) && wrong++ == 0)
+        UNSCOPED_INFO("first: element " << i << " (" << x[i] << "): got bits " << hs[i].bits << ", want " << want.bits);
+    }
+    CHECK(wrong == 0);
+    for (const bool tanh_form : {false, true}) {  // one pass equals the rounding, then gelu_range
+      cpu::round_bf16_gelu_range(x.data(), hs2.data(), g.data(), n, tanh_form);
+      cpu::gelu_range(r.data(), gt.data(), n, tanh_form);
+      CHECK(std::memcmp(hs2.data(), hs.data(), hs.size() * sizeof(bfloat16)) == 0);
+      CHECK(std::memcmp(g.data(), gt.data(), g.size() * sizeof(float)) == 0);
+    }
+  }
+}
 
 TEST_CASE("bf16 products: depthwise convs and double tensors ignore the setting") {
   Generator gen(8);

@@ -85,8 +85,7 @@ inline Tensor<float> gelu_conv2d_bf16(const Tensor<float>& h, const Tensor<float
     const float* h0 = hc.data();
     bfloat16* s0 = hs.data();
     out = cpu::conv2d_forward(hc, weight, bias, g, [h0, s0, tanh_approximation](const float* s, float* d, int64_t n) {
-      cpu::round_bf16_range(s, s0 + (s - h0), d, n);
-      cpu::gelu_range(d, d, n, tanh_approximation);
+      cpu::round_bf16_gelu_range(s, s0 + (s - h0), d, n, tanh_approximation);
     });
   } else {
     out = detail::conv2d_forward(gelu_forward(cpu::round_to_bf16(hc, hs), tanh_approximation), weight, bias, g);

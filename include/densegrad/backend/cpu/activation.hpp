@@ -11,6 +11,9 @@
 #include <Eigen/Core>
 #include <algorithm>
 #include <cstring>
+#if defined(__AVX512F__) || defined(__AVX2__)
+#include <immintrin.h>
+#endif
 
 #include "parallel.hpp"
 #include "../ref/activation.hpp"
@@ -49,6 +52,19 @@ GeluPacket load(const T* p, int64_t len) {
     if (len == kGeluLanes) return ei::ploadu<GeluPacket>(p);
   }
   if constexpr (std::is_same_v<T, bfloat16>) {  // a bfloat16 is the top half of its float
+#if defined(EIGEN_VECTORIZE_AVX512)
+    if constexpr (kGeluLanes == 16) {  // 16 halves widened to 32 bits and shifted into place
+      if (len == kGeluLanes)
+        return _mm512_castsi512_ps(
+            _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+    }
+#elif defined(EIGEN_VECTORIZE_AVX2)
+    if constexpr (kGeluLanes == 8) {
+      if (len == kGeluLanes)
+        return _mm256_castsi256_ps(
+            _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
+    }
+#endif
     if (len == kGeluLanes) {
       alignas(64) float v[kGeluLanes];
       for (int64_t j = 0; j < kGeluLanes; ++j) {
@@ -131,6 +147,38 @@ inline GeluPacket gelu_tanh_grad(const GeluPacket& x, const GeluPacket& s) {
   const GeluPacket ds = ei::pmul(ei::pmul(x, s), ei::psub(splat(1.0f), s));
   return ei::pmadd(ds, q, s);
 }
+/// gelu(x) of a packet, erf form and tanh form.
+inline GeluPacket gelu_erf_packet(const GeluPacket& v) {
+  GeluPacket cdf, pdf;
+  gelu_cdf_pdf(v, cdf, pdf);
+  return ei::pmul(v, cdf);
+}
+inline GeluPacket gelu_tanh_packet(const GeluPacket& v) { return ei::pmul(v, gelu_tanh_sigmoid(v)); }
+
+/// The m <= kGeluLanes floats of x rounded to bfloat16 as dg::bfloat16 rounds (nearest, ties to
+/// even; any NaN to the quiet NaN 0x7fc0): their bits stored to hs[0, m), the rounded values
+/// returned as floats. A whole AVX-512 packet in integer lanes; otherwise element by element.
+inline GeluPacket round_bf16_packet(const GeluPacket& x, bfloat16* hs, int64_t m) {
+#if defined(EIGEN_VECTORIZE_AVX512)
+  if (m == kGeluLanes) {
+    const __m512i u = _mm512_castps_si512(x);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), lsb), 16);
+    const __mmask16 nan =
+        _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)), _mm512_set1_epi32(0x7f800000));
+    r = _mm512_mask_mov_epi32(r, nan, _mm512_set1_epi32(0x7fc0));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(hs), _mm512_cvtepi32_epi16(r));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(r, 16));
+  }
+#endif
+  alignas(64) float v[kGeluLanes];
+  ei::pstore(v, x);
+  for (int64_t j = 0; j < m; ++j) {
+    hs[j] = bfloat16(v[j]);
+    v[j] = float(hs[j]);
+  }
+  return ei::pload<GeluPacket>(v);
+}
 #endif
 }  // namespace detail
 
@@ -143,15 +191,9 @@ void gelu_range(const T* px, T* py, int64_t n, bool tanh_approximation) {
     using detail::GeluPacket;
     namespace ei = Eigen::internal;
     if (tanh_approximation)  // s = (1 + tanh(u)) / 2
-      detail::map_packets(px, py, n, [](const GeluPacket& v, int64_t, int64_t) {
-        return ei::pmul(v, detail::gelu_tanh_sigmoid(v));
-      });
+      detail::map_packets(px, py, n, [](const GeluPacket& v, int64_t, int64_t) { return detail::gelu_tanh_packet(v); });
     else
-      detail::map_packets(px, py, n, [](const GeluPacket& v, int64_t, int64_t) {
-        GeluPacket cdf, pdf;
-        detail::gelu_cdf_pdf(v, cdf, pdf);
-        return ei::pmul(v, cdf);
-      });
+      detail::map_packets(px, py, n, [](const GeluPacket& v, int64_t, int64_t) { return detail::gelu_erf_packet(v); });
     return;
   }
 #endif
@@ -266,11 +308,36 @@ Tensor<T> gelu_and_backward_(Tensor<T>& dy, const Tensor<X>& x, bool tanh_approx
 /// hs[0, n) <- x[0, n) rounded to bfloat16 (dg::bfloat16: nearest even), r[0, n) <- the rounded
 /// values as float (r may be x); the calling thread only. gelu_conv2d's input under bf16 products.
 inline void round_bf16_range(const float* x, bfloat16* hs, float* r, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) {  // vectorizes: bfloat16::from_float has no branch
-    const bfloat16 v(x[i]);
-    hs[i] = v;
-    r[i] = float(v);
+#if defined(EIGEN_VECTORIZE)
+  detail::map_packets(x, r, n, [hs](const detail::GeluPacket& v, int64_t i, int64_t m) {
+    return detail::round_bf16_packet(v, hs + i, m);
+  });
+#else
+  for (int64_t i = 0; i < n; ++i) {
+    hs[i] = bfloat16(x[i]);
+    r[i] = float(hs[i]);
   }
+#endif
+}
+
+/// round_bf16_range then gelu_range on its rounded values in one pass, a packet at a time: hs[0,
+/// n) <- x rounded to bfloat16, y[0, n) <- gelu of those values (y may be x). The same bits as the
+/// two in turn. gelu_conv2d's forward under bf16 products, per chunk of images.
+inline void round_bf16_gelu_range(const float* x, bfloat16* hs, float* y, int64_t n, bool tanh_approximation) {
+#if defined(EIGEN_VECTORIZE)
+  using detail::GeluPacket;
+  if (tanh_approximation)
+    detail::map_packets(x, y, n, [hs](const GeluPacket& v, int64_t i, int64_t m) {
+      return detail::gelu_tanh_packet(detail::round_bf16_packet(v, hs + i, m));
+    });
+  else
+    detail::map_packets(x, y, n, [hs](const GeluPacket& v, int64_t i, int64_t m) {
+      return detail::gelu_erf_packet(detail::round_bf16_packet(v, hs + i, m));
+    });
+#else
+  round_bf16_range(x, hs, y, n);
+  gelu_range(y, y, n, tanh_approximation);
+#endif
 }
 
 /// hs <- the contiguous x rounded to bfloat16 (hs contiguous, x's shape); returns the rounded values as float.
