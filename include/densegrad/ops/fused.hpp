@@ -193,7 +193,10 @@ Tensor<T> layer_norm2d_conv2d_forward(const Tensor<T>& xc, const Tensor<T>& norm
 /// layer_norm2d -> conv2d backward: {dx, dnorm_weight, dnorm_bias, dweight, dbias} (those asked
 /// for) from dout and the norm's input x (the same values as in forward; undefined when
 /// !saved.needs_x()). The normalized tensor is made again for dweight: on the CPU by the forward's
-/// last pass from the saved statistics, on a GPU by the forward kernel.
+/// last pass from the saved statistics, on a GPU by the forward kernel. Where the conv's
+/// gradients run as panel GEMMs on the CPU, chunk by chunk of images: the conv's dx, the chunk
+/// normalized again, its dweight, and the norm's backward turning that dx into x's gradient in
+/// place, so neither the normalized tensor nor a second tensor of x's size exists whole.
 template <class T>
 std::vector<Tensor<T>> layer_norm2d_conv2d_grads(const Tensor<T>& dout, const Tensor<T>& xc,
                                                  const LayerNormConvSaved<T>& s) {
