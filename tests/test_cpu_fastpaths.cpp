@@ -246,7 +246,11 @@ TEMPLATE_TEST_CASE("conv2d panel GEMMs (several images per GEMM) match the ref k
                           {{3, 2, 9, 8}, 5, 2, 3, 1, 1, 1},
                           // contractions over 256 (blocks of K with AVX2): forward, dx, an im2col conv
                           {{3, 300, 5, 5}, 13, 1, 1, 1, 0, 1}, {{3, 7, 5, 5}, 300, 1, 1, 1, 0, 1},
-                          {{3, 70, 6, 6}, 9, 2, 2, 2, 0, 1}};
+                          {{3, 70, 6, 6}, 9, 2, 2, 2, 0, 1},
+                          // patch convs (kernel == stride): a k4 s4 stem, k2 s2 on rows of more than
+                          // 16 windows, k3 s3 with rows and columns left over
+                          {{2, 3, 17, 18}, 8, 4, 4, 4, 0, 1}, {{3, 5, 40, 37}, 6, 2, 2, 2, 0, 1},
+                          {{2, 4, 11, 10}, 5, 3, 3, 3, 0, 1}};
   for (int threads : {1, 2})
     for (const Case& c : cases) {
       INFO("threads " << threads << " x " << shape_str(c.x) << " C_out " << c.c_out << " k " << c.kh << "x" << c.kw
@@ -276,6 +280,44 @@ TEMPLATE_TEST_CASE("conv2d panel GEMMs (several images per GEMM) match the ref k
         }
       });
     }
+}
+
+TEMPLATE_TEST_CASE("im2col and col2im of patch convs (kernel == stride) give the general loops' values to the bit",
+                   "[fastpath]", float, double) {
+  // x holds -0, and col both signs of zero: col2im's 0 += v makes -0 into +0, and so must the
+  // patch path; rows of col lie ld > P apart, as in a chunk of images side by side
+  Generator gen(31);
+  for (int64_t k : {2, 3, 4})
+    for (int64_t h : {5, 8, 9})
+      for (int64_t w : std::initializer_list<int64_t>{2 * k, 7, 36, 41}) {
+        if (w < k || h < k) continue;
+        INFO("k = s = " << k << ", " << h << "x" << w);
+        const int64_t C = 3;
+        Shape xs{1, C, h, w}, ws{4, C, k, k};
+        const Conv2dGeometry g = conv2d_geometry(xs, ws, nullptr, {k, k}, {0, 0}, {1, 1}, 1);
+        REQUIRE(cpu::conv_detail::is_patch_conv(g));
+        const int64_t K = C * k * k, P = g.Ho * g.Wo, ld = P + 5;
+        std::vector<TestType> x = randn<TestType>(xs, gen).to_vector();
+        x[1] = TestType(-0.0);
+        std::vector<TestType> col(static_cast<size_t>(K * ld), TestType(7)), want = col;
+        cpu::conv_detail::im2col(x.data(), col.data(), g, ld);
+        for (int64_t c = 0; c < C; ++c)  // row (c, kh, kw), pixel (oh, ow) = x[c, oh*k + kh, ow*k + kw]
+          for (int64_t kh = 0; kh < k; ++kh)
+            for (int64_t kw = 0; kw < k; ++kw)
+              for (int64_t p = 0; p < P; ++p)
+                want[((c * k + kh) * k + kw) * ld + p] = x[(c * h + p / g.Wo * k + kh) * w + p % g.Wo * k + kw];
+        REQUIRE(std::memcmp(col.data(), want.data(), col.size() * sizeof(TestType)) == 0);  // the padding untouched too
+
+        for (size_t i = 0; i < col.size(); ++i) col[i] = i % 3 == 0 ? TestType(-0.0) : TestType(col[i] * 0.5f);
+        std::vector<TestType> dx(x.size(), TestType(9)), dx_want(x.size(), TestType(0));
+        cpu::conv_detail::col2im(col.data(), dx.data(), g, ld);
+        for (int64_t c = 0; c < C; ++c)
+          for (int64_t kh = 0; kh < k; ++kh)
+            for (int64_t kw = 0; kw < k; ++kw)
+              for (int64_t p = 0; p < P; ++p)
+                dx_want[(c * h + p / g.Wo * k + kh) * w + p % g.Wo * k + kw] += col[((c * k + kh) * k + kw) * ld + p];
+        REQUIRE(std::memcmp(dx.data(), dx_want.data(), dx.size() * sizeof(TestType)) == 0);
+      }
 }
 
 TEMPLATE_TEST_CASE("gelu packets match ref::gelu on every tail length, 1 and 2 threads", "[fastpath]", float,

@@ -126,12 +126,111 @@ inline bool is_pointwise(const Conv2dGeometry& g) {
 
 // ---------------------------------------------------------------- im2col / col2im
 
+/// True when a conv's windows tile its input: kernel == stride, no padding, no dilation, and more
+/// than one tap (patchify stems, RDNet's k2 s2 transitions). Each input element then falls in at
+/// most one window: im2col only rearranges x, and col2im writes each element of dx once.
+inline bool is_patch_conv(const Conv2dGeometry& g) {
+  return g.kH == g.sH && g.kW == g.sW && g.kH * g.kW > 1 && g.pH == 0 && g.pW == 0 && g.dH == 1 && g.dW == 1;
+}
+
+/// dst[kw][ow] = src[ow * s + kw] for kw < s, ow < wo: one input row of a patch conv split into
+/// its s taps' output rows. With AVX-512 and s = 2, 16 outputs of each tap per step (two masked
+/// loads, two lane permutes); element by element otherwise.
+template <class A>
+inline void split_row(const A* src, int64_t s, int64_t wo, A* const* dst) {
+#ifdef __AVX512F__
+  if constexpr (std::is_same_v<A, float>) {
+    if (s == 2) {
+      const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+      const __m512i odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+      for (int64_t o = 0; o < wo; o += 16) {
+        const int64_t n = std::min<int64_t>(16, wo - o), in = 2 * n;  // outputs of each tap, inputs read
+        const __mmask16 mo = static_cast<__mmask16>((1u << n) - 1);
+        const __mmask16 ma = static_cast<__mmask16>(in >= 16 ? 0xffffu : (1u << in) - 1);
+        const __mmask16 mb = static_cast<__mmask16>(in > 16 ? (1u << (in - 16)) - 1 : 0u);
+        const __m512 a = _mm512_maskz_loadu_ps(ma, src + 2 * o), b = _mm512_maskz_loadu_ps(mb, src + 2 * o + 16);
+        _mm512_mask_storeu_ps(dst[0] + o, mo, _mm512_permutex2var_ps(a, even, b));
+        _mm512_mask_storeu_ps(dst[1] + o, mo, _mm512_permutex2var_ps(a, odd, b));
+      }
+      return;
+    }
+  }
+#endif
+  for (int64_t kw = 0; kw < s; ++kw)
+    for (int64_t ow = 0; ow < wo; ++ow) dst[kw][ow] = src[ow * s + kw];
+}
+
+/// The adjoint of split_row: dst[ow * s + kw] = src[kw][ow] + 0 (the + 0 makes -0 into +0, as
+/// col2im's 0 += v does), then dst[wo * s, w) = 0 (columns no window reads).
+template <class A>
+inline void merge_row(const A* const* src, int64_t s, int64_t wo, A* dst, int64_t w) {
+  int64_t done = 0;
+#ifdef __AVX512F__
+  if constexpr (std::is_same_v<A, float>) {
+    if (s == 2) {
+      const __m512i lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+      const __m512i hi = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+      const __m512 zero = _mm512_setzero_ps();
+      for (int64_t o = 0; o < wo; o += 16) {
+        const int64_t n = std::min<int64_t>(16, wo - o), out = 2 * n;
+        const __mmask16 mi = static_cast<__mmask16>((1u << n) - 1);
+        const __mmask16 ma = static_cast<__mmask16>(out >= 16 ? 0xffffu : (1u << out) - 1);
+        const __mmask16 mb = static_cast<__mmask16>(out > 16 ? (1u << (out - 16)) - 1 : 0u);
+        const __m512 a = _mm512_add_ps(_mm512_maskz_loadu_ps(mi, src[0] + o), zero);
+        const __m512 b = _mm512_add_ps(_mm512_maskz_loadu_ps(mi, src[1] + o), zero);
+        _mm512_mask_storeu_ps(dst + 2 * o, ma, _mm512_permutex2var_ps(a, lo, b));
+        _mm512_mask_storeu_ps(dst + 2 * o + 16, mb, _mm512_permutex2var_ps(a, hi, b));
+      }
+      done = 1;
+    }
+  }
+#endif
+  if (!done)
+    for (int64_t kw = 0; kw < s; ++kw)
+      for (int64_t ow = 0; ow < wo; ++ow) dst[ow * s + kw] = src[kw][ow] + A(0);
+  for (int64_t i = wo * s; i < w; ++i) dst[i] = A(0);
+}
+
+/// im2col of a patch conv (is_patch_conv): row (c, kh, kw), pixel (oh, ow) = x[c, oh*kH + kh,
+/// ow*kW + kw]; each input row that a window reads is split into its kW taps' rows at once.
+template <class A>
+void patch_im2col(const A* x, A* col, const Conv2dGeometry& g, int64_t P) {
+  std::array<A*, 16> dst{};
+  std::vector<A*> wide;  // kernels wider than 16
+  A** d = g.kW <= 16 ? dst.data() : (wide.resize(static_cast<size_t>(g.kW)), wide.data());
+  for (int64_t c = 0; c < g.cin_g(); ++c)
+    for (int64_t oh = 0; oh < g.Ho; ++oh)
+      for (int64_t kh = 0; kh < g.kH; ++kh) {
+        for (int64_t kw = 0; kw < g.kW; ++kw) d[kw] = col + ((c * g.kH + kh) * g.kW + kw) * P + oh * g.Wo;
+        split_row(x + (c * g.H + oh * g.kH + kh) * g.W, g.kW, g.Wo, d);
+      }
+}
+
+/// col2im of a patch conv: every dx element written once (rows and columns past the last
+/// window: 0), the same values as col2im's zero fill and +=.
+template <class A>
+void patch_col2im(const A* col, A* dx, const Conv2dGeometry& g, int64_t P) {
+  std::array<const A*, 16> src{};
+  std::vector<const A*> wide;
+  const A** r = g.kW <= 16 ? src.data() : (wide.resize(static_cast<size_t>(g.kW)), wide.data());
+  const int64_t rows = g.Ho * g.kH;  // input rows some window reads
+  for (int64_t c = 0; c < g.cin_g(); ++c) {
+    for (int64_t oh = 0; oh < g.Ho; ++oh)
+      for (int64_t kh = 0; kh < g.kH; ++kh) {
+        for (int64_t kw = 0; kw < g.kW; ++kw) r[kw] = col + ((c * g.kH + kh) * g.kW + kw) * P + oh * g.Wo;
+        merge_row(r, g.kW, g.Wo, dx + (c * g.H + oh * g.kH + kh) * g.W, g.W);
+      }
+    std::fill(dx + (c * g.H + rows) * g.W, dx + (c + 1) * g.H * g.W, A(0));
+  }
+}
+
 /// col (K, P) from one group's input planes x (Cg, H, W): row (c, kh, kw) of col holds, for
 /// every output position, the input that tap (kh, kw) of channel c sees (0 in the padding).
 /// Rows of col lie ld apart (ld = P: a dense matrix; more: this image's columns of a wider one).
 template <class A>
 void im2col(const A* x, A* col, const Conv2dGeometry& g, int64_t ld = 0) {
   const int64_t P = ld > 0 ? ld : g.Ho * g.Wo;
+  if (is_patch_conv(g)) return patch_im2col(x, col, g, P);
   for (int64_t c = 0; c < g.cin_g(); ++c)
     for (int64_t kh = 0; kh < g.kH; ++kh)
       for (int64_t kw = 0; kw < g.kW; ++kw) {
@@ -163,6 +262,7 @@ void im2col(const A* x, A* col, const Conv2dGeometry& g, int64_t ld = 0) {
 template <class A>
 void col2im(const A* col, A* dx, const Conv2dGeometry& g, int64_t ld = 0) {
   const int64_t P = ld > 0 ? ld : g.Ho * g.Wo;
+  if (is_patch_conv(g)) return patch_col2im(col, dx, g, P);
   std::fill(dx, dx + g.cin_g() * g.H * g.W, A(0));
   for (int64_t c = 0; c < g.cin_g(); ++c)
     for (int64_t kh = 0; kh < g.kH; ++kh)
