@@ -939,6 +939,47 @@ TEST_CASE("scratch_vector takes its memory from the CPU allocator it was made wi
   CHECK(counting.live == 0);
 }
 
+TEST_CASE("scratch_buffer leaves new elements as the allocator gave them while scratch_vector zeroes them",
+          "[fastpath][storage]") {
+  struct Patterned final : Allocator {  // every byte it hands out is 0xAB
+    size_t live = 0;
+    void* allocate(size_t n) override {
+      ++live;
+      void* p = std::malloc(n);
+      std::memset(p, 0xAB, n);
+      return p;
+    }
+    void deallocate(void* p, size_t) override {
+      --live;
+      std::free(p);
+    }
+  };
+  Patterned patterned;
+  Allocator* before = get_allocator(Device::Kind::CPU);
+  struct Restore {
+    Allocator* a;
+    ~Restore() { set_allocator(Device::Kind::CPU, a); }
+  } restore{before};
+  set_allocator(Device::Kind::CPU, &patterned);
+  uint32_t pattern;
+  std::memset(&pattern, 0xAB, sizeof pattern);
+  auto is_pattern = [&](uint32_t x) { return x == pattern; };
+  {
+    scratch_buffer<uint32_t> b(1000);  // default-initialized: the allocator's bytes
+    CHECK(std::all_of(b.begin(), b.end(), is_pattern));
+    b[0] = 5;
+    b.resize(3000);  // a new block: the old elements copied, the new ones left as they come
+    CHECK(b[0] == 5);
+    CHECK(std::all_of(b.begin() + 1000, b.end(), is_pattern));
+    scratch_buffer<float> f(64, 2.0f);  // a value given: filled
+    CHECK(std::all_of(f.begin(), f.end(), [](float x) { return x == 2.0f; }));
+    scratch_vector<uint32_t> z(1000);  // value-initialized: zeros
+    CHECK(std::all_of(z.begin(), z.end(), [](uint32_t x) { return x == 0; }));
+    CHECK(patterned.live == 3);
+  }
+  CHECK(patterned.live == 0);
+}
+
 TEST_CASE("release_cached_cpu_memory frees what tensors gave back", "[fastpath][storage]") {
   { auto t = zeros<float>({1000, 17}); }
   CHECK(release_cached_cpu_memory() >= 1000 * 17 * sizeof(float));

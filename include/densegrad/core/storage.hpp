@@ -20,7 +20,9 @@
 #include <memory>
 #include <mutex>
 #include <set>
+#include <type_traits>
 #include <unordered_map>
+#include <utility>
 #include <vector>
 
 #if defined(__SANITIZE_ADDRESS__)
@@ -554,6 +556,32 @@ struct CpuScratchAllocator {
 ///   dg::scratch_vector<float> col(K * P);  // zeroed, like any std::vector<float>(n)
 template <class T>
 using scratch_vector = std::vector<T, CpuScratchAllocator<T>>;
+
+/// CpuScratchAllocator whose construct() without arguments leaves a trivially constructible
+/// element as it is (default-, not value-initialized): scratch_buffer(n) and resize(n) do not
+/// write memory that the kernel will overwrite anyway.
+template <class T>
+struct CpuScratchNoInitAllocator : CpuScratchAllocator<T> {
+  template <class U>
+  struct rebind {
+    using other = CpuScratchNoInitAllocator<U>;
+  };
+  CpuScratchNoInitAllocator() noexcept = default;
+  template <class U>
+  CpuScratchNoInitAllocator(const CpuScratchNoInitAllocator<U>& o) noexcept : CpuScratchAllocator<T>(o) {}
+  template <class U, class... Args>
+  void construct(U* p, Args&&... args) {
+    if constexpr (sizeof...(Args) == 0 && std::is_trivially_default_constructible_v<U>)
+      ::new (static_cast<void*>(p)) U;
+    else
+      ::new (static_cast<void*>(p)) U(std::forward<Args>(args)...);
+  }
+};
+/// A kernel's scratch buffer whose every element is written before it is read: scratch_buffer(n)
+/// and resize(n) leave new elements uninitialized (scratch_buffer(n, v) still fills them).
+///   dg::scratch_buffer<float> out(OC * ld);  // the GEMM writes every element
+template <class T>
+using scratch_buffer = std::vector<T, CpuScratchNoInitAllocator<T>>;
 
 /// Copies nbytes between devices: (dst, dst_device, src, src_device, nbytes). A backend
 /// registers one for its device kind (the CUDA backend: cudaMemcpy); CPU <-> CPU is memcpy.

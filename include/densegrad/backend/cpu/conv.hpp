@@ -692,7 +692,7 @@ constexpr bool bf16_products(const Conv2dGeometry& g) {
 
 /// An A operand packed in bfloat16 (gemm_bf16.hpp's layout); empty: not used.
 struct HalfRows {
-  scratch_vector<uint32_t> buf, row;  // row: pack_a's scratch
+  scratch_buffer<uint32_t> buf, row;  // row: pack_a's scratch (pack_a writes every element it reads)
   const uint32_t* data() const { return buf.empty() ? nullptr : buf.data(); }
 };
 
@@ -713,7 +713,7 @@ void round_operand(const Operand<A>& op, int64_t M, HalfRows& h) {
 /// bf16 products when ah holds a in bf16 (b is rounded into pairs in scratch first).
 template <TileInit Init, class A>
 void panel_gemm(const Operand<A>& a, const HalfRows& ah, const A* b, int64_t ldb, A* c, int64_t ldc, int64_t M,
-                int64_t N, int64_t K, scratch_vector<uint32_t>& scratch, const A* row_init = nullptr) {
+                int64_t N, int64_t K, scratch_buffer<uint32_t>& scratch, const A* row_init = nullptr) {
 #if DENSEGRAD_BF16_GEMM
   if constexpr (std::is_same_v<A, float>) {
     if (ah.data()) {
@@ -864,9 +864,10 @@ void panel_forward(Planes<A> x, const A* w, const A* b, A* y, const Conv2dGeomet
   if (bf16_products<A>(g)) round_operand(matrix(w, K, K), OC, wh);
   else a = pack_rows<A>(OC, K, [&](int64_t i, int64_t k) { return w[i * K + k]; }, packed);
   DENSEGRAD_OMP(parallel if (chunks > 1 && g.N * OC * K * P >= kParallelMinMacs)) {
-    scratch_vector<A> cols(static_cast<size_t>(K * ld), A(0)), out(static_cast<size_t>(OC * ld));
-    scratch_vector<A> prepped(static_cast<size_t>(kPrep ? G * img : 0));
-    scratch_vector<uint32_t> bh;
+    scratch_vector<A> cols(static_cast<size_t>(K * ld), A(0));
+    scratch_buffer<A> out(static_cast<size_t>(OC * ld));  // the GEMM writes it whole
+    scratch_buffer<A> prepped(static_cast<size_t>(kPrep ? G * img : 0));  // prep writes each image it reads
+    scratch_buffer<uint32_t> bh;
     DENSEGRAD_OMP(for schedule(static))
     for (int64_t ch = 0; ch < chunks; ++ch) {
       const int64_t n0 = ch * G, gn = std::min(G, g.N - n0);
@@ -918,8 +919,9 @@ struct DxOperand {
 /// One thread's buffers for dx_chunk: the gathered dout tails (ds) and their product (cols).
 template <class A>
 struct DxScratch {
-  scratch_vector<A> ds, cols;
-  scratch_vector<uint32_t> bh;
+  scratch_vector<A> ds;
+  scratch_buffer<A> cols;  // the GEMM writes it whole
+  scratch_buffer<uint32_t> bh;
   explicit DxScratch(const Conv2dGeometry& g)
       : ds(static_cast<size_t>(g.C_out * dx_ld(g)), A(0)), cols(static_cast<size_t>(g.C_in * g.kH * g.kW * dx_ld(g))) {}
   /// Rows of the gathered tails: G images' last P - c0 columns side by side, whole vectors.
@@ -996,9 +998,10 @@ struct DwLayout {
 /// One thread's buffers for dw_chunk.
 template <class A>
 struct DwScratch {
-  scratch_vector<A> cols, bs;
+  scratch_buffer<A> cols;  // im2col writes each image it reads
+  scratch_vector<A> bs;
   HalfRows ah;  // bf16 products: the chunk's A rounded
-  scratch_vector<uint32_t> bh;
+  scratch_buffer<uint32_t> bh;
   explicit DwScratch(const DwLayout& l)
       : cols(static_cast<size_t>(l.pointwise ? 0 : l.K * l.G * l.P)), bs(static_cast<size_t>(l.G * l.P * l.ldb), A(0)) {}
 };
@@ -1067,7 +1070,7 @@ void panel_backward_sweep(Planes<A> dout, const A* w, A* dx, A* dw, const Conv2d
   DENSEGRAD_OMP(parallel if (l.parallel) num_threads(static_cast<int>(l.copies))) {
     DxScratch<A> sx(g);
     DwScratch<A> sw(l);
-    scratch_vector<A> xs(static_cast<size_t>(xs_images * g.C_in * g.H * g.W));
+    scratch_buffer<A> xs(static_cast<size_t>(xs_images * g.C_in * g.H * g.W));  // chunk_x writes what it gives
     A* mine = part.data() + thread_num() * l.M * l.ldb;
     DENSEGRAD_OMP(for schedule(static))
     for (int64_t ch = 0; ch < l.chunks; ++ch) {
