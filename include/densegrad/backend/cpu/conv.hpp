@@ -133,11 +133,11 @@ inline bool is_patch_conv(const Conv2dGeometry& g) {
   return g.kH == g.sH && g.kW == g.sW && g.kH * g.kW > 1 && g.pH == 0 && g.pW == 0 && g.dH == 1 && g.dW == 1;
 }
 
-/// dst[kw][ow] = src[ow * s + kw] for kw < s, ow < wo: one input row of a patch conv split into
-/// its s taps' output rows. With AVX-512 and s = 2, 16 outputs of each tap per step (two masked
-/// loads, two lane permutes); element by element otherwise.
+/// dst[kw * ld + ow] = src[ow * s + kw] for kw < s, ow < wo: one input row of a patch conv split
+/// into its s taps' output rows (ld apart). With AVX-512 and s = 2, 16 outputs of each tap per
+/// step (two masked loads, two lane permutes); element by element otherwise.
 template <class A>
-inline void split_row(const A* src, int64_t s, int64_t wo, A* const* dst) {
+inline void split_row(const A* src, int64_t s, int64_t wo, A* dst, int64_t ld) {
 #ifdef __AVX512F__
   if constexpr (std::is_same_v<A, float>) {
     if (s == 2) {
@@ -149,22 +149,22 @@ inline void split_row(const A* src, int64_t s, int64_t wo, A* const* dst) {
         const __mmask16 ma = static_cast<__mmask16>(in >= 16 ? 0xffffu : (1u << in) - 1);
         const __mmask16 mb = static_cast<__mmask16>(in > 16 ? (1u << (in - 16)) - 1 : 0u);
         const __m512 a = _mm512_maskz_loadu_ps(ma, src + 2 * o), b = _mm512_maskz_loadu_ps(mb, src + 2 * o + 16);
-        _mm512_mask_storeu_ps(dst[0] + o, mo, _mm512_permutex2var_ps(a, even, b));
-        _mm512_mask_storeu_ps(dst[1] + o, mo, _mm512_permutex2var_ps(a, odd, b));
+        _mm512_mask_storeu_ps(dst + o, mo, _mm512_permutex2var_ps(a, even, b));
+        _mm512_mask_storeu_ps(dst + ld + o, mo, _mm512_permutex2var_ps(a, odd, b));
       }
       return;
     }
   }
 #endif
   for (int64_t kw = 0; kw < s; ++kw)
-    for (int64_t ow = 0; ow < wo; ++ow) dst[kw][ow] = src[ow * s + kw];
+    for (int64_t ow = 0; ow < wo; ++ow) dst[kw * ld + ow] = src[ow * s + kw];
 }
 
-/// The adjoint of split_row: dst[ow * s + kw] = src[kw][ow] + 0 (the + 0 makes -0 into +0, as
-/// col2im's 0 += v does), then dst[wo * s, w) = 0 (columns no window reads).
+/// The adjoint of split_row: dst[wo * s, w) = 0 (columns no window reads), then dst[ow * s + kw]
+/// = src[kw * ld + ow] + 0 (the + 0 makes -0 into +0, as col2im's 0 += v does).
 template <class A>
-inline void merge_row(const A* const* src, int64_t s, int64_t wo, A* dst, int64_t w) {
-  int64_t done = 0;
+inline void merge_row(const A* src, int64_t ld, int64_t s, int64_t wo, A* dst, int64_t w) {
+  std::fill(dst + wo * s, dst + w, A(0));
 #ifdef __AVX512F__
   if constexpr (std::is_same_v<A, float>) {
     if (s == 2) {
@@ -176,50 +176,39 @@ inline void merge_row(const A* const* src, int64_t s, int64_t wo, A* dst, int64_
         const __mmask16 mi = static_cast<__mmask16>((1u << n) - 1);
         const __mmask16 ma = static_cast<__mmask16>(out >= 16 ? 0xffffu : (1u << out) - 1);
         const __mmask16 mb = static_cast<__mmask16>(out > 16 ? (1u << (out - 16)) - 1 : 0u);
-        const __m512 a = _mm512_add_ps(_mm512_maskz_loadu_ps(mi, src[0] + o), zero);
-        const __m512 b = _mm512_add_ps(_mm512_maskz_loadu_ps(mi, src[1] + o), zero);
+        const __m512 a = _mm512_add_ps(_mm512_maskz_loadu_ps(mi, src + o), zero);
+        const __m512 b = _mm512_add_ps(_mm512_maskz_loadu_ps(mi, src + ld + o), zero);
         _mm512_mask_storeu_ps(dst + 2 * o, ma, _mm512_permutex2var_ps(a, lo, b));
         _mm512_mask_storeu_ps(dst + 2 * o + 16, mb, _mm512_permutex2var_ps(a, hi, b));
       }
-      done = 1;
+      return;
     }
   }
 #endif
-  if (!done)
-    for (int64_t kw = 0; kw < s; ++kw)
-      for (int64_t ow = 0; ow < wo; ++ow) dst[ow * s + kw] = src[kw][ow] + A(0);
-  for (int64_t i = wo * s; i < w; ++i) dst[i] = A(0);
+  for (int64_t kw = 0; kw < s; ++kw)
+    for (int64_t ow = 0; ow < wo; ++ow) dst[ow * s + kw] = src[kw * ld + ow] + A(0);
 }
 
 /// im2col of a patch conv (is_patch_conv): row (c, kh, kw), pixel (oh, ow) = x[c, oh*kH + kh,
 /// ow*kW + kw]; each input row that a window reads is split into its kW taps' rows at once.
 template <class A>
 void patch_im2col(const A* x, A* col, const Conv2dGeometry& g, int64_t P) {
-  std::array<A*, 16> dst{};
-  std::vector<A*> wide;  // kernels wider than 16
-  A** d = g.kW <= 16 ? dst.data() : (wide.resize(static_cast<size_t>(g.kW)), wide.data());
   for (int64_t c = 0; c < g.cin_g(); ++c)
     for (int64_t oh = 0; oh < g.Ho; ++oh)
-      for (int64_t kh = 0; kh < g.kH; ++kh) {
-        for (int64_t kw = 0; kw < g.kW; ++kw) d[kw] = col + ((c * g.kH + kh) * g.kW + kw) * P + oh * g.Wo;
-        split_row(x + (c * g.H + oh * g.kH + kh) * g.W, g.kW, g.Wo, d);
-      }
+      for (int64_t kh = 0; kh < g.kH; ++kh)
+        split_row(x + (c * g.H + oh * g.kH + kh) * g.W, g.kW, g.Wo, col + (c * g.kH + kh) * g.kW * P + oh * g.Wo, P);
 }
 
 /// col2im of a patch conv: every dx element written once (rows and columns past the last
 /// window: 0), the same values as col2im's zero fill and +=.
 template <class A>
 void patch_col2im(const A* col, A* dx, const Conv2dGeometry& g, int64_t P) {
-  std::array<const A*, 16> src{};
-  std::vector<const A*> wide;
-  const A** r = g.kW <= 16 ? src.data() : (wide.resize(static_cast<size_t>(g.kW)), wide.data());
   const int64_t rows = g.Ho * g.kH;  // input rows some window reads
   for (int64_t c = 0; c < g.cin_g(); ++c) {
     for (int64_t oh = 0; oh < g.Ho; ++oh)
-      for (int64_t kh = 0; kh < g.kH; ++kh) {
-        for (int64_t kw = 0; kw < g.kW; ++kw) r[kw] = col + ((c * g.kH + kh) * g.kW + kw) * P + oh * g.Wo;
-        merge_row(r, g.kW, g.Wo, dx + (c * g.H + oh * g.kH + kh) * g.W, g.W);
-      }
+      for (int64_t kh = 0; kh < g.kH; ++kh)
+        merge_row(col + (c * g.kH + kh) * g.kW * P + oh * g.Wo, P, g.kW, g.Wo, dx + (c * g.H + oh * g.kH + kh) * g.W,
+                  g.W);
     std::fill(dx + (c * g.H + rows) * g.W, dx + (c + 1) * g.H * g.W, A(0));
   }
 }

@@ -160,7 +160,7 @@ void layer_norm2d_backward_tile(const T* xt, const T* dyt, T* dxt, int64_t C, in
 template <class A>
 struct LayerNorm2dParamGrads {
   int64_t N, C, P, tiles;
-  scratch_vector<A> dw, db;  // (N * tiles, C)
+  scratch_buffer<A> dw, db;  // (N * tiles, C); each task writes its rows whole
   LayerNorm2dParamGrads(int64_t n, int64_t c, int64_t p)
       : N(n), C(c), P(p), tiles((p + detail::kNormTile - 1) / detail::kNormTile),
         dw(static_cast<size_t>(n * tiles * c)), db(dw.size()) {}
@@ -168,7 +168,7 @@ struct LayerNorm2dParamGrads {
   A* dw_row(int64_t t) { return dw.data() + t * C; }
   A* db_row(int64_t t) { return db.data() + t * C; }
   template <class T>
-  Tensor<T> sum(const scratch_vector<A>& part) const {
+  Tensor<T> sum(const scratch_buffer<A>& part) const {
     scratch_vector<A> s(static_cast<size_t>(C), A(0));
     for (int64_t task = 0; task < N * tiles; ++task)
       for (int64_t c = 0; c < C; ++c) s[c] += part[task * C + c];
