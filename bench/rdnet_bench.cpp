@@ -9,7 +9,7 @@
 //   rdnet_bench --model tiny --batch 64 --device cuda --tf32 --profile shapes   (time per op, after the timing)
 // The last line is machine-readable (bench/compare and bench/gpu_compare.sh parse it):
 //   RESULT model=tiny mode=train batch=8 res=224 device=cpu img_per_s=X peak_rss_mb=Y peak_gpu_mb=Z
-//       peak_tensors_mb=T precision=fp32
+//       peak_tensors_mb=T precision=fp32 gmacs=M   (M: multiply-adds of one image's forward, in 1e9)
 //
 // Plain C++: in a build with CUDA, the CUDA backend comes from one more object file linked in
 // (examples/cuda_backend.cu), and dg::cuda_* (core/device_kernels.hpp) reach it from here.
@@ -300,9 +300,10 @@ int main(int argc, char** argv) {
     const double img_per_s = images_per_second(a, ms);
     if (a.profile != "none") profile_steps(a, step);
     std::printf("RESULT model=%s mode=%s batch=%lld res=%lld device=%s img_per_s=%.2f peak_rss_mb=%.1f "
-                "peak_gpu_mb=%.1f peak_tensors_mb=%.1f precision=%s\n",
+                "peak_gpu_mb=%.1f peak_tensors_mb=%.1f precision=%s gmacs=%.6f\n",
                 a.model.c_str(), a.mode.c_str(), static_cast<long long>(a.batch), static_cast<long long>(a.res),
-                a.device.c_str(), img_per_s, peak_rss_mb(), peak_gpu_mb(cuda), peak_tensors_mb(), a.precision.c_str());
+                a.device.c_str(), img_per_s, peak_rss_mb(), peak_gpu_mb(cuda), peak_tensors_mb(), a.precision.c_str(),
+                static_cast<double>(rdnet::count_macs(cfg, a.res, a.res)) / 1e9);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "rdnet_bench: error: %s\n", e.what());
     return 1;
