@@ -131,6 +131,62 @@ TEMPLATE_TEST_CASE("cpu::sum matches ref::sum on odd shapes", "[fastpath]", floa
   CHECK_FALSE(cpu::sum_fits(randn<bfloat16>({3, 4}, gen), {0}));
 }
 
+TEST_CASE("cpu::sum_of_products gives cpu::sum of the elementwise product, to the bit", "[fastpath]") {
+  using TestType = float;
+  // a broadcast factor's gradient (mul's backward): sum_to(dout * x) without the product tensor;
+  // the layer scale's (N, C, H, W) over {0, 2, 3} and the SE gate's over {2, 3} among them
+  Generator gen(7);
+  std::vector<std::pair<Shape, Shape>> cases{
+      {{3, 7, 5, 5}, {0, 2, 3}}, {{3, 7, 5, 5}, {2, 3}},      {{17, 9}, {0}},         {{17, 9}, {1}},
+      {{3, 7, 5, 5}, {}},        {{3, 1, 17}, {0, 1}},       {{131, 67, 3, 3}, {0, 2, 3}}, {{5, 300}, {0}},
+      {{16, 32, 14, 14}, {0, 2, 3}}, {{16, 64, 7, 7}, {2, 3}}, {{9, 96, 3, 3}, {2, 3}}};
+  for (auto& [shape, dims] : cases) {
+    INFO("x " << shape_str(shape) << " dims " << shape_str(dims));
+    const auto a = randn<TestType>(shape, gen), b = randn<TestType>(shape, gen);
+    Shape d = dims;
+    if (d.empty())
+      for (int64_t i = 0; i < a.dim(); ++i) d.push_back(i);
+    REQUIRE(cpu::sum_fits(a, d));
+    for (int threads : {1, 2})
+      with_threads(threads, [&] {
+        INFO(threads << " threads");
+        require_equal(cpu::sum_of_products(a, b, d), cpu::sum(a * b, d), "fused against product then sum");
+      });
+  }
+}
+
+/// g's values as channels [2, 8) of a (4, 10, 5, 7) tensor: a batch-strided window.
+template <class T>
+Tensor<T> cat_window(const Tensor<T>& g, Generator& gen) {
+  return concat({randn<T>({4, 2, 5, 7}, gen), g, randn<T>({4, 2, 5, 7}, gen)}, 1).narrow(1, 2, 6);
+}
+
+TEMPLATE_TEST_CASE("mul's gradient of a broadcast factor equals sum_to of the product, to the bit", "[fastpath]",
+                   float, double) {
+  Generator gen(8);
+  const auto g = randn<TestType>({4, 6, 5, 7}, gen), x = randn<TestType>({4, 6, 5, 7}, gen);
+  for (const Shape& to : {Shape{1, 6, 1, 1}, Shape{4, 6, 1, 1}, Shape{6, 1, 1}, Shape{1}, Shape{4, 6, 5, 7},
+                          Shape{4, 1, 5, 7}}) {
+    INFO("to " << shape_str(to));
+    require_equal(detail::sum_to_mul(g, x, to), sum_to(g * x, to), "contiguous");
+    // a window of channels of a wider gradient (a dense stage's), read in place where its runs
+    // stay inside an image; a transposed g takes the product path
+    const auto gw = cat_window(g, gen);
+    REQUIRE(batch_stride(gw) == 10 * 5 * 7);
+    require_equal(detail::sum_to_mul(gw, x, to), sum_to(g * x, to), "batch-strided g");
+    require_equal(detail::sum_to_mul(x, gw, to), sum_to(x * g, to), "batch-strided x");
+    const auto gt = g.permute({0, 1, 3, 2}).contiguous().permute({0, 1, 3, 2});
+    REQUIRE_FALSE(gt.is_contiguous());
+    require_equal(detail::sum_to_mul(gt, x, to), sum_to(g * x, to), "transposed g");
+  }
+  CHECK(cpu::sum_of_products_fits(cat_window(g, gen), x, {0, 2, 3}) == std::is_same_v<TestType, float>);
+  CHECK_FALSE(cpu::sum_of_products_fits(cat_window(g, gen), x, {0, 1, 2, 3}));  // one run across images
+  // and through autograd: the layer scale's gradient, x * gamma (1, C, 1, 1)
+  auto gamma = randn<TestType>({1, 6, 1, 1}, gen).requires_grad_();
+  sum(x * gamma * g).backward();
+  require_equal(gamma.grad(), sum_to(g * x, {1, 6, 1, 1}), "gamma's gradient");
+}
+
 // ---------------------------------------------------------------- cpu::concat
 
 TEMPLATE_TEST_CASE("cpu::concat matches ref::concat", "[fastpath]", float, double, bfloat16) {
@@ -551,6 +607,40 @@ TEST_CASE("gradient sums of 2^15+ elements split over threads: same bits on 1 an
   }
   require_equal(y2, concat(ys, 0), "forward, batch against image by image");
   require_equal(g2, concat(gs, 0), "dx, batch against image by image");
+}
+
+TEMPLATE_TEST_CASE("a gradient broadcast over trailing dims sums into a dense one, one value per run", "[fastpath][autograd]",
+                   float, double) {
+  // an SE module's input in miniature: read by mean over H, W (whose gradient is an expanded
+  // (N, C, 1, 1) view) and by a product; the two gradients meet in x's buffer
+  Generator gen(16);
+  for (const Shape& shape : {Shape{2, 3, 5, 7}, Shape{4, 16, 24, 24}}) {  // the second is threaded (2^15+)
+    const int64_t N = shape[0], C = shape[1], HW = shape[2] * shape[3];
+    const auto s = randn<TestType>({N, C, 1, 1}, gen), t = randn<TestType>({N, C, 1, 1}, gen);
+    for (int threads : {1, 2})
+      with_threads(threads, [&] {
+        INFO("x " << shape_str(shape) << ", " << threads << " threads");
+        auto x = randn<TestType>(shape, gen).requires_grad_();
+        (sum(x * s) + sum(mean(x, {2, 3}, true) * t)).backward();
+        // d/dx: s (the product's) + t / HW (mean's, as it scales: t * (T)(1 / HW)), either order
+        using A = acc_t<TestType>;
+        const auto vs = s.to_vector(), vt = t.to_vector(), got = x.grad().to_vector();
+        const A scale = A(1.0 / static_cast<double>(HW));
+        size_t bad = 0;
+        for (size_t i = 0; i < got.size(); ++i) {
+          const size_t nc = i / static_cast<size_t>(HW);
+          const TestType want = TestType(A(vs[nc]) + A(TestType(A(vt[nc]) * scale)));
+          if (!(got[i] == want)) ++bad;
+        }
+        CHECK(bad == 0);
+      });
+  }
+  // broadcast along channels (not trailing): the general loop
+  auto x = randn<TestType>({2, 3, 4, 5}, gen).requires_grad_();
+  const auto u = randn<TestType>({2, 1, 4, 5}, gen);
+  (sum(x * 2.0) + sum(mean(x, {1}, true) * u)).backward();
+  dgtest::require_close(x.grad(), (u * (1.0 / 3.0)).expand({2, 3, 4, 5}).contiguous() + 2.0, 1e-6, 1e-6,
+                        "channel-broadcast gradient");
 }
 
 // ---------------------------------------------------------------- caching allocator

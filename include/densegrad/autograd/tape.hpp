@@ -163,7 +163,28 @@ void add_into(const std::shared_ptr<TensorImpl<T>>& own, const Tensor<T>& g) {
   T* o = static_cast<T*>(own->storage.data()) + own->offset;
   const Shape& ostrides = own->strides;
   const T* pg = g.data();
-  for_each_row_parallel<2>(g.shape(), {ostrides.data(), g.strides().data()}, [&](auto k, int64_t n) {
+  const Shape& shape = g.shape();
+  const Shape& gstrides = g.strides();
+  // g broadcast along its trailing dims (stride 0: a sum's or mean's gradient expanded back over
+  // H, W) onto a contiguous own: one value of g per run of own, instead of runs of one element
+  int64_t d = static_cast<int64_t>(shape.size()), run = 1;
+  while (d > 0 && (shape[d - 1] == 1 || gstrides[d - 1] == 0)) run *= shape[--d];
+  if (run > 1 && ostrides == contiguous_strides(shape)) {
+    const int64_t blocks = shape_numel(shape) / run;  // outer elements, own's runs in order
+    DENSEGRAD_OMP(parallel for schedule(static) if (blocks > 1 && blocks * run >= kParallelAccumulate))
+    for (int64_t b = 0; b < blocks; ++b) {
+      int64_t og = 0;  // g's offset of outer element b: b unravelled over dims [0, d)
+      for (int64_t i = d - 1, rem = b; i >= 0; --i) {
+        og += (rem % shape[i]) * gstrides[i];
+        rem /= shape[i];
+      }
+      T* ro = o + b * run;
+      const acc_t<T> v = acc_t<T>(pg[og]);
+      for (int64_t i = 0; i < run; ++i) ro[i] = T(acc_t<T>(ro[i]) + v);
+    }
+    return;
+  }
+  for_each_row_parallel<2>(shape, {ostrides.data(), gstrides.data()}, [&](auto k, int64_t n) {
     T* ro = o + k[0];
     const T* rg = pg + k[1];
     for (int64_t i = 0; i < n; ++i) ro[i] = T(acc_t<T>(ro[i]) + acc_t<T>(rg[i]));

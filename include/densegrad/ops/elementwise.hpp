@@ -37,6 +37,23 @@ Tensor<T> sub(const Tensor<T>& a, const Tensor<T>& b) {
   });
 }
 
+template <class T> Tensor<T> mul(const Tensor<T>& a, const Tensor<T>& b);  // below
+
+namespace detail {
+/// sum_to(mul(g, x), shape): the gradient of a broadcast factor of a product. For float g and x
+/// of one shape on the CPU, each contiguous or batch-strided (a dense stage's gradient
+/// window), the products are summed as they are made (cpu::sum_of_products: the same bits, and
+/// no tensor of g's size).
+template <class T>
+Tensor<T> sum_to_mul(const Tensor<T>& g, const Tensor<T>& x, const Shape& shape) {
+  if (g.shape() != shape && g.device().is_cpu() && x.device().is_cpu()) {
+    const Shape dims = sum_to_dims(g.shape(), shape);
+    if (cpu::sum_of_products_fits(g, x, dims)) return cpu::sum_of_products(g, x, dims).reshape(shape);
+  }
+  return sum_to(mul(g, x), shape);
+}
+}  // namespace detail
+
 /// torch.mul(a, b); saves each input that the other one's gradient needs (b for da, a for db).
 template <class T>
 Tensor<T> mul(const Tensor<T>& a, const Tensor<T>& b) {
@@ -47,8 +64,8 @@ Tensor<T> mul(const Tensor<T>& a, const Tensor<T>& b) {
                           [a = need_b ? a.detach() : Tensor<T>(), b = need_a ? b.detach() : Tensor<T>(),
                            a_shape = a.shape(), b_shape = b.shape(), need_a, need_b](const Tensor<T>& dout) {
                             detail::Grads<T> g(2);
-                            if (need_a) g[0] = sum_to(mul(dout, b), a_shape);
-                            if (need_b) g[1] = sum_to(mul(dout, a), b_shape);
+                            if (need_a) g[0] = detail::sum_to_mul(dout, b, a_shape);
+                            if (need_b) g[1] = detail::sum_to_mul(dout, a, b_shape);
                             return g;
                           });
 }

@@ -37,6 +37,7 @@
 #pragma once
 
 #include <array>
+#include <tuple>
 
 #include "activation.hpp"
 #include "conv.hpp"
@@ -177,8 +178,26 @@ Tensor<T> layer_norm2d_conv2d_forward(const Tensor<T>& xc, const Tensor<T>& norm
                                       bool need_b, LayerNormConvSaved<T>& saved) {
   if (norm_weight.defined()) saved.nw = contiguous(norm_weight.detach());
   if (norm_bias.defined()) saved.nb = contiguous(norm_bias.detach());
-  ref::LayerNormForward<T> f = layer_norm2d_forward(xc, saved.nw, saved.nb, eps);
-  Tensor<T> out = conv2d_forward(f.y, weight, bias, g);
+  ref::LayerNormForward<T> f;
+  Tensor<T> out;
+  if constexpr (std::is_same_v<T, float>) {
+    if (!xc.device().is_cuda() && cpu::forward_runs_panels(g)) {
+      // the statistics first, then each chunk of images normalized on its way into the GEMMs
+      // (as gelu_conv2d's GELU): the normalized tensor never exists for the whole batch
+      std::tie(f.mean, f.rstd) = cpu::layer_norm2d_stats(xc, eps);
+      const float *x0 = xc.data(), *m0 = f.mean.data(), *r0 = f.rstd.data();
+      const float *pw = saved.nw.defined() ? saved.nw.data() : nullptr, *pb = saved.nb.defined() ? saved.nb.data() : nullptr;
+      const int64_t xs = batch_stride(xc), C = g.C_in, P = g.H * g.W;
+      out = cpu::conv2d_forward(xc, weight, bias, g, [=](const float* src, float* dst, int64_t) {
+        const int64_t n = (src - x0) / xs;  // src is image n of xc
+        cpu::layer_norm2d_apply_image(src, dst, C, P, m0 + n * P, r0 + n * P, pw, pb);
+      });
+    }
+  }
+  if (!out.defined()) {
+    f = layer_norm2d_forward(xc, saved.nw, saved.nb, eps);
+    out = conv2d_forward(f.y, weight, bias, g);
+  }
   saved.eps = eps, saved.g = g, saved.need_norm = need_norm, saved.need_w = need_w, saved.need_b = need_b;
   if (saved.needs_x()) {
     saved.mean = f.mean;

@@ -88,17 +88,25 @@ Tensor<T> max(const Tensor<T>& x, const Shape& dims = {}, bool keepdim = false) 
   });
 }
 
+namespace detail {
+/// The dims of a tensor of shape `from` that sum_to(., shape) sums over (checked: shape must
+/// broadcast to from).
+inline Shape sum_to_dims(const Shape& from, const Shape& shape) {
+  DG_CHECK(broadcast_shapes(shape, from, "sum_to") == from, "sum_to: shape ", shape_str(shape),
+           " does not broadcast to ", shape_str(from));
+  const int64_t nd = static_cast<int64_t>(from.size()), lead = nd - static_cast<int64_t>(shape.size());
+  Shape dims;
+  for (int64_t i = 0; i < nd; ++i)
+    if (i < lead || (shape[i - lead] == 1 && from[i] != 1)) dims.push_back(i);
+  return dims;
+}
+}  // namespace detail
+
 /// Sums g down to `shape` (the inverse of broadcasting): the gradient of a broadcast input.
 template <class T>
 Tensor<T> sum_to(const Tensor<T>& g, const Shape& shape) {
   if (g.shape() == shape) return g;
-  DG_CHECK(broadcast_shapes(shape, g.shape(), "sum_to") == g.shape(), "sum_to: shape ", shape_str(shape),
-           " does not broadcast to ", shape_str(g.shape()));
-  int64_t lead = g.dim() - static_cast<int64_t>(shape.size());
-  Shape dims;
-  for (int64_t i = 0; i < g.dim(); ++i)
-    if (i < lead || (shape[i - lead] == 1 && g.shape()[i] != 1)) dims.push_back(i);
-  return sum(g, dims, true).reshape(shape);
+  return sum(g, detail::sum_to_dims(g.shape(), shape), true).reshape(shape);
 }
 
 template <class T> Tensor<T> Tensor<T>::sum(const Shape& dims, bool keepdim) const { return dg::sum(*this, dims, keepdim); }

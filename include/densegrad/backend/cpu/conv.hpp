@@ -895,9 +895,10 @@ struct DxOperand {
   Operand<A> a{};
   DxOperand(const A* w, const Conv2dGeometry& g) {
     const int64_t K = g.C_in * g.kH * g.kW, OC = g.C_out;
-    if (bf16_products<A>(g)) {
-      for (int64_t i = 0; i < K; ++i)
-        for (int64_t k = 0; k < OC; ++k) packed.push_back(w[k * K + i]);
+    if (bf16_products<A>(g)) {  // W^T, then rounded
+      packed.resize(static_cast<size_t>(K * OC));
+      for (int64_t k = 0; k < OC; ++k)
+        for (int64_t i = 0; i < K; ++i) packed[static_cast<size_t>(i * OC + k)] = w[k * K + i];
       round_operand(matrix(static_cast<const A*>(packed.data()), OC, OC), K, wh);
     } else {
       a = pack_rows<A>(K, OC, [&](int64_t i, int64_t k) { return w[k * K + i]; }, packed);

@@ -41,6 +41,55 @@ void layer_norm2d_tile_out(const T* xt, T* yt, int64_t C, int64_t P, int64_t len
 }
 }  // namespace detail
 
+namespace detail {
+/// The statistics passes of one task (len pixels of an image; channel c at xt + c * P): mean and
+/// variance (two-pass: no cancellation), then rstd = 1 / sqrt(var + eps), into mean[0, len) and
+/// rstd[0, len).
+template <class T, class A>
+void layer_norm2d_tile_stats(const T* xt, int64_t C, int64_t P, int64_t len, A eps, A* mean, A* rstd) {
+  const A inv_c = A(1) / A(C);
+  for (int64_t p = 0; p < len; ++p) mean[p] = rstd[p] = A(0);
+  for (int64_t c = 0; c < C; ++c) {
+    const T* xc = xt + c * P;
+    DENSEGRAD_OMP(simd)
+    for (int64_t p = 0; p < len; ++p) mean[p] += A(xc[p]);
+  }
+  for (int64_t p = 0; p < len; ++p) mean[p] *= inv_c;
+  for (int64_t c = 0; c < C; ++c) {  // rstd holds the sum of squared deviations for now
+    const T* xc = xt + c * P;
+    DENSEGRAD_OMP(simd)
+    for (int64_t p = 0; p < len; ++p) rstd[p] += (A(xc[p]) - mean[p]) * (A(xc[p]) - mean[p]);
+  }
+  DENSEGRAD_OMP(simd)
+  for (int64_t p = 0; p < len; ++p) rstd[p] = A(1) / std::sqrt(rstd[p] * inv_c + eps);  // biased var
+}
+
+/// The (N, H, W) statistics tensors of x, and for each task (image n, tiles of kNormTile pixels)
+/// f(n, p0, len, x's tile, its mean, its rstd) after the task's statistics are made; tasks split
+/// over the threads. x: batch-strided.
+template <class T, class F>
+std::pair<Tensor<acc_t<T>>, Tensor<acc_t<T>>> layer_norm2d_tasks(const Tensor<T>& x, double eps, const char* op, F f) {
+  using A = acc_t<T>;
+  const int64_t xs = batch_stride(x);  // image n of x starts at n * xs
+  DG_CHECK(xs >= 0, op, ": expected a contiguous or batch-strided (N, C, H, W) input, got shape ",
+           shape_str(x.shape()), " strides ", shape_str(x.strides()));
+  const int64_t N = x.size(0), C = x.size(1), P = x.size(2) * x.size(3), tiles = (P + kNormTile - 1) / kNormTile;
+  Tensor<A> mean = Tensor<A>::empty({N, x.size(2), x.size(3)}), rstd = Tensor<A>::empty({N, x.size(2), x.size(3)});
+  const T* px = x.data();
+  A *pmean = mean.data(), *prstd = rstd.data();
+  const A a_eps = A(eps);
+  DENSEGRAD_OMP(parallel for schedule(static) if (N * C * P >= kNormParallelMin))
+  for (int64_t task = 0; task < N * tiles; ++task) {
+    const int64_t n = task / tiles, p0 = (task % tiles) * kNormTile, len = std::min(kNormTile, P - p0);
+    const T* xt = px + n * xs + p0;  // channel c of this tile: xt + c * P
+    A *m = pmean + n * P + p0, *r = prstd + n * P + p0;
+    layer_norm2d_tile_stats(xt, C, P, len, a_eps, m, r);
+    f(n, p0, len, xt, m, r);
+  }
+  return {mean, rstd};
+}
+}  // namespace detail
+
 /// timm LayerNorm2d forward on NCHW (= ref::layer_norm2d_forward). Each task takes one image
 /// and a tile of up to 256 pixels and makes three passes over its channels: mean, variance
 /// (two-pass: no cancellation), output. x: batch-strided; y comes back contiguous.
@@ -48,39 +97,33 @@ template <class T>
 ref::LayerNormForward<T> layer_norm2d_forward(const Tensor<T>& x, const Tensor<T>& weight, const Tensor<T>& bias,
                                               double eps) {
   using A = acc_t<T>;
-  const int64_t xs = batch_stride(x);  // image n of x starts at n * xs
-  DG_CHECK(xs >= 0, "cpu::layer_norm2d_forward: expected a contiguous or batch-strided (N, C, H, W) input, got shape ",
-           shape_str(x.shape()), " strides ", shape_str(x.strides()));
-  const int64_t N = x.size(0), C = x.size(1), P = x.size(2) * x.size(3), tiles = (P + detail::kNormTile - 1) / detail::kNormTile;
-  ref::LayerNormForward<T> r{Tensor<T>::empty(x.shape()), Tensor<A>::empty({N, x.size(2), x.size(3)}),
-                             Tensor<A>::empty({N, x.size(2), x.size(3)})};
-  const T *px = x.data(), *pw = weight.defined() ? weight.data() : nullptr, *pb = bias.defined() ? bias.data() : nullptr;
-  T* py = r.y.data();
-  A *pmean = r.mean.data(), *prstd = r.rstd.data();
-  const A inv_c = A(1) / A(C), a_eps = A(eps);
-  DENSEGRAD_OMP(parallel for schedule(static) if (N * C * P >= detail::kNormParallelMin))
-  for (int64_t task = 0; task < N * tiles; ++task) {
-    const int64_t n = task / tiles, p0 = (task % tiles) * detail::kNormTile, len = std::min(detail::kNormTile, P - p0);
-    const T* xt = px + n * xs + p0;  // channel c of this tile: xt + c * P
-    T* yt = py + n * C * P + p0;
-    A *mean = pmean + n * P + p0, *rstd = prstd + n * P + p0;
-    for (int64_t p = 0; p < len; ++p) mean[p] = rstd[p] = A(0);
-    for (int64_t c = 0; c < C; ++c) {
-      const T* xc = xt + c * P;
-      DENSEGRAD_OMP(simd)
-      for (int64_t p = 0; p < len; ++p) mean[p] += A(xc[p]);
-    }
-    for (int64_t p = 0; p < len; ++p) mean[p] *= inv_c;
-    for (int64_t c = 0; c < C; ++c) {  // rstd holds the sum of squared deviations for now
-      const T* xc = xt + c * P;
-      DENSEGRAD_OMP(simd)
-      for (int64_t p = 0; p < len; ++p) rstd[p] += (A(xc[p]) - mean[p]) * (A(xc[p]) - mean[p]);
-    }
-    DENSEGRAD_OMP(simd)
-    for (int64_t p = 0; p < len; ++p) rstd[p] = A(1) / std::sqrt(rstd[p] * inv_c + a_eps);  // biased var
-    detail::layer_norm2d_tile_out(xt, yt, C, P, len, mean, rstd, pw, pb);
-  }
-  return r;
+  Tensor<T> y = Tensor<T>::empty(x.shape());
+  const T *pw = weight.defined() ? weight.data() : nullptr, *pb = bias.defined() ? bias.data() : nullptr;
+  T* py = y.data();
+  const int64_t C = x.size(1), P = x.size(2) * x.size(3);
+  auto [mean, rstd] = detail::layer_norm2d_tasks(
+      x, eps, "cpu::layer_norm2d_forward", [&](int64_t n, int64_t p0, int64_t len, const T* xt, const A* m, const A* r) {
+        detail::layer_norm2d_tile_out(xt, py + n * C * P + p0, C, P, len, m, r, pw, pb);
+      });
+  return {y, mean, rstd};
+}
+
+/// layer_norm2d_forward's statistics alone ((N, H, W) mean and rstd, the same bits), for a fused op
+/// that applies them later chunk by chunk (layer_norm2d_apply_image). x: batch-strided.
+template <class T>
+std::pair<Tensor<acc_t<T>>, Tensor<acc_t<T>>> layer_norm2d_stats(const Tensor<T>& x, double eps) {
+  return detail::layer_norm2d_tasks(x, eps, "cpu::layer_norm2d_stats",
+                                    [](int64_t, int64_t, int64_t, const T*, const acc_t<T>*, const acc_t<T>*) {});
+}
+
+/// layer_norm2d_forward's output for one image (C planes of P pixels at src, dense) into dst from
+/// its statistics (mean, rstd: P each): the forward's last pass, tile by tile, so the same bits.
+template <class T>
+void layer_norm2d_apply_image(const T* src, T* dst, int64_t C, int64_t P, const acc_t<T>* mean, const acc_t<T>* rstd,
+                              const T* weight, const T* bias) {
+  for (int64_t p0 = 0; p0 < P; p0 += detail::kNormTile)
+    detail::layer_norm2d_tile_out(src + p0, dst + p0, C, P, std::min(detail::kNormTile, P - p0), mean + p0, rstd + p0,
+                                  weight, bias);
 }
 
 /// layer_norm2d_forward's output from statistics it gave before for this x (mean, rstd: (N, H, W)):
