@@ -20,7 +20,10 @@
 // (the norm's output, as wide as x). Backward runs the norm's forward once more to get the conv's
 // input back for the weight's gradient. In a dense block that is the depthwise conv's output ->
 // LayerNorm2d -> 1x1 expansion; between stages, the stage's features -> LayerNorm2d -> the
-// compressing conv (there x is the stage's buffer, which the blocks keep anyway).
+// compressing conv (there x is the stage's buffer, which the blocks keep anyway). On the CPU, a
+// float conv that runs as panel GEMMs takes the norm's statistics first and normalizes each chunk
+// of images on the way in (the prep of cpu::conv2d_forward, as gelu_conv2d's GELU), so forward
+// never holds the normalized tensor for the whole batch either.
 //
 // depthwise_layer_norm2d_conv2d(x, depthwise weight, depthwise bias, padding, norm weight, norm
 // bias, eps, weight, bias, ...) = layer_norm2d_conv2d(conv2d(x, depthwise weight, ..., groups = C),

@@ -39,9 +39,7 @@ void layer_norm2d_tile_out(const T* xt, T* yt, int64_t C, int64_t P, int64_t len
     for (int64_t p = 0; p < len; ++p) yc[p] = T((A(xc[p]) - mean[p]) * rstd[p] * w + b);
   }
 }
-}  // namespace detail
 
-namespace detail {
 /// The statistics passes of one task (len pixels of an image; channel c at xt + c * P): mean and
 /// variance (two-pass: no cancellation), then rstd = 1 / sqrt(var + eps), into mean[0, len) and
 /// rstd[0, len).
