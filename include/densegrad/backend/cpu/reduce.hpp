@@ -86,14 +86,6 @@ Tensor<T> sum_by(const Shape& shape, const Shape& dims, RowAt row_at) {
   return out;
 }
 
-/// The runs sum_by reads for this shape and dims: R1 elements, or K for column sums (the whole
-/// tensor for a full sum).
-inline int64_t run_length(const Shape& shape, const Shape& dims) {
-  int64_t r0, k, r1;
-  as_r0_k_r1(shape, dims, r0, k, r1);
-  return r1 > 1 ? r1 : (k == 1 ? r0 : k);
-}
-
 /// Where a tensor's elements lie, by flat index f: image f / image at f / image * stride, then
 /// dense (a contiguous tensor is one image; a batch-strided one has its images stride apart).
 struct Images {
@@ -128,7 +120,7 @@ bool sum_of_products_fits(const Tensor<T>& a, const Tensor<T>& b, const Shape& d
   if (!std::is_same_v<T, float> || a.shape() != b.shape() || a.numel() == 0 ||
       !reduce_detail::as_r0_k_r1(a.shape(), dims, r0, k, r1))
     return false;
-  const int64_t run = reduce_detail::run_length(a.shape(), dims);
+  const int64_t run = r1 > 1 ? r1 : (k == 1 ? r0 : k);  // sum_by's runs: R1, K for column sums, all for a full sum
   for (const Tensor<T>* t : {&a, &b}) {
     const reduce_detail::Images im = reduce_detail::images_of(*t);
     if (im.image == 0 || im.image % run != 0) return false;
